@@ -1,0 +1,1 @@
+"""Records, validation, datasets, collation and LightningDataModules for knowledge-editing data."""

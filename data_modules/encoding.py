@@ -1,0 +1,116 @@
+"""Turn (prompt, target, image) triples into one tokenized sub-batch of an EditBatch.
+
+The tokenizer and image processor come from the backbone side (each family knows its own
+prompt layout and how many image placeholder tokens it needs); this module only applies them,
+once, in the data pipeline, so that no model forward ever tokenizes text.
+
+A sub-batch is a dict:
+    input_ids       LongTensor [B, T]   prompt (with image placeholders) + " " + target, right-padded
+    attention_mask  LongTensor [B, T]
+    labels          LongTensor [B, T]   target token ids, -100 on prompt, image placeholders and padding
+    pixel_values    FloatTensor [B, C, H, W] or None for text-only sub-batches
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+IGNORE_INDEX = -100
+
+SubBatch = dict[str, torch.Tensor | None]
+EditBatch = dict[str, SubBatch]
+"""Sub-batches keyed `edit_inner`, `edit_outer`, `edit_outer_image`, `loc`, `loc_image` and,
+where the data has portability questions, `port` (plus `port_hops`, a list of hop names)."""
+
+SUB_BATCH_KEYS = ("edit_inner", "edit_outer", "edit_outer_image", "loc", "loc_image")
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a backbone family lays out a prompt.
+
+    `with_image` and `text_only` are templates with `{prompt}`; `with_image` also has `{image}`,
+    replaced by `image_token` repeated `num_image_tokens` times (the placeholders the model swaps
+    for visual embeddings).
+    """
+
+    with_image: str = "{image}{prompt}"
+    text_only: str = "{prompt}"
+    image_token: str = "<image>"
+    num_image_tokens: int = 0
+
+    def render(self, prompt: str, has_image: bool) -> str:
+        if not has_image:
+            return self.text_only.format(prompt=prompt)
+        return self.with_image.format(image=self.image_token * self.num_image_tokens, prompt=prompt)
+
+
+class SubBatchEncoder:
+    """Tokenize prompts and targets together and mask everything but the target tokens.
+
+    The full text `prompt + " " + target` is tokenized in one call (so the target's tokens are
+    exactly those the model would produce after the prompt), and a token is a target token when
+    its character span reaches past the separating space (SentencePiece pieces carry that space,
+    BPE pieces do not; both count). This is tokenizer-agnostic: BPE, SentencePiece
+    and word-level tokenizers all report offsets through the fast-tokenizer API.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_processor: Any | None = None,
+        prompt_format: PromptFormat = PromptFormat(),
+        max_length: int | None = None,
+    ) -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer; character offsets are needed to mask prompts")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.prompt_format = prompt_format
+        self.max_length = max_length
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        targets: Sequence[str],
+        images: Sequence[Image.Image] | None = None,
+    ) -> SubBatch:
+        if len(prompts) != len(targets) or (images is not None and len(images) != len(prompts)):
+            raise ValueError(f"{len(prompts)} prompts, {len(targets)} targets and {len(images or [])} images do not line up")
+        has_image = images is not None
+        texts, target_starts = [], []
+        for prompt, target in zip(prompts, targets):
+            rendered = self.prompt_format.render(prompt, has_image)
+            texts.append(f"{rendered} {target}")
+            target_starts.append(len(rendered) + 1)
+        enc = self.tokenizer(texts, return_offsets_mapping=True, add_special_tokens=True)
+        rows, labels = [], []
+        for ids, offsets, start in zip(enc["input_ids"], enc["offset_mapping"], target_starts):
+            if self.max_length is not None and len(ids) > self.max_length:
+                raise ValueError(f"{len(ids)} tokens exceed max_length={self.max_length}: {texts[len(rows)]!r}")
+            is_target = [e >= start and e > s for s, e in offsets]
+            if not any(is_target):
+                raise ValueError(f"the target of {texts[len(rows)]!r} produced no tokens")
+            rows.append(ids)
+            labels.append([i if t else IGNORE_INDEX for i, t in zip(ids, is_target)])
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        label_tensor = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for b, (ids, lab) in enumerate(zip(rows, labels)):
+            input_ids[b, : len(ids)] = torch.tensor(ids)
+            attention_mask[b, : len(ids)] = 1
+            label_tensor[b, : len(lab)] = torch.tensor(lab)
+        pixel_values = None
+        if has_image:
+            if self.image_processor is None:
+                raise ValueError("images given but this backbone has no image processor")
+            rgb = [im.convert("RGB") for im in images]
+            pixel_values = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_tensor, "pixel_values": pixel_values}

@@ -1,0 +1,33 @@
+"""`kedit` command line: one subcommand per job, each implemented in the module that owns it.
+
+A subcommand module exposes `add_arguments(parser)` and `run(args) -> int`; it is imported only
+when its subcommand runs, so `kedit synth` never pays for importing Lightning or transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "synth": ("data_modules.synthetic", "write the embedded synthetic world (E-VQA, E-IC, VLKEB layouts + PNG images)"),
+    "validate": ("data_modules.validate", "check a data file and every image it names"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kedit", description="Meta-trained knowledge editors for multimodal LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(sub_parser)
+    args = parser.parse_args(argv)
+    return importlib.import_module(SUBCOMMANDS[args.command][0]).run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
