@@ -22,7 +22,7 @@ from torch.func import functional_call
 from data_modules.encoding import SubBatch, SubBatchEncoder
 
 # Config keys that say where or how a model was stored, not what it computes.
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "torch_dtype", "dtype", "transformers_version", "_commit_hash", "_attn_implementation_autoset"}
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "architectures", "torch_dtype", "dtype", "transformers_version", "_commit_hash", "_attn_implementation_autoset"}
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -127,6 +127,8 @@ class BackboneSpec:
     Exactly one of `pretrained` (hub id or local directory, real weights) and `config`
     (transformers config kwargs, random weights of any size) is set. With `config`,
     `processor` names where the tokenizer / image processor come from (hub id or directory).
+    `bootstrap` is a BackboneModule fit config (YAML) that trains the `pretrained` directory
+    when it does not exist yet: how the quick start gets a base model that knows its world.
     """
 
     family: str
@@ -135,6 +137,7 @@ class BackboneSpec:
     config: dict[str, Any] | None = None
     processor: str | None = None
     dtype: str = "float32"
+    bootstrap: str | None = None
 
     def __post_init__(self) -> None:
         if (self.pretrained is None) == (self.config is None):

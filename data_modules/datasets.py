@@ -1,0 +1,208 @@
+"""Records -> per-item texts and images -> tokenized EditBatch (or fact batches).
+
+Datasets hold only the records (strings); each `__getitem__` opens its images from disk, so a
+DataLoader worker decodes what it needs and the dataset never sits in RAM as pixels. The
+collators run in the workers too and hand back tensors only.
+
+Prompts. VQA records: `src`, `rephrase`, `m_loc_q` and portability questions go through the
+template (default `"Question: {} Short answer:"`). Caption records: `src` / `rephrase` are
+caption prompts ("a photo of") and are used as they are; their `m_loc_q` and portability
+questions are still questions and get the template, as in EasyEdit's caption loader. `loc`
+(a text-only NQ question with its own phrasing) is always used as it is.
+
+EditBatch layout (see data_modules/encoding.py for a sub-batch):
+    edit_inner        src + alt, image
+    edit_outer        rephrase + alt, image
+    edit_outer_image  src + alt, image_rephrase
+    loc               loc + loc_ans, no image
+    loc_image         m_loc_q + m_loc_a, m_loc image
+    port              (only when some record has port questions) question + answer, the record's image
+    port_hops         list[str], the hop of each `port` row ("1-hop".."4-hop")
+    port_record       LongTensor [P], the batch row of the record each `port` row belongs to
+    meta              list of dicts, one per record, plain values for showing examples: prompt
+                      (templated src), rephrase, pred, alt, image (path as in the file), origin
+                      ("FILE:INDEX") and index (the record's index in its file, an int)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from data_modules.encoding import EditBatch, SubBatch, SubBatchEncoder
+from data_modules.records import DataError, EditRecord, Problem
+
+VQA_TEMPLATE = "Question: {} Short answer:"
+DataKind = Literal["vqa", "caption"]
+KINDS = ("vqa", "caption")
+
+
+def load_image(image_root: str | Path, record: EditRecord, field: str, position: int) -> Image.Image:
+    """Decode one image of a record as RGB; a `DataError` naming file, record and field if it fails."""
+    path = Path(image_root) / getattr(record, field)
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as err:  # Pillow raises many types for missing or broken files
+        file, index = record.where(position)
+        raise DataError([Problem(file, index, field, f"cannot load image {path}: {type(err).__name__}: {err}")]) from err
+
+
+class PromptBuilder:
+    """Applies the VQA template to the texts that are questions for a record kind."""
+
+    def __init__(self, kind: str, vqa_template: str = VQA_TEMPLATE) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if "{}" not in vqa_template:
+            raise ValueError(f"vqa_template must contain '{{}}' where the question goes, got {vqa_template!r}")
+        self.kind = kind
+        self.vqa_template = vqa_template
+
+    def question(self, text: str) -> str:
+        return self.vqa_template.format(text)
+
+    def edit_prompt(self, text: str) -> str:
+        """`src` / `rephrase`: a question for VQA, a caption prompt used as it is for captions."""
+        return self.question(text) if self.kind == "vqa" else text
+
+
+@dataclass
+class EditExample:
+    """One record's texts with prompts built, and its three images decoded."""
+
+    prompt: str
+    rephrase: str
+    target: str
+    image: Image.Image
+    image_rephrase: Image.Image
+    loc_prompt: str
+    loc_target: str
+    m_loc_prompt: str
+    m_loc_target: str
+    m_loc_image: Image.Image
+    port: list[tuple[str, str, str]]  # (hop, prompt, answer)
+    meta: dict[str, Any]
+
+
+class EditDataset(Dataset):
+    """Edit records of one split; images decoded per item, in whichever process asks."""
+
+    def __init__(self, records: Sequence[EditRecord], image_root: str | Path, kind: DataKind, vqa_template: str = VQA_TEMPLATE) -> None:
+        self.records = list(records)
+        self.image_root = Path(image_root)
+        self.prompts = PromptBuilder(kind, vqa_template)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, position: int) -> EditExample:
+        record = self.records[position]
+        file, index = record.where(position)
+        build = self.prompts
+        prompt, rephrase = build.edit_prompt(record.src), build.edit_prompt(record.rephrase)
+        return EditExample(
+            prompt=prompt,
+            rephrase=rephrase,
+            target=record.alt,
+            image=load_image(self.image_root, record, "image", position),
+            image_rephrase=load_image(self.image_root, record, "image_rephrase", position),
+            loc_prompt=record.loc,
+            loc_target=record.loc_ans,
+            m_loc_prompt=build.question(record.m_loc_q),
+            m_loc_target=record.m_loc_a,
+            m_loc_image=load_image(self.image_root, record, "m_loc", position),
+            port=[(q.hop, build.question(q.question), q.answer) for q in record.port],
+            meta={"prompt": prompt, "rephrase": rephrase, "pred": record.pred, "alt": record.alt, "image": record.image, "origin": f"{file}:{index}", "index": index},
+        )
+
+
+class EditCollator:
+    """List of `EditExample` -> EditBatch, tokenized once with the backbone's `SubBatchEncoder`."""
+
+    def __init__(self, processor: SubBatchEncoder) -> None:
+        self.processor = processor
+
+    def __call__(self, examples: Sequence[EditExample]) -> EditBatch:
+        encode = self.processor
+        prompts = [e.prompt for e in examples]
+        targets = [e.target for e in examples]
+        images = [e.image for e in examples]
+        batch: dict[str, Any] = {
+            "edit_inner": encode(prompts, targets, images),
+            "edit_outer": encode([e.rephrase for e in examples], targets, images),
+            "edit_outer_image": encode(prompts, targets, [e.image_rephrase for e in examples]),
+            "loc": encode([e.loc_prompt for e in examples], [e.loc_target for e in examples], None),
+            "loc_image": encode([e.m_loc_prompt for e in examples], [e.m_loc_target for e in examples], [e.m_loc_image for e in examples]),
+        }
+        rows = [(row, hop, prompt, answer) for row, e in enumerate(examples) for hop, prompt, answer in e.port]
+        if rows:
+            batch["port"] = encode([r[2] for r in rows], [r[3] for r in rows], [examples[r[0]].image for r in rows])
+            batch["port_hops"] = [r[1] for r in rows]
+            batch["port_record"] = torch.tensor([r[0] for r in rows], dtype=torch.long)
+        batch["meta"] = [e.meta for e in examples]
+        return batch
+
+
+@dataclass
+class FactExample:
+    """One pre-edit fact: `prompt` (about `image`, or text-only when None) is answered `target`."""
+
+    prompt: str
+    target: str
+    image: Image.Image | None
+
+
+class FactDataset(Dataset):
+    """The world as it is before any edit, for fine-tuning a base model to know it.
+
+    Per record: (src, pred, image), (rephrase, pred, image), (src, pred, image_rephrase),
+    (loc, loc_ans, no image), (m_loc_q, m_loc_a, m_loc). Portability answers are post-edit
+    truths, so they are not facts here. Examples whose `pred` is empty are left out.
+    """
+
+    def __init__(self, records: Sequence[EditRecord], image_root: str | Path, kind: DataKind, vqa_template: str = VQA_TEMPLATE) -> None:
+        self.records = list(records)
+        self.image_root = Path(image_root)
+        build = PromptBuilder(kind, vqa_template)
+        # (record position, prompt, target, image field or None): strings only, images load per item.
+        self.facts: list[tuple[int, str, str, str | None]] = []
+        for position, r in enumerate(self.records):
+            if r.pred.strip():
+                self.facts += [
+                    (position, build.edit_prompt(r.src), r.pred, "image"),
+                    (position, build.edit_prompt(r.rephrase), r.pred, "image"),
+                    (position, build.edit_prompt(r.src), r.pred, "image_rephrase"),
+                ]
+            self.facts += [(position, r.loc, r.loc_ans, None), (position, build.question(r.m_loc_q), r.m_loc_a, "m_loc")]
+
+    def __len__(self) -> int:
+        return len(self.facts)
+
+    def __getitem__(self, i: int) -> FactExample:
+        position, prompt, target, field = self.facts[i]
+        image = None if field is None else load_image(self.image_root, self.records[position], field, position)
+        return FactExample(prompt, target, image)
+
+
+class FactCollator:
+    """List of `FactExample` -> {"with_image": sub_batch, "text_only": sub_batch}, empty kinds omitted."""
+
+    def __init__(self, processor: SubBatchEncoder) -> None:
+        self.processor = processor
+
+    def __call__(self, examples: Sequence[FactExample]) -> dict[str, SubBatch]:
+        with_image = [e for e in examples if e.image is not None]
+        text_only = [e for e in examples if e.image is None]
+        out = {}
+        if with_image:
+            out["with_image"] = self.processor([e.prompt for e in with_image], [e.target for e in with_image], [e.image for e in with_image])
+        if text_only:
+            out["text_only"] = self.processor([e.prompt for e in text_only], [e.target for e in text_only], None)
+        return out

@@ -1,0 +1,325 @@
+"""One edit record in the public E-VQA / E-IC / VLKEB JSON layout, read and checked.
+
+A data file is a JSON list of objects with the string fields in `RECORD_FIELDS` (MMEdit,
+Cheng et al. 2023) and, in VLKEB (Huang et al. 2024), an optional `port_new` list of
+portability questions in one of two public forms:
+
+    {"port_type": "2-hop", "Q&A": {"Question": q, "Answer": a}}            multi-hop files
+    {"port_q": q, "port_a": a, "port_edit_q": eq, "port_edit_a": ea}       eval_edit_onehop.json
+
+The second form (the "edit one-hop knowledge" variant) edits a one-hop fact about the entity
+(`port_edit_q` -> `port_edit_a`) and asks `port_q`, whose answer `port_a` follows from it. It
+maps to `PortQuestion(hop="1-hop", question=port_q, answer=port_a, edit_question=port_edit_q,
+edit_answer=port_edit_a)`; a `port_type` on such an item, when present, overrides the hop.
+
+Reading collects every problem of a file (with its record index and field) and raises one
+`DataError`, so a user fixes a file in one pass and training never meets bad data in a worker.
+Unknown extra fields are ignored. Records whose `alt` is empty are skipped with one counted
+warning, as the public loaders skip them.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+RECORD_FIELDS = ("src", "pred", "alt", "rephrase", "image", "image_rephrase", "loc", "loc_ans", "m_loc", "m_loc_q", "m_loc_a")
+IMAGE_FIELDS = ("image", "image_rephrase", "m_loc")
+# Answers a sub-batch supervises: an empty one has no tokens to score. (`alt` is handled apart:
+# records with an empty `alt` are skipped, not rejected; `pred` is never a sub-batch target.)
+TARGET_FIELDS = ("loc_ans", "m_loc_a")
+DEFAULT_HOP = "1-hop"
+SHOWN_PROBLEMS = 10
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a data file; `index` and `field` are None when they do not apply."""
+
+    file: str
+    index: int | None
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = [self.file]
+        if self.index is not None:
+            where.append(f"record {self.index}")
+        if self.field is not None:
+            where.append(f"field {self.field!r}")
+        return ": ".join([*where, self.message])
+
+
+class DataError(ValueError):
+    """Bad input data; `problems` lists everything found, the message shows the first few.
+
+    A plain message is accepted too: that is how a DataLoader worker's error is rebuilt in the
+    main process (its problems already spelled out in the text).
+    """
+
+    def __init__(self, problems: Sequence[Problem] | str) -> None:
+        if isinstance(problems, str):
+            self.problems: list[Problem] = []
+            super().__init__(problems)
+            return
+        self.problems = list(problems)
+        lines = [str(p) for p in self.problems[:SHOWN_PROBLEMS]]
+        if len(self.problems) > SHOWN_PROBLEMS:
+            lines.append(f"... and {len(self.problems) - SHOWN_PROBLEMS} more")
+        super().__init__(f"{len(self.problems)} problem(s) in the data:\n  " + "\n  ".join(lines))
+
+
+class SkippedRecordsWarning(UserWarning):
+    """Records were left out of a split (empty `alt`), as the public loaders do."""
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a record was read from, so later errors (a broken image in a worker) can say so."""
+
+    file: str
+    index: int
+
+
+@dataclass(frozen=True)
+class PortQuestion:
+    """A portability question: after the edit, `question` about the image should give `answer`.
+
+    `edit_question` / `edit_answer` are set only for the one-hop-edit variant (see module doc).
+    """
+
+    hop: str
+    question: str
+    answer: str
+    edit_question: str = ""
+    edit_answer: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.edit_question or self.edit_answer:
+            item = {"port_q": self.question, "port_a": self.answer, "port_edit_q": self.edit_question, "port_edit_a": self.edit_answer}
+            return item if self.hop == DEFAULT_HOP else {"port_type": self.hop, **item}
+        return {"port_type": self.hop, "Q&A": {"Question": self.question, "Answer": self.answer}}
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """One edit: `src` about `image` used to be answered `pred` and should now be answered `alt`."""
+
+    src: str
+    pred: str
+    alt: str
+    rephrase: str
+    image: str
+    image_rephrase: str
+    loc: str
+    loc_ans: str
+    m_loc: str
+    m_loc_q: str
+    m_loc_a: str
+    port: tuple[PortQuestion, ...] = ()
+    origin: Origin | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, raw: Any, file: str = "<dict>", index: int = 0) -> "EditRecord":
+        """Parse one public-layout object; raises `DataError` listing every problem in it."""
+        record, problems = parse_record(raw, file, index)
+        if record is None:
+            raise DataError(problems)
+        return record
+
+    def to_dict(self) -> dict[str, Any]:
+        """The public layout (`port_new` only when there are portability questions)."""
+        out: dict[str, Any] = {name: getattr(self, name) for name in RECORD_FIELDS}
+        if self.port:
+            out["port_new"] = [q.to_dict() for q in self.port]
+        return out
+
+    def where(self, fallback_index: int = 0, fallback_file: str = "<records>") -> tuple[str, int]:
+        """(file, index) for messages: the origin when known, else the given fallback."""
+        if self.origin is None:
+            return fallback_file, fallback_index
+        return self.origin.file, self.origin.index
+
+
+def _string_problems(raw: Mapping[str, Any], keys: Iterable[str], file: str, index: int, prefix: str = "") -> list[Problem]:
+    problems = []
+    for key in keys:
+        name = f"{prefix}{key}"
+        if key not in raw:
+            problems.append(Problem(file, index, name, "missing field"))
+        elif not isinstance(raw[key], str):
+            problems.append(Problem(file, index, name, f"expected a string, got {type(raw[key]).__name__}"))
+    return problems
+
+
+def _parse_port_item(item: Any, file: str, index: int, position: int) -> tuple[PortQuestion | None, list[Problem]]:
+    prefix = f"port_new[{position}]."
+    if not isinstance(item, dict):
+        return None, [Problem(file, index, f"port_new[{position}]", f"expected an object, got {type(item).__name__}")]
+    if "Q&A" in item:
+        problems = _string_problems(item, ["port_type"], file, index, prefix)
+        qa = item["Q&A"]
+        if not isinstance(qa, dict):
+            problems.append(Problem(file, index, f"{prefix}Q&A", f"expected an object, got {type(qa).__name__}"))
+            return None, problems
+        problems += _string_problems(qa, ["Question", "Answer"], file, index, f"{prefix}Q&A.")
+        if problems:
+            return None, problems
+        question = PortQuestion(item["port_type"], qa["Question"], qa["Answer"])
+        answer_field = f"{prefix}Q&A.Answer"
+    elif "port_q" in item:
+        problems = _string_problems(item, ["port_q", "port_a", "port_edit_q", "port_edit_a"], file, index, prefix)
+        if "port_type" in item:
+            problems += _string_problems(item, ["port_type"], file, index, prefix)
+        if problems:
+            return None, problems
+        hop = item.get("port_type", DEFAULT_HOP)
+        question = PortQuestion(hop, item["port_q"], item["port_a"], item["port_edit_q"], item["port_edit_a"])
+        if not question.edit_answer.strip():
+            return None, [Problem(file, index, f"{prefix}port_edit_a", "empty target")]
+        answer_field = f"{prefix}port_a"
+    else:
+        keys = sorted(item)
+        return None, [Problem(file, index, f"port_new[{position}]", f"neither a {{port_type, Q&A}} nor a {{port_q, port_a, port_edit_q, port_edit_a}} item (keys: {keys})")]
+    if not question.answer.strip():
+        return None, [Problem(file, index, answer_field, "empty target")]
+    return question, []
+
+
+def parse_record(raw: Any, file: str, index: int) -> tuple[EditRecord | None, list[Problem]]:
+    """A record and no problems, or None and every problem found in `raw`."""
+    if not isinstance(raw, dict):
+        return None, [Problem(file, index, None, f"expected an object, got {type(raw).__name__}")]
+    problems = _string_problems(raw, RECORD_FIELDS, file, index)
+    bad = {p.field for p in problems}
+    for name in TARGET_FIELDS:
+        if name not in bad and not raw[name].strip():
+            problems.append(Problem(file, index, name, "empty target"))
+    for name in IMAGE_FIELDS:
+        if name not in bad and not raw[name].strip():
+            problems.append(Problem(file, index, name, "empty image path"))
+    port: list[PortQuestion] = []
+    port_raw = raw.get("port_new")
+    if port_raw is not None and not isinstance(port_raw, list):
+        problems.append(Problem(file, index, "port_new", f"expected a list, got {type(port_raw).__name__}"))
+    for position, item in enumerate(port_raw if isinstance(port_raw, list) else []):
+        question, item_problems = _parse_port_item(item, file, index, position)
+        problems += item_problems
+        if question is not None:
+            port.append(question)
+    if problems:
+        return None, problems
+    fields = {name: raw[name] for name in RECORD_FIELDS}
+    return EditRecord(**fields, port=tuple(port), origin=Origin(file, index)), []
+
+
+ImageRef = tuple[str, int, str, str]
+"""(file, record index, field, image path relative to the image root)."""
+
+
+@dataclass(frozen=True)
+class Scan:
+    """Everything read from one file: the records that parsed (empty `alt` included), the problems,
+    and every image path named by any record, parsed or not (so one pass finds every problem)."""
+
+    file: str
+    records: list[EditRecord]
+    problems: list[Problem]
+    total: int
+    image_refs: list[ImageRef]
+
+    @property
+    def empty_alt(self) -> list[EditRecord]:
+        return [r for r in self.records if not r.alt.strip()]
+
+
+def scan_records(path: str | Path) -> Scan:
+    """Read and check a data file without raising: for `kedit validate` and `read_records`."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Scan(file, [], [Problem(file, None, None, "file not found")], 0, [])
+    except (OSError, UnicodeDecodeError) as err:
+        return Scan(file, [], [Problem(file, None, None, f"cannot read: {err}")], 0, [])
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        return Scan(file, [], [Problem(file, None, None, f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}")], 0, [])
+    if not isinstance(raw, list):
+        return Scan(file, [], [Problem(file, None, None, f"the top level is a JSON {type(raw).__name__}, expected a list of records")], 0, [])
+    records, problems, refs = [], [], []
+    for index, item in enumerate(raw):
+        record, item_problems = parse_record(item, file, index)
+        problems += item_problems
+        if record is not None:
+            records.append(record)
+        if isinstance(item, dict):
+            refs += [(file, index, name, item[name]) for name in IMAGE_FIELDS if isinstance(item.get(name), str) and item[name].strip()]
+    return Scan(file, records, problems, len(raw), refs)
+
+
+def read_records(path: str | Path) -> list[EditRecord]:
+    """The usable records of a data file; one `DataError` naming the problems if there are any.
+
+    Records with an empty `alt` are skipped with one `SkippedRecordsWarning` giving their count.
+    """
+    scan = scan_records(path)
+    if scan.problems:
+        raise DataError(scan.problems)
+    skipped = scan.empty_alt
+    if skipped:
+        shown = ", ".join(str(r.origin.index) for r in skipped[:SHOWN_PROBLEMS])
+        more = ", ..." if len(skipped) > SHOWN_PROBLEMS else ""
+        warnings.warn(
+            f"{scan.file}: skipped {len(skipped)} of {scan.total} record(s) with an empty 'alt' (records {shown}{more})",
+            SkippedRecordsWarning,
+            stacklevel=2,
+        )
+    return [r for r in scan.records if r.alt.strip()]
+
+
+def check_images(records: Sequence[EditRecord], image_root: str | Path, file: str = "<records>", verify: bool = True) -> list[Problem]:
+    """Problems with the images `records` name under `image_root`, per record and field.
+
+    `verify=False` only checks that each file exists (cheap enough for every training start);
+    `verify=True` also opens it with Pillow and verifies its structure without decoding pixels.
+    `file` names records that carry no origin.
+    """
+    refs = []
+    for position, record in enumerate(records):
+        source, index = record.where(position, file)
+        refs += [(source, index, name, getattr(record, name)) for name in IMAGE_FIELDS]
+    return check_image_refs(refs, image_root, verify)
+
+
+def check_image_refs(refs: Iterable[ImageRef], image_root: str | Path, verify: bool = True) -> list[Problem]:
+    """`check_images` for (file, index, field, path) references; each distinct path is checked once."""
+    root = Path(image_root)
+    verdicts: dict[Path, str | None] = {}
+    problems = []
+    for source, index, name, relative in refs:
+        path = root / relative
+        if path not in verdicts:
+            verdicts[path] = _image_problem(path, verify)
+        if verdicts[path] is not None:
+            problems.append(Problem(source, index, name, verdicts[path]))
+    return problems
+
+
+def _image_problem(path: Path, verify: bool) -> str | None:
+    if not path.is_file():
+        return f"missing image {path}"
+    if verify:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as err:  # Pillow raises many types (OSError, SyntaxError, ValueError) for broken files
+            return f"unreadable image {path}: {type(err).__name__}: {err}"
+    return None

@@ -1,0 +1,35 @@
+"""`kedit validate --data FILE --images DIR`: check a data file and every image it names.
+
+Prints each problem as `FILE: record N: field 'F': message`, then a summary line; exits 1 when
+there is any problem, 0 when the file is clean. Unlike loading for training (which skips them
+with a warning), a record with an empty `alt` counts as a problem here: it is an edit with no
+target.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from data_modules.records import Problem, check_image_refs, scan_records
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, metavar="FILE", help="a JSON data file in the E-VQA / E-IC / VLKEB layout")
+    parser.add_argument("--images", required=True, metavar="DIR", help="the image root the record image paths are relative to")
+
+
+def run(args: argparse.Namespace) -> int:
+    scan = scan_records(args.data)
+    problems = list(scan.problems)
+    problems += [Problem(scan.file, r.origin.index, "alt", "empty target (training skips this record)") for r in scan.empty_alt]
+    problems += check_image_refs(scan.image_refs, args.images, verify=True)
+    problems.sort(key=lambda p: (p.index is not None, p.index or 0))
+    for problem in problems:
+        print(problem)
+    images = len({ref[3] for ref in scan.image_refs})
+    summary = f"{scan.file}: {scan.total} record(s), {images} distinct image(s) checked"
+    if problems:
+        print(f"{summary}: {len(problems)} problem(s)")
+        return 1
+    print(f"{summary}: OK")
+    return 0

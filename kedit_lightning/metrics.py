@@ -1,0 +1,133 @@
+"""Edit metrics, per edit (per example) and then averaged, as torchmetrics.
+
+Logits are aligned with labels (the Backbone contract) and only answer positions
+(`labels != -100`) count. Every metric's states are sums reduced with "sum" across ranks, so a
+distributed validation gives the same mean as a single process over the same examples.
+
+Which metric measures what (DESIGN.md, "Metrics"):
+    Reliability     EditAccuracy on edit_inner         (post-edit logits)
+    T-Generality    EditAccuracy on edit_outer         (post-edit logits)
+    I-Generality    EditAccuracy on edit_outer_image   (post-edit logits)
+    T-Locality      EditLocality on loc                (pre- and post-edit logits)
+    I-Locality      EditLocality on loc_image          (pre- and post-edit logits)
+    Portability     PortabilityByHop on port           (post-edit logits, one hop name per example)
+
+Each metric gives, from one update, both numbers reported per edit: the mean over examples of
+the per-token score ("token_acc") and the fraction of examples where every answer token scores
+("exact_match"). `EditAccuracy` and `EditLocality` return {"token_acc", "exact_match"};
+`PortabilityByHop` returns {hop: mean, ..., "all": mean} for one of the two, chosen by `exact`.
+Dict-valued metrics cannot go to `self.log` directly: at epoch end, log
+`{f"{prefix}/{k}": v for k, v in metric.compute().items()}` with `self.log_dict` and reset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchmetrics import Metric
+
+from data_modules.encoding import IGNORE_INDEX
+
+DEFAULT_HOPS = ("1-hop", "2-hop", "3-hop", "4-hop")
+
+
+def _answer_mask(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = labels != IGNORE_INDEX
+    counts = mask.sum(-1)
+    if bool((counts == 0).any()):
+        rows = (counts == 0).nonzero(as_tuple=True)[0].tolist()
+        raise ValueError(f"examples {rows} of the batch have no answer tokens (labels all -100)")
+    return mask, counts
+
+
+def answer_token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B]: fraction of each example's answer tokens whose argmax is the label."""
+    mask, counts = _answer_mask(labels)
+    correct = (logits.argmax(-1) == labels) & mask
+    return correct.sum(-1).float() / counts
+
+
+def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B]: 1.0 where every answer token's argmax is the label, else 0.0."""
+    mask, _ = _answer_mask(labels)
+    wrong = (logits.argmax(-1) != labels) & mask
+    return (~wrong.any(-1)).float()
+
+
+def locality_agreement(pre_logits: torch.Tensor, post_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B]: fraction of each example's answer positions where the post-edit argmax equals the pre-edit one."""
+    mask, counts = _answer_mask(labels)
+    agree = (pre_logits.argmax(-1) == post_logits.argmax(-1)) & mask
+    return agree.sum(-1).float() / counts
+
+
+class _PerExampleMean(Metric):
+    """Sums of per-example scores and of "all tokens score" flags, over `count` examples."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("token_acc_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("exact_match_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _add(self, scores: torch.Tensor) -> None:
+        self.token_acc_sum += scores.double().sum()
+        # A fraction k/k is exactly 1.0 in floating point, so this is "every answer token".
+        self.exact_match_sum += (scores == 1.0).double().sum()
+        self.count += scores.shape[0]
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {"token_acc": (self.token_acc_sum / self.count).float(), "exact_match": (self.exact_match_sum / self.count).float()}
+
+
+class EditAccuracy(_PerExampleMean):
+    """Reliability / generality: compute() -> {"token_acc": mean answer-token accuracy, "exact_match": ...}."""
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self._add(answer_token_accuracy(logits, labels))
+
+
+class EditLocality(_PerExampleMean):
+    """Locality: compute() -> {"token_acc": mean post/pre argmax agreement, "exact_match": all positions agree}."""
+
+    def update(self, pre_logits: torch.Tensor, post_logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self._add(locality_agreement(pre_logits, post_logits, labels))
+
+
+class PortabilityByHop(Metric):
+    """Mean per-example answer-token accuracy (or exact match, with `exact=True`) per hop and over all.
+
+    The hop names are fixed at construction so every rank holds the same state shape;
+    compute() -> {hop: mean, ..., "all": mean}, leaving out hops with no examples.
+    """
+
+    full_state_update = False
+
+    def __init__(self, hops: Sequence[str] = DEFAULT_HOPS, exact: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.hops = tuple(hops)
+        self.exact = exact
+        if len(set(self.hops)) != len(self.hops) or "all" in self.hops:
+            raise ValueError(f"hop names must be distinct and not 'all': {self.hops}")
+        self._hop_index = {hop: i for i, hop in enumerate(self.hops)}
+        self.add_state("score_sum", torch.zeros(len(self.hops), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(len(self.hops), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, hops: Sequence[str]) -> None:
+        if len(hops) != labels.shape[0]:
+            raise ValueError(f"{len(hops)} hop names for {labels.shape[0]} examples")
+        unknown = sorted(set(hops) - set(self._hop_index))
+        if unknown:
+            raise ValueError(f"unknown hop names {unknown}; this metric tracks {self.hops}")
+        index = torch.tensor([self._hop_index[h] for h in hops], device=labels.device)
+        scores = (exact_match if self.exact else answer_token_accuracy)(logits, labels)
+        self.score_sum.index_add_(0, index, scores.double())
+        self.count.index_add_(0, index, torch.ones_like(index))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        result = {hop: (self.score_sum[i] / self.count[i]).float() for i, hop in enumerate(self.hops) if self.count[i] > 0}
+        result["all"] = (self.score_sum.sum() / self.count.sum()).float()
+        return result

@@ -1,0 +1,226 @@
+"""MEND as the paper defines it, on tiny random-weight OPT (nn.Linear) and GPT-2 (Conv1D) backbones."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
+
+from data_modules.encoding import SubBatchEncoder
+from kedit_lightning.backbones.base import Backbone
+from kedit_lightning.editors.losses import masked_kl, masked_nll
+from kedit_lightning.editors.mend import MEND, capture_factors, edit_gradients
+
+WORDS = ["<pad>", "<s>", "</s>", "<unk>", "the", "capital", "of", "france", "italy", "spain", "is", "paris", "rome", "madrid", "city", "big", "a", "who", "leads", "it"]
+
+
+class TinyLM(Backbone):
+    """A test-only Backbone around a causal LM built in memory."""
+
+    family = "test-tiny-lm"
+
+    @classmethod
+    def from_pretrained(cls, path, edit_params, dtype=torch.float32):
+        raise NotImplementedError("test backbone: built directly")
+
+    @classmethod
+    def from_config(cls, config, processor, edit_params, dtype=torch.float32):
+        raise NotImplementedError("test backbone: built directly")
+
+    def model_logits(self, input_ids, attention_mask, pixel_values):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def word_tokenizer():
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def make_backbone(kind: str = "opt") -> TinyLM:
+    torch.manual_seed(0)
+    if kind == "opt":
+        config = OPTConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2, max_position_embeddings=32,
+                           word_embed_proj_dim=16, init_std=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=2, dropout=0.0, attention_dropout=0.0)
+        model, edit = OPTForCausalLM(config), ["model.decoder.layers.{0,1}.fc{1,2}.weight"]
+    else:
+        config = GPT2Config(vocab_size=len(WORDS), n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=2,
+                            initializer_range=0.3, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model, edit = GPT2LMHeadModel(config), ["transformer.h.{0,1}.mlp.c_{fc,proj}.weight"]
+    return TinyLM(model.eval(), SubBatchEncoder(word_tokenizer()), edit)
+
+
+@pytest.fixture(scope="module")
+def opt():
+    return make_backbone("opt")
+
+
+def encode(backbone, pairs):
+    return backbone.processor([p for p, _ in pairs], [t for _, t in pairs])
+
+
+EDIT = [("the capital of france is", "rome"), ("who leads it", "a big city")]
+OUTER = [("the big city of france is", "rome"), ("who leads the city", "a big city")]
+
+
+def updates(editor, backbone, batch, params=None):
+    before = params or backbone.editable_parameters()
+    after = editor(backbone, batch, params)
+    return {n: after[n] - before[n] for n in editor.param_names}
+
+
+def cosine(a, b):
+    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+@pytest.mark.parametrize("kind", ["opt", "gpt2"])
+def test_identity_editor_is_a_plain_gradient_step(kind):
+    backbone = make_backbone(kind)
+    editor = MEND.for_backbone(backbone, rank=8, edit_lr=1e-2).eval()
+    batch = encode(backbone, EDIT)
+    grads = edit_gradients(backbone, batch)
+    for name, update in updates(editor, backbone, batch).items():
+        assert update.abs().max() > 0
+        assert cosine(update, -grads[name]) > 0.9999
+        torch.testing.assert_close(update, -1e-2 * grads[name], rtol=1e-4, atol=1e-4 * update.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["opt", "gpt2"])
+def test_an_edit_raises_the_target_probability(kind):
+    backbone = make_backbone(kind)
+    editor = MEND.for_backbone(backbone, rank=8, edit_lr=1.0).eval()
+    batch = encode(backbone, EDIT[:1])
+    target = batch["labels"][0] != -100
+    with torch.no_grad():
+        pre = backbone(batch).softmax(-1)[0, target, batch["labels"][0, target]]
+        post = backbone(batch, editor(backbone, batch)).softmax(-1)[0, target, batch["labels"][0, target]]
+    assert post.item() > max(0.3, 2 * pre.item())
+
+
+def test_capture_leaves_the_frozen_backbone_without_gradients_and_works_under_no_grad(opt):
+    editor = MEND.for_backbone(opt, rank=8).eval()
+    with torch.no_grad():
+        edited = editor(opt, encode(opt, EDIT))
+    assert all(w.grad_fn is None for w in edited.values())
+    assert all(p.grad is None and not p.requires_grad for p in opt.parameters())
+
+
+def test_running_statistics_match_torch_mean_and_var_and_update_only_in_training(opt):
+    editor = MEND.for_backbone(opt, rank=8)
+    batches = [encode(opt, EDIT), encode(opt, OUTER), encode(opt, EDIT[:1])]
+    weights = opt.editable_parameters()
+    rows = {key: ([], []) for key in editor.transforms}
+    for batch in batches:
+        factors = capture_factors(opt, batch, weights)
+        for name, (x, delta) in factors.items():
+            rows[editor.route[name][0]][0].append(x)
+            rows[editor.route[name][0]][1].append(delta)
+        editor.train()(opt, batch)
+    for key, transform in editor.transforms.items():
+        xs, deltas = torch.cat(rows[key][0]), torch.cat(rows[key][1])
+        assert transform.x_moments.count.item() == xs.shape[0]
+        torch.testing.assert_close(transform.x_moments.mean, xs.mean(0), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(transform.x_moments.var, xs.var(0), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(transform.delta_moments.mean, deltas.mean(0), rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(transform.delta_moments.var, deltas.var(0), rtol=1e-4, atol=1e-12)
+
+    frozen = {k: v.clone() for k, v in editor.state_dict().items()}
+    editor.eval()(opt, batches[1])
+    assert all(torch.equal(v, editor.state_dict()[k]) for k, v in frozen.items())
+
+
+def test_rows_without_signal_are_dropped(opt):
+    # Position p's hidden state in layer 0 reaches the predictions at p and after (attention), so
+    # delta = 0 from the last answer token on (its prediction comes from the position before) and
+    # on right padding. In the last layer position p reaches only its own prediction: one row per
+    # answer token.
+    batch = encode(opt, [("the capital of france is", "rome"), ("it is", "a big city")])
+    last_answer = torch.stack([(row != -100).nonzero().max() for row in batch["labels"]])
+    factors = capture_factors(opt, batch, opt.editable_parameters())
+    expected_rows = {"layers.0": int(last_answer.sum()), "layers.1": int((batch["labels"] != -100).sum())}
+    for name, (x, delta) in factors.items():
+        rows = expected_rows[".".join(name.split(".")[2:4])]
+        assert x.shape[0] == delta.shape[0] == rows < batch["input_ids"].numel()
+        assert (x != 0).any(-1).all() and (delta != 0).any(-1).all()
+
+
+def test_the_edit_is_differentiable_in_every_editor_parameter(opt):
+    editor = MEND.for_backbone(opt, rank=8, edit_lr=1e-2).train()
+    edited = editor(opt, encode(opt, EDIT))
+    outer = encode(opt, OUTER)
+    loss = masked_nll(opt(outer, edited), outer["labels"])
+    loss.backward()
+    assert (editor.edit_lrs.grad != 0).all()
+    for transform in editor.transforms.values():
+        first, last = transform.mlp.layers
+        # At identity init the last layer's U and every layer's offset receive gradient (clamp
+        # passes gradient at 0, so the hidden layer is trainable from the start).
+        assert last.up.grad.abs().sum() > 0 and last.mode_shift.grad.abs().sum() > 0
+        assert first.mode_shift.grad.abs().sum() > 0 and first.bias.grad.abs().sum() > 0
+    assert all(p.grad is None for p in opt.parameters())
+    assert {id(p) for p in editor.editor_parameters()} | {id(editor.edit_lrs)} == {id(p) for p in editor.parameters()}
+    assert editor.lr_parameters() == [editor.edit_lrs] and all(p is not editor.edit_lrs for p in editor.editor_parameters())
+
+
+def test_a_batched_edit_is_one_update_over_all_rows(opt):
+    editor = MEND.for_backbone(opt, rank=8, edit_lr=1e-2).eval()
+    together = updates(editor, opt, encode(opt, EDIT))
+    singles = [updates(editor, opt, encode(opt, [pair])) for pair in EDIT]
+    for name, update in together.items():
+        # The edit loss averages over the two examples, so the identity editor's update is the mean.
+        torch.testing.assert_close(update, (singles[0][name] + singles[1][name]) / 2, rtol=1e-4, atol=1e-4 * update.abs().max().item())
+
+    # A non-identity transform acts row by row: the batched update is the sum over the rows of both
+    # examples (each example's delta halved by the mean over examples).
+    torch.manual_seed(1)
+    for transform in editor.transforms.values():
+        for layer in transform.mlp.layers:
+            layer.up.data.normal_(0, 0.1)
+    together = updates(editor, opt, encode(opt, EDIT))
+    weights = opt.editable_parameters()
+    per_example = [capture_factors(opt, encode(opt, [pair]), weights) for pair in EDIT]
+    for i, (name, update) in enumerate(together.items()):
+        key, mode = editor.route[name]
+        x = torch.cat([f[name][0] for f in per_example])
+        delta = torch.cat([f[name][1] / 2 for f in per_example])
+        x_t, delta_t = editor.transforms[key](x, delta, mode)
+        torch.testing.assert_close(update, -editor.edit_lrs[i] * delta_t.T @ x_t, rtol=1e-4, atol=1e-4 * update.abs().max().item())
+
+
+def test_sequential_edits_compose(opt):
+    editor = MEND.for_backbone(opt, rank=8, edit_lr=1e-2).eval()
+    first_batch, second_batch = encode(opt, EDIT[:1]), encode(opt, EDIT[1:])
+    first = editor(opt, first_batch)
+    second = editor(opt, second_batch, first)
+    grads_at_first = edit_gradients(opt, second_batch, first)
+    for name in editor.param_names:
+        torch.testing.assert_close(second[name] - first[name], -1e-2 * grads_at_first[name], rtol=1e-4, atol=1e-6 * grads_at_first[name].abs().max().item())
+    # The outer loss after two edits reaches the step sizes through both edits.
+    loss = masked_nll(opt(second_batch, second), second_batch["labels"])
+    (lr_grad,) = torch.autograd.grad(loss, [editor.edit_lrs])
+    assert (lr_grad != 0).all()
+
+
+def test_editor_rejects_a_backbone_it_was_not_built_for(opt):
+    editor = MEND({"model.decoder.layers.0.fc1.weight": (16, 32)}, rank=4)
+    with pytest.raises(ValueError, match="fc1.weight"):
+        editor(opt, encode(opt, EDIT))
+    with pytest.raises(TypeError, match="Linear or Conv1D"):
+        MEND({"model.decoder.embed_tokens.weight": (len(WORDS), 16)}, rank=4)(opt, encode(opt, EDIT))
+
+
+def test_masked_losses_average_per_example_on_answer_tokens():
+    logits = torch.randn(2, 4, 5)
+    labels = torch.tensor([[-100, 1, 2, -100], [-100, -100, 3, -100]])
+    logp = logits.log_softmax(-1)
+    expected = ((-logp[0, 1, 1] - logp[0, 2, 2]) / 2 + -logp[1, 2, 3]) / 2
+    torch.testing.assert_close(masked_nll(logits, labels), expected)
+
+    post = torch.randn(2, 4, 5, requires_grad=True)
+    pre = logits.clone().requires_grad_()
+    kl = (logp.exp() * (logp - post.log_softmax(-1))).sum(-1)
+    torch.testing.assert_close(masked_kl(pre, post, labels), ((kl[0, 1] + kl[0, 2]) / 2 + kl[1, 2]) / 2)
+    assert masked_kl(logits, logits, labels).abs() < 1e-6
+    masked_kl(pre, post, labels).backward()
+    assert pre.grad is None and post.grad.abs().sum() > 0
