@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_modules.datasets import VQA_TEMPLATE, DataKind, EditCollator, EditDataset, FactCollator, FactDataset, PromptBuilder
 from data_modules.encoding import SubBatchEncoder
 from data_modules.records import DataError, EditRecord, check_images, read_records
+from data_modules.synthetic import WORLD_FILE, write_synthetic_world
 
 
 class EditDataModule(LightningDataModule):
@@ -45,6 +46,7 @@ class EditDataModule(LightningDataModule):
         seed: int = 0,
         vqa_template: str = VQA_TEMPLATE,
         processor: SubBatchEncoder | None = None,
+        synthesize: bool = False,
     ) -> None:
         super().__init__()
         PromptBuilder(kind, vqa_template)  # fail on a bad kind or template at construction, not in a worker
@@ -58,7 +60,18 @@ class EditDataModule(LightningDataModule):
         self.seed = seed
         self.vqa_template = vqa_template
         self.processor = processor
+        self.synthesize = synthesize
         self.records: dict[str, list[EditRecord]] = {}
+
+    def prepare_data(self) -> None:
+        """With `synthesize`, write the synthetic world (and its word tokenizer) if `data_dir` has none."""
+        if not self.synthesize or (self.data_dir / WORLD_FILE).is_file():
+            return
+        # Imported here: the tokenizer module needs the backbone families, which import this package.
+        from kedit_lightning.backbones.word_tokenizer import save_world_tokenizer
+
+        write_synthetic_world(self.data_dir)
+        save_world_tokenizer(self.data_dir)
 
     def read_split(self, split: str) -> list[EditRecord]:
         """The checked records of one split; one `DataError` for bad JSON, fields or missing images."""
@@ -134,8 +147,9 @@ class VQADataModule(EditDataModule):
         seed: int = 0,
         vqa_template: str = VQA_TEMPLATE,
         processor: SubBatchEncoder | None = None,
+        synthesize: bool = False,
     ) -> None:
-        super().__init__(data_dir, train_file, val_file, test_file, image_root, "vqa", batch_size, num_workers, seed, vqa_template, processor)
+        super().__init__(data_dir, train_file, val_file, test_file, image_root, "vqa", batch_size, num_workers, seed, vqa_template, processor, synthesize)
 
 
 class CaptionDataModule(EditDataModule):
@@ -153,8 +167,9 @@ class CaptionDataModule(EditDataModule):
         seed: int = 0,
         vqa_template: str = VQA_TEMPLATE,
         processor: SubBatchEncoder | None = None,
+        synthesize: bool = False,
     ) -> None:
-        super().__init__(data_dir, train_file, val_file, test_file, image_root, "caption", batch_size, num_workers, seed, vqa_template, processor)
+        super().__init__(data_dir, train_file, val_file, test_file, image_root, "caption", batch_size, num_workers, seed, vqa_template, processor, synthesize)
 
 
 class FactsDataModule(EditDataModule):
@@ -180,8 +195,9 @@ class FactsDataModule(EditDataModule):
         seed: int = 0,
         vqa_template: str = VQA_TEMPLATE,
         processor: SubBatchEncoder | None = None,
+        synthesize: bool = False,
     ) -> None:
-        super().__init__(data_dir, train_file, val_file, test_file, image_root, kind, batch_size, num_workers, seed, vqa_template, processor)
+        super().__init__(data_dir, train_file, val_file, test_file, image_root, kind, batch_size, num_workers, seed, vqa_template, processor, synthesize)
 
     def build_dataset(self, split: str) -> Dataset:
         records = self.split_records("train") + self.split_records("val") if split == "train" else self.split_records(split)

@@ -1,0 +1,7 @@
+"""The LightningModules: editors to meta-train (MEND), baselines (FT), and base-model fine-tuning."""
+
+from kedit_lightning.modules.backbone import BackboneModule
+from kedit_lightning.modules.ft import FTModule
+from kedit_lightning.modules.mend import MENDModule
+
+__all__ = ["BackboneModule", "FTModule", "MENDModule"]

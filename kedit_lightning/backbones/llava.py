@@ -1,0 +1,115 @@
+"""LLaVA-1.5 (Liu et al., 2024) on transformers' LlavaForConditionalGeneration.
+
+Layout: "USER: <image>\\n{prompt} ASSISTANT:", with <image> repeated once per visual feature the
+projector emits, exactly as LlavaProcessor expands it: one per vision position (patches plus a
+CLS token where the tower has one), minus the CLS when vision_feature_select_strategy is
+"default" (the model then drops it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration
+
+from data_modules.encoding import PromptFormat, SubBatchEncoder
+from kedit_lightning.backbones.base import Backbone, register
+from kedit_lightning.backbones.loading import (
+    as_dtype,
+    check_image_size,
+    check_image_token,
+    check_vocab,
+    default_edit_params,
+    fill_text_config,
+    load_image_processor,
+    load_tokenizer,
+    read_config_dict,
+    reject_placeholders,
+    resolve_processor,
+    with_special_token,
+)
+
+IMAGE_TOKEN = "<image>"
+
+
+def clip_image_processor(image_size: int) -> CLIPImageProcessorPil:
+    """LLaVA-1.5's CLIP transform: shortest edge to `image_size`, centre crop, CLIP mean/std."""
+    return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
+def num_image_features(model: LlavaForConditionalGeneration) -> int:
+    """How many embeddings the projector emits per image (what LlavaProcessor counts)."""
+    tower = model.model.vision_tower
+    embeddings = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
+    if embeddings is None or not hasattr(embeddings, "num_positions"):
+        raise ValueError(f"cannot count the image positions of a {type(tower).__name__} vision tower")
+    return embeddings.num_positions - (1 if model.config.vision_feature_select_strategy == "default" else 0)
+
+
+@register
+class LlavaBackbone(Backbone):
+    family: ClassVar[str] = "llava"
+    prompt_template: ClassVar[PromptFormat] = PromptFormat(
+        with_image="USER: {image}\n{prompt} ASSISTANT:", text_only="USER: {prompt} ASSISTANT:", image_token=IMAGE_TOKEN
+    )
+
+    def __init__(
+        self,
+        model: LlavaForConditionalGeneration,
+        tokenizer: Any,
+        image_processor: Any | None = None,
+        edit_params: Sequence[str] = (),
+        max_length: int | None = None,
+    ) -> None:
+        config = model.config
+        source = config.name_or_path or "llava config"
+        image_token_id = check_image_token(tokenizer, IMAGE_TOKEN, config.image_token_index, source)
+        check_vocab(tokenizer, config.text_config.vocab_size, source)
+        image_size = config.vision_config.image_size
+        image_processor = image_processor if image_processor is not None else clip_image_processor(image_size)
+        check_image_size(image_processor, image_size, source)
+        prompt_format = PromptFormat(
+            with_image=self.prompt_template.with_image,
+            text_only=self.prompt_template.text_only,
+            image_token=IMAGE_TOKEN,
+            num_image_tokens=num_image_features(model),
+        )
+        edit_params = list(edit_params) or default_edit_params(config.text_config, "model.language_model.", causal_wrapper=False)
+        super().__init__(model, SubBatchEncoder(tokenizer, image_processor, prompt_format, max_length), edit_params)
+        self.image_token_id = image_token_id
+
+    @staticmethod
+    def build_model(config: Mapping[str, Any], dtype: torch.dtype | str = torch.float32) -> LlavaForConditionalGeneration:
+        """Random weights from LlavaConfig kwargs (nested vision_config / text_config dicts)."""
+        return LlavaForConditionalGeneration._from_config(LlavaConfig(**config), dtype=as_dtype(dtype))
+
+    @classmethod
+    def from_config(
+        cls,
+        config: dict[str, Any],
+        processor: str | None = None,
+        edit_params: Sequence[str] = (),
+        dtype: torch.dtype = torch.float32,
+        *,
+        tokenizer: Any | None = None,
+        image_processor: Any | None = None,
+        max_length: int | None = None,
+    ) -> "LlavaBackbone":
+        tokenizer, image_processor = resolve_processor(processor, tokenizer, image_processor, cls.family)
+        tokenizer = with_special_token(tokenizer, IMAGE_TOKEN)
+        config = {**config, "text_config": fill_text_config(config.get("text_config"), tokenizer)}
+        config.setdefault("image_token_index", tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+        return cls(cls.build_model(config, dtype), tokenizer, image_processor, edit_params, max_length)
+
+    @classmethod
+    def from_pretrained(cls, path: str, edit_params: Sequence[str] = (), dtype: torch.dtype = torch.float32, *, max_length: int | None = None) -> "LlavaBackbone":
+        read_config_dict(path, cls.family, {"llava"})
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=as_dtype(dtype))
+        return cls(model, load_tokenizer(path), load_image_processor(path), edit_params, max_length)
+
+    def model_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        if pixel_values is None:
+            reject_placeholders(input_ids, self.image_token_id, self.family)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits

@@ -1,0 +1,161 @@
+"""Loading steps every family shares: where weights come from, what a directory holds, defaults.
+
+Each helper fails with a message naming the path and what is wrong with it, so a typo in a
+YAML file or a directory of the wrong family is caught before any weights are read.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tokenizers import AddedToken
+from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedConfig
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+# Where each language-model type keeps its decoder layers and the two Linear weights of their
+# MLP: (path inside the bare model, prefix the causal-LM wrapper adds, MLP weight names).
+_DECODER_LAYOUT: dict[str, tuple[str, str, tuple[str, str]]] = {
+    "opt": ("decoder.layers", "model.", ("fc1", "fc2")),
+    "llama": ("layers", "model.", ("mlp.up_proj", "mlp.down_proj")),
+    "mistral": ("layers", "model.", ("mlp.up_proj", "mlp.down_proj")),
+    "qwen2": ("layers", "model.", ("mlp.up_proj", "mlp.down_proj")),
+    "gpt2": ("h", "transformer.", ("mlp.c_fc", "mlp.c_proj")),
+}
+DEFAULT_EDITED_LAYERS = 3
+
+
+def check_source(path: str | Path) -> str:
+    """A local model directory (must hold config.json) or something shaped like a hub id."""
+    text = str(path)
+    local = Path(text).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise NotADirectoryError(f"{text}: is a file; expected a model directory (config.json, weights, tokenizer) or a hub id")
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"{text}: no config.json in this directory, so it holds no saved model")
+        return str(local)
+    if _HUB_ID.match(text):
+        return text
+    raise FileNotFoundError(f"{text}: no such directory, and not a hub id of the form 'org/name'")
+
+
+def read_config_dict(path: str | Path, family: str, model_types: Collection[str]) -> dict[str, Any]:
+    """The raw config.json of `path`, checked to describe one of `model_types`."""
+    source = check_source(path)
+    try:
+        config, _ = PreTrainedConfig.get_config_dict(source)
+    except (OSError, ValueError) as err:
+        raise OSError(f"{path}: cannot read a transformers config.json ({err})") from err
+    model_type = config.get("model_type")
+    if model_type not in model_types:
+        wanted = " or ".join(repr(t) for t in sorted(model_types)[:6])
+        raise ValueError(f"{path}: config.json describes a {model_type!r} model; the {family!r} backbone needs model_type {wanted}")
+    return config
+
+
+def load_tokenizer(path: str) -> Any:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise OSError(f"{path}: cannot load a tokenizer ({err})") from err
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(f"{path}: {type(tokenizer).__name__} is not a fast tokenizer; prompt masking needs character offsets")
+    return tokenizer
+
+
+def load_image_processor(path: str, required: bool = True) -> Any | None:
+    try:
+        return AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        if required:
+            raise OSError(f"{path}: cannot load an image processor (preprocessor_config.json) ({err})") from err
+        return None
+
+
+def resolve_tokenizer(processor: str | None, tokenizer: Any | None, family: str) -> Any:
+    """The tokenizer for `from_config`: a given object wins over a path to load."""
+    if tokenizer is not None:
+        return tokenizer
+    if processor is None:
+        raise ValueError(f"{family} from_config needs `processor` (a directory or hub id with a tokenizer) or a `tokenizer` object")
+    return load_tokenizer(processor)
+
+
+def resolve_processor(processor: str | None, tokenizer: Any | None, image_processor: Any | None, family: str) -> tuple[Any, Any | None]:
+    """Tokenizer and image processor for `from_config`; the image processor may stay None (families build a default)."""
+    tokenizer = resolve_tokenizer(processor, tokenizer, family)
+    if image_processor is None and processor is not None:
+        image_processor = load_image_processor(processor, required=False)
+    return tokenizer, image_processor
+
+
+def with_special_token(tokenizer: Any, token: str) -> Any:
+    """A copy of `tokenizer` that has `token` as a special token (the caller's object is left alone)."""
+    tokenizer = copy.deepcopy(tokenizer)
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
+    return tokenizer
+
+
+def fill_text_config(text_config: Mapping[str, Any] | None, tokenizer: Any) -> dict[str, Any]:
+    """Language-model config kwargs with vocabulary size and special-token ids taken from the tokenizer where absent."""
+    filled = dict(text_config or {})
+    filled.setdefault("vocab_size", len(tokenizer))
+    for key, token_id in (("pad_token_id", tokenizer.pad_token_id), ("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id)):
+        if token_id is not None:
+            filled.setdefault(key, token_id)
+    return filled
+
+
+def check_vocab(tokenizer: Any, vocab_size: int, source: str, outside: Collection[str] = ()) -> None:
+    """Every token id the tokenizer can emit (but the `outside` placeholders) must have an embedding row."""
+    largest = max((i for token, i in tokenizer.get_vocab().items() if token not in outside), default=-1)
+    if largest >= vocab_size:
+        raise ValueError(f"{source}: the tokenizer emits id {largest} but the language model has only {vocab_size} embeddings")
+
+
+def check_image_token(tokenizer: Any, token: str, config_id: int | None, source: str) -> int:
+    token_id = tokenizer.get_vocab().get(token)
+    if token_id is None:
+        raise ValueError(f"{source}: the tokenizer has no {token!r} token for image placeholders")
+    if config_id != token_id:
+        raise ValueError(f"{source}: config.image_token_index is {config_id} but the tokenizer maps {token!r} to {token_id}")
+    return token_id
+
+
+def check_image_size(image_processor: Any, image_size: int, source: str) -> None:
+    """The image processor must produce exactly the resolution the vision tower was built for."""
+    pixels = image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")["pixel_values"]
+    if tuple(pixels.shape[-2:]) != (image_size, image_size):
+        raise ValueError(f"{source}: the image processor yields {tuple(pixels.shape[-2:])} pixels but the vision tower expects {image_size}x{image_size}")
+
+
+def reject_placeholders(input_ids: torch.Tensor, image_token_id: int, family: str) -> None:
+    if bool((input_ids == image_token_id).any()):
+        raise ValueError(f"{family}: the sub-batch has image placeholder tokens but no pixel_values")
+
+
+def default_edit_params(text_config: Any, prefix: str, causal_wrapper: bool, count: int = DEFAULT_EDITED_LAYERS) -> list[str]:
+    """The MLP weights of the last `count` decoder layers (MEND's default edit set).
+
+    `prefix` is where the language model sits in the full model; `causal_wrapper` says whether it
+    is the *ForCausalLM wrapper (whose bare model sits one level down) or the bare model itself.
+    """
+    model_type = text_config.model_type
+    if model_type not in _DECODER_LAYOUT:
+        raise ValueError(f"no default edited layers for a {model_type!r} language model; list edit_params explicitly")
+    layers, wrapper_prefix, mlp = _DECODER_LAYOUT[model_type]
+    base = f"{prefix}{wrapper_prefix if causal_wrapper else ''}{layers}"
+    first = max(text_config.num_hidden_layers - count, 0)
+    return [f"{base}.{i}.{name}.weight" for i in range(first, text_config.num_hidden_layers) for name in mlp]
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype

@@ -1,0 +1,50 @@
+"""Callbacks that turn a meta-training run into a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+
+from kedit_lightning.editors.ft import FineTune
+from kedit_lightning.evaluation import EditMetrics, evaluate_records, flatten_report
+
+
+def metrics_table(columns: dict[str, dict]) -> str:
+    """A Markdown table, one row per metric and one column per method."""
+    flat = {name: flatten_report({k: v for k, v in report.items() if k not in ("n_edits", "exact_match")}) for name, report in columns.items()}
+    keys = list(dict.fromkeys(key for report in flat.values() for key in report))
+    lines = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(f"{report[key]:.3f}" if key in report else "-" for report in flat.values()) + " |")
+    edits = {name: report.get("n_edits") for name, report in columns.items()}
+    lines.append("| edits | " + " | ".join(str(n) for n in edits.values()) + " |")
+    return "\n".join(lines)
+
+
+class CompareWithFineTuning(Callback):
+    """At the end of a fit: score the FT baseline on the validation edits, print both side by side.
+
+    The baseline fine-tunes the same edited layers with `steps` gradient steps at `lr`; with one
+    step it has the same gradient budget as MEND. The table also lands in the run's log folder.
+    """
+
+    def __init__(self, lr: float = 1e-2, steps: int = 1) -> None:
+        self.lr = lr
+        self.steps = steps
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        metrics = EditMetrics(pl_module.hparams.hops).to(pl_module.device)
+        baseline = evaluate_records(pl_module.backbone, FineTune(self.lr, self.steps), iter(trainer.datamodule.val_dataloader()), metrics)
+        method = type(pl_module).__name__.removesuffix("Module")
+        learned = {method: pl_module.last_report["val"]} if "val" in pl_module.last_report else {}
+        self._report(trainer, {**learned, f"FT ({self.steps} step, lr {self.lr:g})": baseline})
+
+    @rank_zero_only
+    def _report(self, trainer: Trainer, columns: dict[str, dict]) -> None:
+        table = metrics_table(columns)
+        print("\nHeld-out edits (validation split):\n" + table)
+        if trainer.log_dir:
+            Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
+            (Path(trainer.log_dir) / "report.md").write_text(table + "\n")

@@ -1,0 +1,110 @@
+"""Edit evaluation: apply an editor to each record on its own and score the edited model.
+
+Every record is edited starting from the unedited weights (edits are functional: the backbone's
+parameters are never written), so no record leaks into the next. The scores are the field's
+standard ones (DESIGN.md, "Metrics"): Reliability, T-/I-Generality, T-/I-Locality, Portability
+per hop, each as answer-token accuracy and exact match, averaged per edit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from data_modules.encoding import SUB_BATCH_KEYS, EditBatch, SubBatch
+from kedit_lightning.backbones.base import Backbone
+from kedit_lightning.metrics import EditAccuracy, EditLocality, PortabilityByHop
+
+EditFn = Callable[[Backbone, SubBatch, Mapping[str, torch.Tensor] | None], dict[str, torch.Tensor]]
+"""An editor as evaluation sees it: (backbone, edit sub-batch, current weights or None) -> edited weights."""
+
+HOPS = ("1-hop", "2-hop", "3-hop", "4-hop")
+ACCURACY_KEYS = ("reliability", "t_generality", "i_generality")
+LOCALITY_KEYS = ("t_locality", "i_locality")
+HEADLINE = ACCURACY_KEYS + LOCALITY_KEYS
+_POST_SUB_BATCH = {"reliability": "edit_inner", "t_generality": "edit_outer", "i_generality": "edit_outer_image", "t_locality": "loc", "i_locality": "loc_image"}
+
+
+def _rows(sub_batch: SubBatch, index: torch.Tensor | slice) -> SubBatch:
+    return {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in sub_batch.items()}
+
+
+def record_batches(batch: EditBatch) -> Iterator[dict[str, Any]]:
+    """Split a collated EditBatch into one-record EditBatches; port rows follow their record."""
+    for i in range(batch["edit_inner"]["input_ids"].shape[0]):
+        one: dict[str, Any] = {key: _rows(batch[key], slice(i, i + 1)) for key in SUB_BATCH_KEYS}
+        if "meta" in batch:
+            one["meta"] = batch["meta"][i : i + 1]
+        if "port" in batch:
+            rows = (batch["port_record"] == i).nonzero().flatten()
+            if rows.numel():
+                one["port"] = _rows(batch["port"], rows)
+                one["port_hops"] = [batch["port_hops"][r] for r in rows.tolist()]
+        yield one
+
+
+class EditMetrics(nn.Module):
+    """All edit metrics of one evaluation, updated one edited record at a time."""
+
+    def __init__(self, hops: Sequence[str] = HOPS) -> None:
+        super().__init__()
+        self.accuracy = nn.ModuleDict({key: EditAccuracy() for key in ACCURACY_KEYS})
+        self.locality = nn.ModuleDict({key: EditLocality() for key in LOCALITY_KEYS})
+        self.portability = PortabilityByHop(hops=tuple(hops))
+        self.portability_exact = PortabilityByHop(hops=tuple(hops), exact=True)
+
+    @torch.no_grad()
+    def update(self, backbone: Backbone, record: Mapping[str, Any], params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Score one edited record; returns its post-edit logits per sub-batch (for example panels)."""
+        post = {key: backbone(record[key], params) for key in SUB_BATCH_KEYS}
+        for key in ACCURACY_KEYS:
+            self.accuracy[key].update(post[_POST_SUB_BATCH[key]], record[_POST_SUB_BATCH[key]]["labels"])
+        for key in LOCALITY_KEYS:
+            sub_batch = record[_POST_SUB_BATCH[key]]
+            self.locality[key].update(backbone(sub_batch), post[_POST_SUB_BATCH[key]], sub_batch["labels"])
+        if "port" in record:
+            port_logits = backbone(record["port"], params)
+            self.portability.update(port_logits, record["port"]["labels"], record["port_hops"])
+            self.portability_exact.update(port_logits, record["port"]["labels"], record["port_hops"])
+        return post
+
+    def compute(self) -> dict[str, Any]:
+        """The report: fractions in [0, 1], portability keyed by hop, the same under `exact_match`."""
+        token, exact = {}, {}
+        for key in ACCURACY_KEYS:
+            scores = self.accuracy[key].compute()
+            token[key], exact[key] = float(scores["token_acc"]), float(scores["exact_match"])
+        for key in LOCALITY_KEYS:
+            scores = self.locality[key].compute()
+            token[key], exact[key] = float(scores["token_acc"]), float(scores["exact_match"])
+        for name, metric, out in (("portability", self.portability, token), ("portability", self.portability_exact, exact)):
+            by_hop = {hop: float(v) for hop, v in metric.compute().items() if not torch.isnan(v)}
+            if by_hop:
+                out[name] = by_hop
+        return {**token, "n_edits": int(self.accuracy["reliability"].count.item()), "exact_match": exact}
+
+    def reset(self) -> None:
+        for metric in [*self.accuracy.values(), *self.locality.values(), self.portability, self.portability_exact]:
+            metric.reset()
+
+
+def flatten_report(report: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """{"portability": {"1-hop": x}} -> {"portability/1-hop": x}, for loggers and tables."""
+    flat: dict[str, float] = {}
+    for key, value in report.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_report(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+def evaluate_records(backbone: Backbone, edit: EditFn, batches: Iterator[EditBatch], metrics: EditMetrics) -> dict[str, Any]:
+    """Edit and score every record of `batches` (each from the unedited weights); the report."""
+    for batch in batches:
+        for record in record_batches(batch):
+            metrics.update(backbone, record, edit(backbone, record["edit_inner"], None))
+    return metrics.compute()

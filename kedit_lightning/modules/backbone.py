@@ -1,0 +1,182 @@
+"""Fine-tune a backbone on answer tokens: how a tiny base model comes to know its world.
+
+Batches are dicts of sub-batches (the data layer's FactCollator gives {"with_image": ...,
+"text_only": ...}); the loss is the answer-token NLL summed over sub-batches. The result is
+exported with `save_pretrained`, so `Family.from_pretrained(dir)` (or a BackboneSpec with
+`pretrained: dir`) gives it back for editing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+from torchmetrics import MeanMetric
+
+from data_modules.encoding import IGNORE_INDEX, SubBatch, SubBatchEncoder
+from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone  # the package import registers every family
+from kedit_lightning.metrics import answer_token_accuracy
+
+
+def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean NLL over answer tokens (logits aligned with labels, -100 elsewhere)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def sub_batches(batch: Mapping[str, Any]) -> dict[str, SubBatch]:
+    """The sub-batches of a batch (entries with labels; bookkeeping entries such as `meta` are skipped)."""
+    found = {name: value for name, value in batch.items() if isinstance(value, Mapping) and "labels" in value}
+    if not found:
+        raise ValueError(f"batch has no sub-batches (dicts with labels); keys: {sorted(batch)}")
+    return found
+
+
+class BackboneModule(LightningModule):
+    """Answer-token fine-tuning of a whole backbone (or the parameters matching `trainable`).
+
+    Args:
+        backbone: a BackboneSpec; in YAML either its fields or the path of a
+            configs/backbones/*.yaml file. Python callers may pass a built Backbone instead
+            (tests, notebooks); the annotation stays BackboneSpec because jsonargparse reads
+            file paths only for a plain dataclass type.
+        lr: peak AdamW learning rate, reached after `warmup_steps` of linear warmup; then cosine
+            decay to `lr * min_lr_ratio` at the trainer's last step.
+        weight_decay: AdamW decay on matrices (biases, norms and 1-D tensors are not decayed).
+        trainable: glob patterns of parameter names (as in `backbone.model.named_parameters()`)
+            to fine-tune; None fine-tunes everything.
+        export_dir: where `on_train_end` writes the fine-tuned backbone (save_pretrained); None skips.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneSpec,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        trainable: list[str] | None = None,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(backbone, Backbone):
+            self.save_hyperparameters(ignore=["backbone"])
+        else:
+            # load_from_checkpoint passes the stored dict back.
+            spec = backbone if isinstance(backbone, BackboneSpec) else BackboneSpec(**backbone)
+            self.save_hyperparameters(ignore=["backbone"])
+            # Stored as a plain dict so hparams files and checkpoints hold no custom classes.
+            self.hparams["backbone"] = dataclasses.asdict(spec)
+            backbone = build_backbone(spec)
+        self.backbone = backbone
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+        self.min_lr_ratio = min_lr_ratio
+        self.export_dir = export_dir
+        self._unfreeze(trainable)
+        self.train_acc = MeanMetric()
+        self.val_acc = MeanMetric()
+
+    @property
+    def processor(self) -> SubBatchEncoder:
+        """The backbone's tokenizer + image processor, for the DataModule's collator."""
+        return self.backbone.processor
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and getattr(datamodule, "processor", None) is None:
+            datamodule.processor = self.backbone.processor
+
+    def _unfreeze(self, patterns: Sequence[str] | None) -> None:
+        named = dict(self.backbone.model.named_parameters())
+        if patterns is None:
+            chosen = set(named)
+        else:
+            chosen = {name for name in named if any(fnmatch(name, p) for p in patterns)}
+            unmatched = [p for p in patterns if not any(fnmatch(name, p) for name in named)]
+            if unmatched:
+                raise ValueError(f"trainable patterns {unmatched} match no parameter of the {self.backbone.family} backbone")
+        for name, param in named.items():
+            param.requires_grad_(name in chosen)
+
+    def on_fit_start(self) -> None:
+        # transformers' from_pretrained returns models in eval mode; fine-tuning uses their dropout.
+        self.backbone.train()
+
+    def forward(self, sub_batch: SubBatch) -> torch.Tensor:
+        return self.backbone(sub_batch)
+
+    def _shared_step(self, batch: Mapping[str, Any], stage: str, accuracy: MeanMetric) -> torch.Tensor:
+        parts = sub_batches(batch)
+        rows = sum(int(sb["labels"].shape[0]) for sb in parts.values())
+        total = torch.zeros((), device=self.device)
+        for name, sb in parts.items():
+            logits = self.backbone(sb)
+            loss = answer_nll(logits, sb["labels"])
+            total = total + loss
+            accuracy.update(answer_token_accuracy(logits.detach(), sb["labels"]))
+            self.log(f"{stage}/loss_{name}", loss, batch_size=int(sb["labels"].shape[0]))
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", total, prog_bar=True, batch_size=rows, on_step=on_step, on_epoch=True)
+        self.log(f"{stage}/acc", accuracy, prog_bar=True, batch_size=rows, on_step=False, on_epoch=True)
+        return total
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train", self.train_acc)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "val", self.val_acc)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.backbone.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.lr)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("BackboneModule's cosine schedule needs a finite run: set max_steps or max_epochs")
+        decay_steps = max(int(total) - self.warmup_steps, 1)
+        cosine = CosineAnnealingLR(optimizer, T_max=decay_steps, eta_min=self.lr * self.min_lr_ratio)
+        if self.warmup_steps > 0:
+            warmup = LinearLR(optimizer, start_factor=1.0 / (self.warmup_steps + 1), total_iters=self.warmup_steps)
+            schedule = SequentialLR(optimizer, [warmup, cosine], milestones=[self.warmup_steps])
+        else:
+            schedule = cosine
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def export(self, directory: str | Path) -> Path:
+        """Write the backbone as a transformers directory that `from_pretrained` reads back."""
+        directory = Path(directory)
+        self.backbone.save_pretrained(directory)
+        return directory
+
+    def on_train_end(self) -> None:
+        if self.export_dir is not None and self.trainer.is_global_zero:
+            self.export(self.export_dir)
+
+
+def bootstrap_backbone(config: str | Path, export_dir: str | Path, overrides: Sequence[str] = ()) -> Path:
+    """Fine-tune a base model with a LightningCLI fit config and export it to `export_dir`.
+
+    `config` is a `train.py fit` YAML whose model is a BackboneModule (e.g.
+    configs/backbones/blip2-tiny-bootstrap.yaml); `overrides` are extra command-line arguments
+    (e.g. "--trainer.max_steps=5"). Returns `export_dir`, which `from_pretrained` reads.
+    """
+    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch.cli import LightningCLI
+
+    args = ["fit", "--config", str(config), *overrides, f"--model.init_args.export_dir={export_dir}"]
+    LightningCLI(BackboneModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, save_config_callback=None, args=args)
+    if not (Path(export_dir) / "config.json").is_file():
+        raise RuntimeError(f"{config}: training finished but wrote no model to {export_dir}")
+    return Path(export_dir)

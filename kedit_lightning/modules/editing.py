@@ -1,0 +1,124 @@
+"""What every editor's LightningModule shares: the frozen backbone, edit evaluation, logging.
+
+Subclasses say how to edit (`edit`) and, when they learn, how to train (`training_step`,
+`configure_optimizers`). Validation and test edit each held-out record on its own from the
+unedited weights and report the standard metrics to every logger, with a TensorBoard text panel
+of a few edits (prompt, old answer, target, pre- and post-edit prediction).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from data_modules.encoding import IGNORE_INDEX, SubBatch
+from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
+from kedit_lightning.evaluation import HEADLINE, HOPS, EditMetrics, flatten_report, record_batches
+
+
+class EditorModule(LightningModule):
+    def __init__(self, backbone: BackboneSpec, hops: Sequence[str] = HOPS, logged_edits: int = 4) -> None:
+        super().__init__()
+        self.backbone_spec = backbone
+        self.logged_edits = logged_edits
+        self.val_metrics = EditMetrics(hops)
+        self.test_metrics = EditMetrics(hops)
+        self.backbone: Backbone | None = None
+        self.last_report: dict[str, dict[str, Any]] = {}
+        # The frozen backbone is rebuilt from its spec, never stored in Lightning checkpoints.
+        self.strict_loading = False
+
+    # -- the editor -------------------------------------------------------------------------
+    @abstractmethod
+    def edit(self, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Edited weights of the backbone's edit parameters for the edit(s) in `sub_batch`."""
+
+    def build_editor(self, backbone: Backbone) -> None:
+        """Create the editor's own modules once the backbone (and so the edited shapes) is known."""
+
+    # -- model lifecycle --------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.backbone_spec.pretrained and self.backbone_spec.bootstrap and not Path(self.backbone_spec.pretrained).exists():
+            from kedit_lightning.modules.backbone import bootstrap_backbone
+
+            bootstrap_backbone(self.backbone_spec.bootstrap, self.backbone_spec.pretrained)
+
+    def configure_model(self) -> None:
+        if self.backbone is None:
+            self.backbone = build_backbone(self.backbone_spec)
+            self.build_editor(self.backbone)
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and getattr(datamodule, "processor", None) is None:
+            datamodule.processor = self.backbone.processor
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")}
+        checkpoint["backbone_fingerprint"] = self.backbone.fingerprint()
+
+    # -- evaluation -------------------------------------------------------------------------
+    def _check_grad_mode(self) -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("editing needs gradients during evaluation: create the Trainer with inference_mode=False")
+
+    def on_validation_start(self) -> None:
+        self._check_grad_mode()
+
+    def on_test_start(self) -> None:
+        self._check_grad_mode()
+
+    def _evaluate(self, batch: Mapping[str, Any], metrics: EditMetrics, log_examples: bool) -> None:
+        for index, record in enumerate(record_batches(batch)):
+            with torch.enable_grad():
+                params = self.edit(record["edit_inner"])
+            post = metrics.update(self.backbone, record, {k: v.detach() for k, v in params.items()})
+            if log_examples and index < self.logged_edits and "meta" in record:
+                self._log_example(record, post["edit_inner"])
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, log_examples=batch_idx == 0)
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, log_examples=False)
+
+    def _finish(self, metrics: EditMetrics, stage: str) -> None:
+        report = metrics.compute()
+        metrics.reset()
+        self.last_report[stage] = report
+        flat = flatten_report({k: v for k, v in report.items() if k != "n_edits"}, f"{stage}/")
+        # One number to select checkpoints and stop early on: the mean of the five headline metrics.
+        flat[f"{stage}/score"] = sum(report[key] for key in HEADLINE) / len(HEADLINE)
+        self.log_dict(flat, prog_bar=False, sync_dist=False)
+        for key in ("reliability", "t_generality", "t_locality"):
+            self.log(f"{stage[0]}_{key[:5]}", report[key], prog_bar=True, logger=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish(self.test_metrics, "test")
+
+    def _decode_answer(self, logits: torch.Tensor, labels: torch.Tensor) -> str:
+        mask = labels != IGNORE_INDEX
+        return self.backbone.processor.tokenizer.decode(logits.argmax(-1)[mask].tolist()).strip()
+
+    def _log_example(self, record: Mapping[str, Any], post_logits: torch.Tensor) -> None:
+        tb = next((lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if tb is None or self.trainer.sanity_checking:
+            return
+        sub_batch = record["edit_inner"]
+        with torch.no_grad():
+            pre = self._decode_answer(self.backbone(sub_batch)[0], sub_batch["labels"][0])
+        post = self._decode_answer(post_logits[0], sub_batch["labels"][0])
+        meta = record["meta"][0]
+        text = f"**prompt** {meta['prompt']}  \n**old answer** {meta['pred']}  \n**target** {meta['alt']}  \n**pre-edit** {pre}  \n**post-edit** {post}"
+        tb.add_text(f"val_edits/{self.logged_example_index(meta)}", text, self.global_step)
+
+    @staticmethod
+    def logged_example_index(meta: Mapping[str, Any]) -> str:
+        return str(meta.get("index", meta["prompt"]))[:60]

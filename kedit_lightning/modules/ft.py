@@ -1,0 +1,27 @@
+"""The fine-tuning baseline as a LightningModule: evaluation only, nothing to meta-train.
+
+`trainer.validate(FTModule(spec), datamodule)` scores plain fine-tuning of the same edited
+layers with the same metrics as the learned editors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from data_modules.encoding import SubBatch
+from kedit_lightning.backbones import BackboneSpec
+from kedit_lightning.editors.ft import FineTune
+from kedit_lightning.evaluation import HOPS
+from kedit_lightning.modules.editing import EditorModule
+
+
+class FTModule(EditorModule):
+    def __init__(self, backbone: BackboneSpec, lr: float = 1e-2, steps: int = 1, hops: Sequence[str] = HOPS, logged_edits: int = 4) -> None:
+        super().__init__(backbone, hops, logged_edits)
+        self.save_hyperparameters()
+        self.editor = FineTune(lr=lr, steps=steps)
+
+    def edit(self, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        return self.editor(self.backbone, sub_batch, params)
