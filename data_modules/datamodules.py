@@ -11,23 +11,80 @@ backbone.processor` (LightningCLI: link the model's processor to `data.processor
 `apply_on="instantiate"`). Loaders refuse to start while it is None.
 
 Where records come from is one method, `read_split`; the datasets and loaders only see a list
-of `EditRecord`, so another source (webdataset shards) can replace the JSON + folder reader.
+of `EditRecord`. A split can instead stream from webdataset shards written by `kedit shard`:
+`train_shards` / `val_shards` / `test_shards` (an index file, a folder holding one index, or a
+brace pattern of tar files; relative to `data_dir` unless absolute) take precedence over the
+split's file. Its loader is then a `StreamLoader`: records split by rank and worker, images
+decoded per sample in the workers, equal batch counts on every rank for train (see
+data_modules/shards.py for the exact rule), workers restarted each epoch so the shuffle changes.
+Lightning does not add a DistributedSampler to such a loader (it never does for an
+IterableDataset); rank and world size come from the attached Trainer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data_modules.datasets import VQA_TEMPLATE, DataKind, EditCollator, EditDataset, FactCollator, FactDataset, PromptBuilder
+from data_modules.datasets import VQA_TEMPLATE, DataKind, EditCollator, EditDataset, EditExample, FactCollator, FactDataset, FactExample, PromptBuilder
 from data_modules.encoding import SubBatchEncoder
 from data_modules.records import DataError, EditRecord, check_images, read_records
+from data_modules.shards import DEFAULT_SHUFFLE_BUFFER, ExampleBuilder, Shard, ShardStream, StreamLoader, resolve_shards
 from data_modules.synthetic import WORLD_FILE, write_synthetic_world
+
+FACTS_PER_RECORD = 5  # FactDataset: three edit-prompt facts (when `pred` is set) and two locality facts
+
+
+def edit_example(record: EditRecord, images: Mapping[str, Image.Image], prompts: PromptBuilder) -> EditExample:
+    """`EditDataset`'s example for a record whose images are already decoded (from a shard)."""
+    file, index = record.where()
+    prompt, rephrase = prompts.edit_prompt(record.src), prompts.edit_prompt(record.rephrase)
+    return EditExample(
+        prompt=prompt,
+        rephrase=rephrase,
+        target=record.alt,
+        image=images["image"],
+        image_rephrase=images["image_rephrase"],
+        loc_prompt=record.loc,
+        loc_target=record.loc_ans,
+        m_loc_prompt=prompts.question(record.m_loc_q),
+        m_loc_target=record.m_loc_a,
+        m_loc_image=images["m_loc"],
+        port=[(q.hop, prompts.question(q.question), q.answer) for q in record.port],
+        meta={"prompt": prompt, "rephrase": rephrase, "pred": record.pred, "alt": record.alt, "image": record.image, "origin": f"{file}:{index}", "index": index},
+    )
+
+
+class EditExamples:
+    """Shard record -> [EditExample] (picklable, for DataLoader workers)."""
+
+    skips_records = False
+
+    def __init__(self, kind: DataKind, vqa_template: str) -> None:
+        self.prompts = PromptBuilder(kind, vqa_template)
+
+    def __call__(self, record: EditRecord, images: Mapping[str, Image.Image]) -> list[EditExample]:
+        return [edit_example(record, images, self.prompts)]
+
+
+class FactExamples:
+    """Shard record -> its `FactDataset` facts, with the images already decoded."""
+
+    skips_records = False
+
+    def __init__(self, kind: DataKind, vqa_template: str) -> None:
+        self.kind, self.vqa_template = kind, vqa_template
+
+    def __call__(self, record: EditRecord, images: Mapping[str, Image.Image]) -> list[FactExample]:
+        facts = FactDataset([record], "", self.kind, self.vqa_template).facts
+        return [FactExample(prompt, target, None if field is None else images[field]) for _, prompt, target, field in facts]
 
 
 class EditDataModule(LightningDataModule):
@@ -47,6 +104,10 @@ class EditDataModule(LightningDataModule):
         vqa_template: str = VQA_TEMPLATE,
         processor: SubBatchEncoder | None = None,
         synthesize: bool = False,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        test_shards: str | None = None,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     ) -> None:
         super().__init__()
         PromptBuilder(kind, vqa_template)  # fail on a bad kind or template at construction, not in a worker
@@ -61,7 +122,10 @@ class EditDataModule(LightningDataModule):
         self.vqa_template = vqa_template
         self.processor = processor
         self.synthesize = synthesize
+        self.shard_specs = {"train": train_shards, "val": val_shards, "test": test_shards}
+        self.shuffle_buffer = shuffle_buffer
         self.records: dict[str, list[EditRecord]] = {}
+        self.shards: dict[str, list[Shard]] = {}
 
     def prepare_data(self) -> None:
         """With `synthesize`, write the synthetic world (and its word tokenizer) if `data_dir` has none."""
@@ -85,10 +149,17 @@ class EditDataModule(LightningDataModule):
             raise DataError(problems)
         return records
 
+    def read_shards(self, split: str) -> list[Shard]:
+        """The shards `{split}_shards` names; one `DataError` for a bad index or missing files."""
+        return resolve_shards(self.data_dir / self.shard_specs[split])
+
     def setup(self, stage: str | None = None) -> None:
         splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], None: ["train", "val"]}.get(stage, [])
         for split in splits:
-            if split not in self.records:
+            if self.shard_specs[split] is not None:
+                if split not in self.shards:
+                    self.shards[split] = self.read_shards(split)
+            elif split not in self.records:
                 self.records[split] = self.read_split(split)
 
     def build_dataset(self, split: str) -> Dataset:
@@ -97,10 +168,53 @@ class EditDataModule(LightningDataModule):
     def build_collator(self) -> Callable[[list[Any]], Any]:
         return EditCollator(self.require_processor())
 
+    def example_builder(self, split: str) -> ExampleBuilder:
+        """How a streamed record becomes examples for `build_collator`'s collator."""
+        return EditExamples(self.kind, self.vqa_template)
+
+    def records_per_batch(self) -> int:
+        return self.batch_size
+
     def split_records(self, split: str) -> list[EditRecord]:
+        if split in self.shards:
+            raise RuntimeError(f"{type(self).__name__}: the {split} split streams from shards; it has no record list")
         if split not in self.records:
             raise RuntimeError(f"{type(self).__name__}: the {split} split is not loaded; call setup() first (the Trainer does)")
         return self.records[split]
+
+    def split_shards(self, split: str) -> list[Shard]:
+        if split not in self.shards:
+            raise RuntimeError(f"{type(self).__name__}: the {split} split is not loaded from shards; call setup() first (the Trainer does)")
+        return self.shards[split]
+
+    def distributed(self) -> tuple[int, int]:
+        """(rank, world size): the Trainer's when attached, else torch.distributed's, else (0, 1)."""
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def current_epoch(self) -> int | None:
+        return self.trainer.current_epoch if self.trainer is not None else None
+
+    def stream_loader(self, split: str, train: bool) -> StreamLoader:
+        """Train: shuffled, equal batches on every rank; val/test: in order, every record once."""
+        rank, world_size = self.distributed()
+        stream = ShardStream(
+            self.split_shards(split),
+            self.example_builder(split),
+            self.records_per_batch(),
+            even=train,
+            rank=rank,
+            world_size=world_size,
+            num_workers=self.num_workers,
+            shuffle=train,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            name=f"{type(self).__name__} {split} shards",
+        )
+        return StreamLoader(stream, self.build_collator(), epoch=self.current_epoch)
 
     def require_processor(self) -> SubBatchEncoder:
         if self.processor is None:
@@ -111,12 +225,22 @@ class EditDataModule(LightningDataModule):
         return self.processor
 
     def loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.build_dataset(split),
+        if self.shard_specs[split] is not None:
+            return self.stream_loader(split, train=shuffle)
+        dataset = self.build_dataset(split)
+        sampler = None
+        if shuffle:
+            # The order of epoch e is a function of (seed, e) (Lightning calls `set_epoch`), so a
+            # resumed run shuffles its next epochs as the uninterrupted run would; with several
+            # ranks each takes its own part (Lightning keeps a DistributedSampler it is given).
+            rank, world_size = self.distributed()
+            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed)
+        # StatefulDataLoader is a DataLoader whose position goes into Lightning's checkpoints, so
+        # a run resumed mid-epoch continues with the next batch instead of replaying the epoch.
+        return StatefulDataLoader(
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self.build_collator(),
             persistent_workers=self.num_workers > 0,
@@ -148,8 +272,13 @@ class VQADataModule(EditDataModule):
         vqa_template: str = VQA_TEMPLATE,
         processor: SubBatchEncoder | None = None,
         synthesize: bool = False,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        test_shards: str | None = None,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     ) -> None:
-        super().__init__(data_dir, train_file, val_file, test_file, image_root, "vqa", batch_size, num_workers, seed, vqa_template, processor, synthesize)
+        super().__init__(data_dir, train_file, val_file, test_file, image_root, "vqa", batch_size, num_workers, seed, vqa_template, processor, synthesize,
+                         train_shards=train_shards, val_shards=val_shards, test_shards=test_shards, shuffle_buffer=shuffle_buffer)
 
 
 class CaptionDataModule(EditDataModule):
@@ -168,8 +297,13 @@ class CaptionDataModule(EditDataModule):
         vqa_template: str = VQA_TEMPLATE,
         processor: SubBatchEncoder | None = None,
         synthesize: bool = False,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        test_shards: str | None = None,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     ) -> None:
-        super().__init__(data_dir, train_file, val_file, test_file, image_root, "caption", batch_size, num_workers, seed, vqa_template, processor, synthesize)
+        super().__init__(data_dir, train_file, val_file, test_file, image_root, "caption", batch_size, num_workers, seed, vqa_template, processor, synthesize,
+                         train_shards=train_shards, val_shards=val_shards, test_shards=test_shards, shuffle_buffer=shuffle_buffer)
 
 
 class FactsDataModule(EditDataModule):
@@ -196,8 +330,15 @@ class FactsDataModule(EditDataModule):
         vqa_template: str = VQA_TEMPLATE,
         processor: SubBatchEncoder | None = None,
         synthesize: bool = False,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        test_shards: str | None = None,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     ) -> None:
-        super().__init__(data_dir, train_file, val_file, test_file, image_root, kind, batch_size, num_workers, seed, vqa_template, processor, synthesize)
+        if (train_shards is None) != (val_shards is None):
+            raise ValueError("FactsDataModule trains on the train and val facts together: give both train_shards and val_shards, or neither")
+        super().__init__(data_dir, train_file, val_file, test_file, image_root, kind, batch_size, num_workers, seed, vqa_template, processor, synthesize,
+                         train_shards=train_shards, val_shards=val_shards, test_shards=test_shards, shuffle_buffer=shuffle_buffer)
 
     def build_dataset(self, split: str) -> Dataset:
         records = self.split_records("train") + self.split_records("val") if split == "train" else self.split_records(split)
@@ -205,3 +346,13 @@ class FactsDataModule(EditDataModule):
 
     def build_collator(self) -> Callable[[list[Any]], Any]:
         return FactCollator(self.require_processor())
+
+    def example_builder(self, split: str) -> ExampleBuilder:
+        return FactExamples(self.kind, self.vqa_template)
+
+    def records_per_batch(self) -> int:
+        """Streamed, a batch holds the facts of whole records: about `batch_size` facts."""
+        return max(1, self.batch_size // FACTS_PER_RECORD)
+
+    def split_shards(self, split: str) -> list[Shard]:
+        return super().split_shards("train") + super().split_shards("val") if split == "train" else super().split_shards(split)

@@ -13,6 +13,7 @@ import sys
 SUBCOMMANDS = {
     "synth": ("data_modules.synthetic", "write the embedded synthetic world (E-VQA, E-IC, VLKEB layouts + PNG images)"),
     "validate": ("data_modules.validate", "check a data file and every image it names"),
+    "shard": ("data_modules.shards", "check a data file, then write it with its images as webdataset tar shards"),
 }
 
 

@@ -9,6 +9,7 @@ per hop, each as answer-token accuracy and exact match, averaged per edit.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -19,7 +20,14 @@ from kedit_lightning.backbones.base import Backbone
 from kedit_lightning.metrics import EditAccuracy, EditLocality, PortabilityByHop
 
 EditFn = Callable[[Backbone, SubBatch, Mapping[str, torch.Tensor] | None], dict[str, torch.Tensor]]
-"""An editor as evaluation sees it: (backbone, edit sub-batch, current weights or None) -> edited weights."""
+"""A weight editor as evaluation sees it: (backbone, edit sub-batch, current weights or None) -> edited weights."""
+
+EditedModel = Callable[[SubBatch], torch.Tensor]
+"""The post-edit model as the metrics see it: sub-batch -> logits aligned with labels.
+
+A weight editor's is the backbone with edited weights (`with_weights`); SERAC's routes each
+input to its counterfactual model or to the unchanged backbone.
+"""
 
 HOPS = ("1-hop", "2-hop", "3-hop", "4-hop")
 ACCURACY_KEYS = ("reliability", "t_generality", "i_generality")
@@ -30,6 +38,11 @@ _POST_SUB_BATCH = {"reliability": "edit_inner", "t_generality": "edit_outer", "i
 
 def _rows(sub_batch: SubBatch, index: torch.Tensor | slice) -> SubBatch:
     return {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in sub_batch.items()}
+
+
+def with_weights(backbone: Backbone, params: Mapping[str, torch.Tensor]) -> EditedModel:
+    """The backbone with `params` standing in for its edited weights."""
+    return partial(backbone, params=params)
 
 
 def record_batches(batch: EditBatch) -> Iterator[dict[str, Any]]:
@@ -57,16 +70,16 @@ class EditMetrics(nn.Module):
         self.portability_exact = PortabilityByHop(hops=tuple(hops), exact=True)
 
     @torch.no_grad()
-    def update(self, backbone: Backbone, record: Mapping[str, Any], params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Score one edited record; returns its post-edit logits per sub-batch (for example panels)."""
-        post = {key: backbone(record[key], params) for key in SUB_BATCH_KEYS}
+    def update(self, backbone: Backbone, record: Mapping[str, Any], edited: EditedModel) -> dict[str, torch.Tensor]:
+        """Score one edited record (`backbone` is the pre-edit model); returns its post-edit logits per sub-batch."""
+        post = {key: edited(record[key]) for key in SUB_BATCH_KEYS}
         for key in ACCURACY_KEYS:
             self.accuracy[key].update(post[_POST_SUB_BATCH[key]], record[_POST_SUB_BATCH[key]]["labels"])
         for key in LOCALITY_KEYS:
             sub_batch = record[_POST_SUB_BATCH[key]]
             self.locality[key].update(backbone(sub_batch), post[_POST_SUB_BATCH[key]], sub_batch["labels"])
         if "port" in record:
-            port_logits = backbone(record["port"], params)
+            port_logits = edited(record["port"])
             self.portability.update(port_logits, record["port"]["labels"], record["port_hops"])
             self.portability_exact.update(port_logits, record["port"]["labels"], record["port_hops"])
         return post
@@ -106,5 +119,5 @@ def evaluate_records(backbone: Backbone, edit: EditFn, batches: Iterator[EditBat
     """Edit and score every record of `batches` (each from the unedited weights); the report."""
     for batch in batches:
         for record in record_batches(batch):
-            metrics.update(backbone, record, edit(backbone, record["edit_inner"], None))
+            metrics.update(backbone, record, with_weights(backbone, edit(backbone, record["edit_inner"], None)))
     return metrics.compute()

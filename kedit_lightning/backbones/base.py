@@ -84,6 +84,20 @@ class Backbone(nn.Module, ABC):
         # Position t-1 predicts token t; position 0 predicts nothing (its label is always -100).
         return torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)
 
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, N, D]: each image as the language model reads it (the N embeddings that replace its placeholders).
+
+        Every multimodal family's model follows transformers' `get_image_features(pixel_values)`,
+        which returns these as a tensor, as `pooler_output` (BLIP-2), or as a list of per-image
+        tensors there (LLaVA).
+        """
+        get_image_features = getattr(self.model, "get_image_features", None)
+        if get_image_features is None:
+            raise TypeError(f"{self.family} backbone: {type(self.model).__name__} has no vision side to read image features from")
+        features = get_image_features(pixel_values=pixel_values)
+        features = getattr(features, "pooler_output", features)
+        return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+
     def resolve_param_names(self, patterns: Sequence[str]) -> list[str]:
         """Expand brace patterns into exact parameter names of `self.model`, failing on unknown ones."""
         available = dict(self.model.named_parameters())

@@ -68,9 +68,12 @@ class RunningMoments(nn.Module):
         batch_m2 = (rows - batch_mean).square().sum(0)
         total = self.count + n
         diff = batch_mean - self.mean
-        self.mean += diff * (n / total)
-        self.m2 += batch_m2 + diff.square() * (self.count * n / total)
-        self.count.copy_(total)
+        # A batch with a non-finite value (a step that will be skipped) must not poison the
+        # statistics; torch.where keeps the check on the device (no host sync per edit).
+        finite = torch.isfinite(rows).all()
+        self.mean.copy_(torch.where(finite, self.mean + diff * (n / total), self.mean))
+        self.m2.copy_(torch.where(finite, self.m2 + batch_m2 + diff.square() * (self.count * n / total), self.m2))
+        self.count.copy_(torch.where(finite, total, self.count))
 
     @property
     def var(self) -> torch.Tensor:

@@ -1,14 +1,17 @@
 """What every editor's LightningModule shares: the frozen backbone, edit evaluation, logging.
 
-Subclasses say how to edit (`edit`) and, when they learn, how to train (`training_step`,
-`configure_optimizers`). Validation and test edit each held-out record on its own from the
-unedited weights and report the standard metrics to every logger, with a TensorBoard text panel
-of a few edits (prompt, old answer, target, pre- and post-edit prediction).
+Subclasses say how to edit and, when they learn, how to train (`training_step`,
+`configure_optimizers`): weight editors (MEND, FT) implement `edit`, which returns new weights;
+an editor that leaves the weights alone (SERAC) overrides `edited_model` instead. Validation and
+test edit each held-out record on its own from the unedited model and report the standard
+metrics to every logger, with a TensorBoard text panel of a few edits (prompt, old answer,
+target, pre- and post-edit prediction).
 """
 
 from __future__ import annotations
 
-from abc import abstractmethod
+import dataclasses
+import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,15 +20,16 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from data_modules.encoding import IGNORE_INDEX, SubBatch
+from data_modules.encoding import IGNORE_INDEX, SubBatch, SubBatchEncoder
 from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
-from kedit_lightning.evaluation import HEADLINE, HOPS, EditMetrics, flatten_report, record_batches
+from kedit_lightning.evaluation import HEADLINE, HOPS, EditedModel, EditMetrics, flatten_report, record_batches, with_weights
 
 
 class EditorModule(LightningModule):
     def __init__(self, backbone: BackboneSpec, hops: Sequence[str] = HOPS, logged_edits: int = 4) -> None:
         super().__init__()
-        self.backbone_spec = backbone
+        # load_from_checkpoint hands the spec back as the plain dict `save_hyperparameters` stored.
+        self.backbone_spec = backbone if isinstance(backbone, BackboneSpec) else BackboneSpec(**backbone)
         self.logged_edits = logged_edits
         self.val_metrics = EditMetrics(hops)
         self.test_metrics = EditMetrics(hops)
@@ -34,13 +38,31 @@ class EditorModule(LightningModule):
         # The frozen backbone is rebuilt from its spec, never stored in Lightning checkpoints.
         self.strict_loading = False
 
+    def save_hyperparameters(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's, with the backbone spec stored as a plain dict: checkpoints then load with
+        `torch.load(weights_only=True)` (Lightning's default) and hparams.yaml stays readable."""
+        kwargs.setdefault("frame", inspect.currentframe().f_back)
+        super().save_hyperparameters(*args, **kwargs)
+        if isinstance(self.hparams.get("backbone"), BackboneSpec):
+            self.hparams["backbone"] = dataclasses.asdict(self.hparams["backbone"])
+
     # -- the editor -------------------------------------------------------------------------
-    @abstractmethod
     def edit(self, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Edited weights of the backbone's edit parameters for the edit(s) in `sub_batch`."""
+        """Edited weights of the backbone's edit parameters for the edit(s) in `sub_batch` (weight editors)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither `edit` (new weights) nor `edited_model`")
+
+    def edited_model(self, record: Mapping[str, Any]) -> EditedModel:
+        """The post-edit model for one record's edit, starting from the unedited backbone."""
+        with torch.enable_grad():
+            params = self.edit(record["edit_inner"])
+        return with_weights(self.backbone, {k: v.detach() for k, v in params.items()})
 
     def build_editor(self, backbone: Backbone) -> None:
         """Create the editor's own modules once the backbone (and so the edited shapes) is known."""
+
+    def input_processor(self) -> SubBatchEncoder:
+        """What the DataModule tokenizes with: the backbone's processor, or an editor's that adds its own views."""
+        return self.backbone.processor
 
     # -- model lifecycle --------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -55,7 +77,7 @@ class EditorModule(LightningModule):
             self.build_editor(self.backbone)
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if datamodule is not None and getattr(datamodule, "processor", None) is None:
-            datamodule.processor = self.backbone.processor
+            datamodule.processor = self.input_processor()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")}
@@ -74,9 +96,7 @@ class EditorModule(LightningModule):
 
     def _evaluate(self, batch: Mapping[str, Any], metrics: EditMetrics, log_examples: bool) -> None:
         for index, record in enumerate(record_batches(batch)):
-            with torch.enable_grad():
-                params = self.edit(record["edit_inner"])
-            post = metrics.update(self.backbone, record, {k: v.detach() for k, v in params.items()})
+            post = metrics.update(self.backbone, record, self.edited_model(record))
             if log_examples and index < self.logged_edits and "meta" in record:
                 self._log_example(record, post["edit_inner"])
 

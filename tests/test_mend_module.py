@@ -1,0 +1,157 @@
+"""MENDModule: meta-training steps, per-record evaluation, non-finite steps, save and resume."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from lightning import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from data_modules.datamodules import VQADataModule
+from data_modules.synthetic import write_synthetic_world
+from kedit_lightning.backbones import load_backbone_spec
+from kedit_lightning.backbones.word_tokenizer import save_world_tokenizer
+from kedit_lightning.evaluation import EditMetrics, record_batches
+from kedit_lightning.modules import MENDModule
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "backbones"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    # Tiny models: one thread avoids oversubscribing a 2-core machine (much faster than two).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    write_synthetic_world(root, entities=8)
+    save_world_tokenizer(root)
+    return root
+
+
+def make_module(world: Path, **hparams) -> MENDModule:
+    spec = dataclasses.replace(load_backbone_spec(CONFIGS / "blip2-tiny.yaml"), processor=str(world / "tokenizer"))
+    torch.manual_seed(0)
+    module = MENDModule(spec, **{"rank": 8, "lr": 1e-3, "edit_lr": 1e-2, "cedit": 1.0, "iedit": 1.0, **hparams})
+    module.configure_model()
+    return module
+
+
+def make_data(world: Path, module: MENDModule, batch_size: int = 2) -> VQADataModule:
+    data = VQADataModule(str(world), train_file="vqa/vqa_train.json", val_file="vqa/vqa_eval.json", batch_size=batch_size)
+    data.processor = module.backbone.processor
+    data.setup("fit")
+    return data
+
+
+def trainer(root: Path, steps: int, **kwargs) -> Trainer:
+    return Trainer(
+        max_steps=steps, accelerator="cpu", inference_mode=False, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root, **kwargs,
+    )
+
+
+def one_batch(batch: dict) -> DataLoader:
+    return DataLoader([batch], batch_size=None, collate_fn=lambda item: item)
+
+
+def editor_state(module: MENDModule) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.editor.state_dict().items()}
+
+
+def test_training_steps_change_only_the_editor(world, tmp_path):
+    module = make_module(world)
+    backbone_before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
+    editor_before = editor_state(module)
+    fit = trainer(tmp_path, 3)
+    fit.fit(module, datamodule=make_data(world, module))
+    assert fit.global_step == 3
+    assert all(torch.equal(v, module.backbone.state_dict()[k]) for k, v in backbone_before.items())
+    after = module.editor.state_dict()
+    assert any(not torch.equal(v, after[k]) for k, v in editor_before.items() if v.is_floating_point())
+    assert {"train/loss", "train/loss_edit", "train/loss_image_edit", "train/loss_loc"} <= set(fit.callback_metrics)
+    assert int(module.skipped_steps) == 0
+
+
+def test_an_edit_raises_the_target_probability_and_leaves_the_backbone_as_it_was(world):
+    module = make_module(world)
+    record = next(record_batches(next(iter(make_data(world, module).val_dataloader()))))
+    target = record["edit_inner"]
+    before_state = {k: v.clone() for k, v in module.backbone.state_dict().items()}
+    with torch.no_grad():
+        before = torch.log_softmax(module.backbone(target), -1)
+    params = module.edit(target)
+    with torch.no_grad():
+        after = torch.log_softmax(module.backbone(target, params), -1)
+    answer = target["labels"] != -100
+    label_ids = target["labels"].clamp(min=0).unsqueeze(-1)
+    gain = (after.gather(-1, label_ids) - before.gather(-1, label_ids)).squeeze(-1)[answer]
+    assert gain.sum() > 0
+    assert all(torch.equal(v, module.backbone.state_dict()[k]) for k, v in before_state.items())
+
+
+def test_edits_of_one_record_never_leak_into_the_next(world):
+    module = make_module(world).eval()  # as in validation: the editor's running statistics stay fixed
+    batch = next(iter(make_data(world, module, batch_size=3).val_dataloader()))
+    first, second, third = record_batches(batch)
+
+    def post_logits(records):
+        metrics = EditMetrics()
+        outputs = [metrics.update(module.backbone, r, module.edited_model(r)) for r in records]
+        return outputs[-1]
+
+    alone = post_logits([third])
+    after_others = post_logits([first, second, third])
+    for key in alone:
+        assert torch.allclose(alone[key], after_others[key], atol=1e-6), key
+
+
+def test_a_non_finite_step_is_skipped_and_counted(world, tmp_path):
+    module = make_module(world)
+    data = make_data(world, module)
+    good = next(iter(data.train_dataloader()))
+    poisoned = {k: (dict(v) if isinstance(v, dict) else v) for k, v in good.items()}
+    # NaN images make the edit's own factors NaN: nothing of that step may reach the editor.
+    poisoned["edit_inner"]["pixel_values"] = torch.full_like(good["edit_inner"]["pixel_values"], float("nan"))
+    before = editor_state(module)
+    fit = trainer(tmp_path, 1)
+    fit.fit(module, train_dataloaders=one_batch(poisoned))
+    assert int(module.skipped_steps) == 1
+    assert all(torch.equal(v, module.editor.state_dict()[k]) for k, v in before.items())
+    fit = trainer(tmp_path, 2)
+    fit.fit(module, train_dataloaders=one_batch(good))
+    assert int(module.skipped_steps) == 1
+    after = module.editor.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert any(not torch.equal(v, after[k]) for k, v in before.items() if v.is_floating_point())
+
+
+def test_resuming_mid_training_continues_where_it_stopped(world, tmp_path):
+    # Three batches an epoch, a checkpoint after the second: the resumed run must continue with
+    # the third batch of that epoch and then shuffle the next epoch as the uninterrupted run did.
+    straight = make_module(world)
+    trainer(tmp_path / "straight", 5, limit_train_batches=3).fit(straight, datamodule=make_data(world, straight))
+
+    interrupted = make_module(world)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    first = trainer(tmp_path / "first", 2, limit_train_batches=3, callbacks=[checkpoint])
+    first.fit(interrupted, datamodule=make_data(world, interrupted))
+    saved = torch.load(checkpoint.best_model_path, weights_only=True)
+    assert saved["global_step"] == 2
+    assert not any(key.startswith("backbone.") for key in saved["state_dict"])
+
+    resumed = make_module(world)
+    second = trainer(tmp_path / "second", 5, limit_train_batches=3)
+    second.fit(resumed, datamodule=make_data(world, resumed), ckpt_path=checkpoint.best_model_path)
+    assert second.global_step == 5
+    adam = second.optimizers[0].state_dict()["state"]
+    assert all(int(state["step"]) == 5 for state in adam.values())
+    for key, value in straight.editor.state_dict().items():
+        assert torch.allclose(value, resumed.editor.state_dict()[key], atol=1e-6), key
