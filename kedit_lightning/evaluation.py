@@ -93,10 +93,12 @@ class EditMetrics(nn.Module):
         for key in LOCALITY_KEYS:
             scores = self.locality[key].compute()
             token[key], exact[key] = float(scores["token_acc"]), float(scores["exact_match"])
-        for name, metric, out in (("portability", self.portability, token), ("portability", self.portability_exact, exact)):
+        for metric, out in ((self.portability, token), (self.portability_exact, exact)):
+            if metric.update_count == 0:  # data without portability questions
+                continue
             by_hop = {hop: float(v) for hop, v in metric.compute().items() if not torch.isnan(v)}
             if by_hop:
-                out[name] = by_hop
+                out["portability"] = by_hop
         return {**token, "n_edits": int(self.accuracy["reliability"].count.item()), "exact_match": exact}
 
     def reset(self) -> None:

@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM,
 from data_modules.encoding import SubBatchEncoder
 from kedit_lightning.backbones.base import Backbone
 from kedit_lightning.editors.losses import masked_kl, masked_nll
-from kedit_lightning.editors.mend import MEND, capture_factors, edit_gradients
+from kedit_lightning.editors.mend import MEND, RunningMoments, capture_factors, edit_gradients, merge_moments
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "the", "capital", "of", "france", "italy", "spain", "is", "paris", "rome", "madrid", "city", "big", "a", "who", "leads", "it"]
 
@@ -106,28 +106,76 @@ def test_capture_leaves_the_frozen_backbone_without_gradients_and_works_under_no
     assert all(p.grad is None and not p.requires_grad for p in opt.parameters())
 
 
-def test_running_statistics_match_torch_mean_and_var_and_update_only_in_training(opt):
-    editor = MEND.for_backbone(opt, rank=8)
+def test_running_statistics_change_once_per_step_and_match_torch_mean_and_var(opt):
+    editor = MEND.for_backbone(opt, rank=8).train()
     batches = [encode(opt, EDIT), encode(opt, OUTER), encode(opt, EDIT[:1])]
     weights = opt.editable_parameters()
     rows = {key: ([], []) for key in editor.transforms}
-    for batch in batches:
-        factors = capture_factors(opt, batch, weights)
-        for name, (x, delta) in factors.items():
+
+    def seen(batch):
+        for name, (x, delta) in capture_factors(opt, batch, weights).items():
             rows[editor.route[name][0]][0].append(x)
             rows[editor.route[name][0]][1].append(delta)
-        editor.train()(opt, batch)
-    for key, transform in editor.transforms.items():
-        xs, deltas = torch.cat(rows[key][0]), torch.cat(rows[key][1])
-        assert transform.x_moments.count.item() == xs.shape[0]
-        torch.testing.assert_close(transform.x_moments.mean, xs.mean(0), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(transform.x_moments.var, xs.var(0), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(transform.delta_moments.mean, deltas.mean(0), rtol=1e-4, atol=1e-9)
-        torch.testing.assert_close(transform.delta_moments.var, deltas.var(0), rtol=1e-4, atol=1e-12)
 
-    frozen = {k: v.clone() for k, v in editor.state_dict().items()}
-    editor.eval()(opt, batches[1])
+    def state():
+        return {k: v.clone() for k, v in editor.state_dict().items()}
+
+    def assert_statistics_of_seen_rows():
+        for key, transform in editor.transforms.items():
+            xs, deltas = torch.cat(rows[key][0]), torch.cat(rows[key][1])
+            assert transform.x_moments.count.item() == xs.shape[0]
+            torch.testing.assert_close(transform.x_moments.mean, xs.mean(0), rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(transform.x_moments.var, xs.var(0), rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(transform.delta_moments.mean, deltas.mean(0), rtol=1e-4, atol=1e-9)
+            torch.testing.assert_close(transform.delta_moments.var, deltas.var(0), rtol=1e-4, atol=1e-12)
+
+    # Step 1, one process: the edits leave the statistics alone until the step commits them.
+    initial = state()
+    for batch in batches[:2]:
+        seen(batch)
+        editor(opt, batch)
+    assert all(torch.equal(v, editor.state_dict()[k]) for k, v in initial.items())
+    editor.commit_statistics(editor.take_pending_statistics())
+    assert_statistics_of_seen_rows()
+
+    # Step 2 split over two processes: each edit normalises as evaluation would at the step's
+    # start, and committing both processes' moments gives the statistics of all rows.
+    start = state()
+    trained = editor(opt, batches[1])
+    first_process = editor.take_pending_statistics()
+    editor(opt, batches[2])
+    second_process = editor.take_pending_statistics()
+    assert all(torch.equal(v, editor.state_dict()[k]) for k, v in start.items())
+    evaluated = editor.eval()(opt, batches[1])
+    assert all(torch.allclose(trained[n], evaluated[n], atol=1e-7) for n in editor.param_names)
+    editor.commit_statistics(torch.stack([first_process, second_process]))
+    seen(batches[1])
+    seen(batches[2])
+    assert_statistics_of_seen_rows()
+
+    # Evaluation neither changes nor accumulates statistics.
+    frozen = state()
+    editor.eval()(opt, batches[0])
     assert all(torch.equal(v, editor.state_dict()[k]) for k, v in frozen.items())
+    assert not editor.take_pending_statistics().any()
+
+
+def test_pending_moments_skip_non_finite_rows_and_merge_in_any_grouping():
+    rows = torch.randn(7, 3)
+    moments = RunningMoments(3)
+    moments.accumulate(rows[:3])
+    moments.accumulate(torch.full((2, 3), float("nan")))
+    moments.accumulate(rows[3:])
+    pending = moments.take_pending()
+    torch.testing.assert_close(pending, torch.cat([torch.tensor([7.0]), rows.mean(0), rows.var(0) * 6]))
+    assert moments.take_pending().eq(0).all()
+    halves = [RunningMoments(3), RunningMoments(3)]
+    halves[0].accumulate(rows[:2])
+    halves[1].accumulate(rows[2:])
+    torch.testing.assert_close(merge_moments(torch.stack([h.take_pending() for h in halves])), pending)
+    moments.commit(pending[None])
+    assert moments.count.item() == 7
+    torch.testing.assert_close(moments.var, rows.var(0))
 
 
 def test_rows_without_signal_are_dropped(opt):

@@ -3,37 +3,17 @@
 import dataclasses
 from pathlib import Path
 
-import pytest
 import torch
 from lightning import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from data_modules.datamodules import VQADataModule
-from data_modules.synthetic import write_synthetic_world
 from kedit_lightning.backbones import load_backbone_spec
-from kedit_lightning.backbones.word_tokenizer import save_world_tokenizer
 from kedit_lightning.evaluation import EditMetrics, record_batches
 from kedit_lightning.modules import MENDModule
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "backbones"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Tiny models: one thread avoids oversubscribing a 2-core machine (much faster than two).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    write_synthetic_world(root, entities=8)
-    save_world_tokenizer(root)
-    return root
 
 
 def make_module(world: Path, **hparams) -> MENDModule:

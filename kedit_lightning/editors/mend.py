@@ -12,7 +12,7 @@ Mitchell, Lin, Bosselut, Finn and Manning, "Fast Model Editing at Scale", ICLR 2
    are dropped.
 3. Transform. One GradientTransform g per weight shape, shared by every edited layer of that
    shape, maps each row pair to (x~_t, delta~_t): normalise x and delta with running statistics
-   (updated in training mode only), then a residual MLP of low-rank layers
+   (see "Statistics" below), then a residual MLP of low-rank layers
        h = z + act(s_l * (U V z + b) + o_l)
    with a per-layer ("mode") scale s_l and offset o_l, and U = 0 at init so g starts as the
    identity.
@@ -26,6 +26,17 @@ Mitchell, Lin, Bosselut, Finn and Manning, "Fast Model Editing at Scale", ICLR 2
 
 Batched edits (several examples in one sub-batch) sum all their rows into one update; sequential
 edits call the editor again with the weights the previous call returned.
+
+Statistics. The per-feature mean and variance of all x and delta rows seen in training so far
+normalise every edit, in training and evaluation alike. They change once per training step,
+not per edit: in training mode an edit normalises with the statistics as they were at the start
+of the step and adds its rows' moments to a pending (count, mean, M2) held by the editor; the
+training loop takes the pending moments once per step (`take_pending_statistics`), merges those
+of every process (`commit_statistics`) and drops them for a skipped step. A step is then a
+function of its whole batch and of nothing else: no record depends on which records preceded
+it in the step, and a step split over data-parallel processes (each seeing only its records)
+computes what one process computes on the whole batch. Before any statistics exist (the first
+step) normalisation is the identity, so that step's edits are plain gradient steps.
 """
 
 from __future__ import annotations
@@ -44,36 +55,70 @@ from kedit_lightning.editors.losses import masked_nll
 _NORM_EPS = 1e-7
 
 
-class RunningMoments(nn.Module):
-    """Per-feature running mean and variance of rows, merged one batch at a time.
+def merge_moments(moments: torch.Tensor) -> torch.Tensor:
+    """The moments of the union of K groups of rows, from each group's packed (count, mean, M2).
 
-    The batch's own mean and sum of squared deviations are merged into the running ones in one
-    step (Chan, Golub and LeVeque's pairwise update), so there is no Python loop over rows.
-    Until two rows have been seen, normalisation is the identity.
+    `moments` is [K, 1 + 2D]: column 0 the group's row count, then its per-feature mean and sum
+    of squared deviations from that mean. Chan, Golub and LeVeque's pairwise update, for K groups
+    at once: mean = sum_k n_k mean_k / n, M2 = sum_k (M2_k + n_k (mean_k - mean)^2). Empty groups
+    (n_k = 0) contribute nothing.
+    """
+    count, mean, m2 = moments[:, :1], *moments[:, 1:].chunk(2, dim=1)
+    total = count.sum(0)
+    merged_mean = (count * mean).sum(0) / total.clamp(min=1)
+    merged_m2 = (m2 + count * (mean - merged_mean).square()).sum(0)
+    return torch.cat([total, merged_mean, merged_m2])
+
+
+class RunningMoments(nn.Module):
+    """Per-feature running mean and variance of rows, changed only by `commit`.
+
+    `accumulate(rows)` merges a batch of rows into the pending moments (vectorised, no Python
+    loop over rows); `take_pending()` hands them out packed as (count, mean, M2) and clears them;
+    `commit(moments)` merges packed moments (one row per process) into the running ones. Until
+    two rows have been committed, normalisation is the identity.
     """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
+        self.dim = dim
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("m2", torch.zeros(dim))  # sum of squared deviations from the mean
+        # Not a buffer: it lives within one training step, is never saved, and must not be
+        # overwritten by DDP's buffer broadcast from rank 0.
+        self.pending: torch.Tensor | None = None
+
+    def packed_size(self) -> int:
+        return 1 + 2 * self.dim
 
     @torch.no_grad()
-    def update(self, rows: torch.Tensor) -> None:
-        n = rows.shape[0]
-        if n == 0:
+    def accumulate(self, rows: torch.Tensor) -> None:
+        if rows.shape[0] == 0:
             return
         rows = rows.float()
         batch_mean = rows.mean(0)
-        batch_m2 = (rows - batch_mean).square().sum(0)
-        total = self.count + n
-        diff = batch_mean - self.mean
-        # A batch with a non-finite value (a step that will be skipped) must not poison the
+        batch = torch.cat([batch_mean.new_tensor([rows.shape[0]]), batch_mean, (rows - batch_mean).square().sum(0)])
+        pending = self.pending if self.pending is not None else batch.new_zeros(self.packed_size())
+        # Rows with a non-finite value (a step that will be skipped) must not poison the
         # statistics; torch.where keeps the check on the device (no host sync per edit).
-        finite = torch.isfinite(rows).all()
-        self.mean.copy_(torch.where(finite, self.mean + diff * (n / total), self.mean))
-        self.m2.copy_(torch.where(finite, self.m2 + batch_m2 + diff.square() * (self.count * n / total), self.m2))
-        self.count.copy_(torch.where(finite, total, self.count))
+        self.pending = torch.where(torch.isfinite(rows).all(), merge_moments(torch.stack([pending, batch])), pending)
+
+    def take_pending(self) -> torch.Tensor:
+        """The pending moments packed as (count, mean, M2) [1 + 2D] (zeros when none); clears them."""
+        pending = self.pending if self.pending is not None else self.mean.new_zeros(self.packed_size(), dtype=torch.float32)
+        self.pending = None
+        return pending
+
+    @torch.no_grad()
+    def commit(self, moments: torch.Tensor) -> None:
+        """Merge packed moments [K, 1 + 2D] (e.g. every process's pending ones, in rank order)."""
+        # In float32 whatever the buffers' dtype: a bf16 count would make the weights of the merge coarse.
+        running = torch.cat([self.count.reshape(1).float(), self.mean.float(), self.m2.float()])
+        merged = merge_moments(torch.cat([running[None], moments.float()]))
+        self.count.add_(moments[:, 0].sum().round().long())
+        self.mean.copy_(merged[1 : 1 + self.dim])
+        self.m2.copy_(merged[1 + self.dim :])
 
     @property
     def var(self) -> torch.Tensor:
@@ -149,8 +194,8 @@ class GradientTransform(nn.Module):
         x, delta = x.float(), delta.float()
         if self.norm:
             if self.training:
-                self.x_moments.update(x)
-                self.delta_moments.update(delta)
+                self.x_moments.accumulate(x)
+                self.delta_moments.accumulate(delta)
             x, delta = self.x_moments(x), self.delta_moments(delta)
         if self.combine:
             return self.mlp(torch.cat([x, delta], dim=-1), mode).split([self.x_dim, self.delta_dim], dim=-1)
@@ -295,6 +340,25 @@ class MEND(nn.Module):
     def lr_parameters(self) -> list[nn.Parameter]:
         """The learned per-layer edit step sizes, trained with their own learning rate."""
         return [self.edit_lrs]
+
+    def _moments(self) -> list[RunningMoments]:
+        return [m for m in self.modules() if isinstance(m, RunningMoments)] if self.config["norm"] else []
+
+    def take_pending_statistics(self) -> torch.Tensor:
+        """Every transform's pending moments (from the edits since the last take), packed in one
+        1-d tensor (empty without normalisation), and cleared: what `commit_statistics` merges."""
+        pending = [m.take_pending() for m in self._moments()]
+        return torch.cat(pending) if pending else self.edit_lrs.new_zeros(0)
+
+    def commit_statistics(self, pending: torch.Tensor) -> None:
+        """Merge `take_pending_statistics()` results into the running statistics: [L] from one
+        process or [K, L] from K processes (in rank order, so every process commits the same)."""
+        moments = self._moments()
+        if not moments:
+            return
+        pending = pending.reshape(-1, sum(m.packed_size() for m in moments))
+        for m, part in zip(moments, pending.split([m.packed_size() for m in moments], dim=1)):
+            m.commit(part)
 
     def forward(self, backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Edit on `sub_batch`; returns `params` (or {}) updated with the new weight of every edited name."""

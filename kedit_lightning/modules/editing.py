@@ -65,6 +65,14 @@ class EditorModule(LightningModule):
         return self.backbone.processor
 
     # -- model lifecycle --------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "EditorModule":
+        """Lightning's train/eval switch, with the frozen backbone always in eval mode: dropout
+        would make the pre-edit targets of the locality loss noisy (and ranks disagree)."""
+        super().train(mode)
+        if self.backbone is not None:
+            self.backbone.eval()
+        return self
+
     def prepare_data(self) -> None:
         if self.backbone_spec.pretrained and self.backbone_spec.bootstrap and not Path(self.backbone_spec.pretrained).exists():
             from kedit_lightning.modules.backbone import bootstrap_backbone

@@ -5,6 +5,18 @@ editor's one-shot update; the outer loss then asks the edited model for the new 
 rephrased prompt (cedit) and on another image of the same thing (iedit), and for unchanged
 output distributions on unrelated text and image inputs (cloc, KL against the unedited model).
 Only the editor learns: the hypernetwork at `lr`, the per-layer edit learning rates at `lr_lr`.
+
+The editor's input-normalisation statistics change once per training step: every edit of the
+step normalises with the statistics as of the step's start, and the moments of all the step's
+rows are committed after the step's loss is known, merged across processes (an all-gather of
+the editor's packed (count, mean, M2) through the strategy), and not at all for a skipped
+non-finite step. A step is thus a function of its global batch: under DDP, N processes with B
+records each train exactly as one process with N*B records would (up to float rounding), and
+every process holds the same statistics, so DDP's broadcast of rank 0's buffers changes nothing.
+Gradients are averaged by DDP, and the loss is a mean over records, so the two agree there too.
+
+A step whose loss is not finite on any process is skipped on all of them (counted in
+`skipped_steps`): no statistics, and no optimizer update, the optimizer's state included.
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ class MENDModule(EditorModule):
         self.editor: MEND | None = None
         # A buffer, so the count of skipped (non-finite) steps survives checkpoint and resume.
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self.finite_batches = 0  # batches with a finite loss since the last optimizer step
 
     def build_editor(self, backbone: Backbone) -> None:
         hp = self.hparams
@@ -65,23 +78,36 @@ class MENDModule(EditorModule):
             + masked_kl(pre_loc_image, backbone(record["loc_image"], params), record["loc_image"]["labels"]),
         }
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         per_record = [self._record_losses(record) for record in record_batches(batch)]
         parts = {key: torch.stack([losses[key] for losses in per_record]).mean() for key in per_record[0]}
         hp = self.hparams
         loss = hp.cedit * parts["edit"] + hp.iedit * parts["image_edit"] + hp.cloc * parts["loc"]
+        pending = self.editor.take_pending_statistics()
         # Every rank must agree, or DDP would wait forever for the gradients of a skipped rank.
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            self.skipped_steps += 1
-            self.log("train/skipped_steps", self.skipped_steps.float(), prog_bar=True)
-            return None
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+        self.skipped_steps += int(not finite)
+        # Logged the same way on every step: Lightning refuses a key logged two ways in one epoch.
+        self.log("train/skipped_steps", self.skipped_steps.float(), prog_bar=True)
+        if not finite:
+            # Lightning's DDP needs a loss from every rank (None is refused): this one gives the
+            # editor exact zero gradients, and `on_before_optimizer_step` then drops them.
+            return sum(p.sum() for p in self.editor.parameters()) * 0.0
+        self.finite_batches += 1
+        if pending.numel():
+            # [world size, L] in rank order (just [L] on one device): every rank commits the same.
+            self.editor.commit_statistics(self.all_gather(pending))
         batch_size = len(per_record)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/loss_{k}": v for k, v in parts.items()}, batch_size=batch_size)
-        self.log("train/skipped_steps", self.skipped_steps.float())
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        finite_batches, self.finite_batches = self.finite_batches, 0
+        if not finite_batches:
+            # Adam leaves a parameter without a gradient alone, its moments and step count included.
+            optimizer.zero_grad(set_to_none=True)
+            return
         self.log_dict({f"editor/{k}": v for k, v in grad_norm(self.editor, norm_type=2).items()})
         for name, lr in zip(self.editor.param_names, self.editor.edit_lrs.detach()):
             self.log(f"edit_lr/{name}", lr)

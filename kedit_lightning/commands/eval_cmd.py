@@ -1,0 +1,63 @@
+"""`kedit eval`: score an exported editor on a data file and print / write the metrics.
+
+Each record is edited from the unedited weights (as in validation), or with `--sequential N` the
+first N records are edited one after another and scored with the final weights, with a curve of
+how the earliest edits' Reliability and Locality change as edits accumulate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from data_modules.datamodules import EditDataModule
+from kedit_lightning.callbacks import metrics_table
+from kedit_lightning.commands.shared import add_data_arguments, add_editor_arguments, load_editor_and_backbone, reports_errors
+from kedit_lightning.editor import evaluate, evaluate_sequential
+from kedit_lightning.evaluation import HEADLINE, HOPS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_editor_arguments(parser)
+    add_data_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=8, help="records per loaded batch (each record is still edited on its own)")
+    parser.add_argument("--sequential", type=int, default=None, metavar="N", help="edit the first N records one after another")
+    parser.add_argument("--probe", type=int, default=10, help="with --sequential: how many of the earliest edits to track")
+    parser.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def sequential_table(curve: list[dict]) -> str:
+    lines = ["| edits so far | " + " | ".join(HEADLINE) + " |", "|---|" + "---|" * len(HEADLINE)]
+    lines += [f"| {point['n_edits']} | " + " | ".join(f"{point[key]:.3f}" for key in HEADLINE) + " |" for point in curve]
+    return "\n".join(lines)
+
+
+@reports_errors
+def run(args: argparse.Namespace) -> int:
+    editor, backbone = load_editor_and_backbone(args)
+    data = Path(args.data)
+    datamodule = EditDataModule(
+        str(data.parent), train_file=data.name, val_file=data.name, image_root=str(Path(args.images).resolve()),
+        kind=args.kind, batch_size=args.batch_size, vqa_template=args.vqa_template, processor=editor.processor(backbone),
+    )
+    datamodule.setup("validate")
+    loader = datamodule.val_dataloader()
+    progress = not args.no_progress
+    if args.sequential is not None:
+        available = len(datamodule.split_records("val"))
+        if not 0 < args.sequential <= available:
+            raise ValueError(f"--sequential {args.sequential}: {data} has {available} records")
+        report = evaluate_sequential(editor, backbone, loader, args.sequential, HOPS, args.probe, progress)
+    else:
+        report = evaluate(editor, backbone, loader, HOPS, progress)
+    token = {key: value for key, value in report.items() if key != "sequential"}
+    exact = {**report["exact_match"], "n_edits": report["n_edits"]}
+    print(metrics_table({"token accuracy": token, "exact match": exact}))
+    if "sequential" in report:
+        print(f"\nThe first {report['sequential']['probe_edits']} edits as more edits accumulate:\n" + sequential_table(report["sequential"]["curve"]))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0

@@ -1,0 +1,438 @@
+"""SERAC: an edit memory, a scope classifier and a counterfactual model; the base model is never changed.
+
+Mitchell, Lin, Bosselut, Manning and Finn, "Memory-Based Model Editing at Scale", ICML 2022
+(https://arxiv.org/abs/2206.06520).
+
+1. Edit memory. An edit is kept as its descriptor, the edit prompt followed by the new answer,
+   together with the base model's features of the edit image.
+2. Scope classifier. Scores (memory entry, input) pairs; an input goes with its best-scoring
+   entry, and is in scope when sigmoid(score) >= threshold. The paper's two variants:
+   `embedding` embeds entries and inputs separately and scores their cosine similarity, so an
+   entry is embedded once, when it is added, and a lookup is one encoder pass per input plus a
+   matrix product (scales to large memories); `cross` reads entry and input together in one
+   encoder pass per pair (more accurate). Going past the public multimodal SERAC, whose
+   classifier reads text only: with `image_dim` set, both variants also read the base model's
+   features of the edit image and of the input image, so the same question about another picture
+   is out of scope.
+3. Counterfactual model. A small causal LM reads the retrieved edit's descriptor, the input
+   image's base-model features mapped into its embedding space by a trained projection, and the
+   input, and answers as if the edit were true.
+4. Routing. In-scope inputs get the counterfactual model's logits, the rest the base model's,
+   unchanged.
+
+The classifier and the counterfactual model read their own tokens. `SERACEncoder` adds them to
+every sub-batch in the data pipeline, next to the backbone's, so no forward re-tokenizes text.
+Routed logits are placed on the base model's answer positions, which needs the counterfactual
+model to split each answer into the same token ids as the base (checked when encoding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from data_modules.encoding import IGNORE_INDEX, SubBatch, SubBatchEncoder
+from kedit_lightning.backbones.base import Backbone
+
+ClassifierKind = Literal["embedding", "cross"]
+# Sub-batch keys that SERACEncoder adds: classifier tokens of the prompt alone (an input) and of
+# prompt + target (an edit's descriptor); counterfactual tokens of prompt + target, labels on the target.
+SCOPE_QUERY, SCOPE_EDIT, COUNTERFACTUAL = "scope_query", "scope_edit", "cf"
+
+
+@dataclass
+class Tokens:
+    """Right-padded token ids [B, L] and their attention mask."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def of(cls, sub_batch: SubBatch, name: str) -> "Tokens":
+        if f"{name}_ids" not in sub_batch:
+            raise KeyError(f"the sub-batch has no {name}_ids: SERAC reads data encoded by SERACEncoder (SERACModule makes it the DataModule's processor)")
+        return cls(sub_batch[f"{name}_ids"], sub_batch[f"{name}_mask"])
+
+    def rows(self, index: torch.Tensor) -> "Tokens":
+        return Tokens(self.ids[index], self.mask[index])
+
+    @staticmethod
+    def cat(parts: Sequence["Tokens"]) -> "Tokens":
+        """Stack the rows of several paddings (padding id 0: masked out anyway)."""
+        width = max(part.ids.shape[1] for part in parts)
+        ids = torch.cat([F.pad(part.ids, (0, width - part.ids.shape[1])) for part in parts])
+        mask = torch.cat([F.pad(part.mask, (0, width - part.mask.shape[1])) for part in parts])
+        return Tokens(ids, mask)
+
+
+@dataclass
+class ScopeInput:
+    """What the scope classifier reads of an edit or an input: text, and pooled image features or None."""
+
+    text: Tokens
+    image: torch.Tensor | None  # [B, D]: mean of the base model's image features; zero where has_image is False
+    has_image: torch.Tensor  # [B] bool
+
+    def rows(self, index: torch.Tensor) -> "ScopeInput":
+        return ScopeInput(self.text.rows(index), None if self.image is None else self.image[index], self.has_image[index])
+
+    @staticmethod
+    def cat(parts: Sequence["ScopeInput"]) -> "ScopeInput":
+        image = None if parts[0].image is None else torch.cat([part.image for part in parts])
+        return ScopeInput(Tokens.cat([part.text for part in parts]), image, torch.cat([part.has_image for part in parts]))
+
+
+@dataclass
+class SERACInputs:
+    """One sub-batch as SERAC reads it."""
+
+    query: ScopeInput  # the prompt, for the classifier
+    descriptor: ScopeInput  # prompt + target, for the classifier, when the sub-batch holds edits
+    counterfactual: Tokens  # prompt + target, counterfactual tokens
+    counterfactual_labels: torch.Tensor  # [B, L]: the target's tokens, -100 elsewhere
+    image_tokens: torch.Tensor | None  # [B, N, D]: the base model's image features, None for text-only
+    labels: torch.Tensor  # the base model's labels
+
+
+def pack(masks: Sequence[torch.Tensor], *values: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Concatenate padded pieces along dim 1 so that each row's unmasked entries come first, in order.
+
+    `masks` are the pieces' [B, L_i] masks; each of `values` is a list of [B, L_i, ...] tensors
+    laid out like them. Returns the packed mask, then each packed value, cut to the longest row.
+    """
+    mask = torch.cat(list(masks), dim=1)
+    order = torch.argsort((mask == 0).to(torch.int32), dim=1, stable=True)
+    order = order[:, : int(mask.sum(1).max())]
+    packed = [mask.gather(1, order)]
+    for pieces in values:
+        joined = torch.cat(list(pieces), dim=1)
+        index = order.view(*order.shape, *([1] * (joined.dim() - 2))).expand(-1, -1, *joined.shape[2:])
+        packed.append(joined.gather(1, index))
+    return tuple(packed)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, L, H] -> [B, H]: the mean over unmasked positions (sentence-transformers' pooling)."""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def image_projection(image_dim: int, hidden: int) -> nn.Module:
+    # LayerNorm first: base-model image features live at the language model's input scale, whatever that is.
+    return nn.Sequential(nn.LayerNorm(image_dim), nn.Linear(image_dim, hidden))
+
+
+@dataclass
+class ScopeKeys:
+    """An embedding classifier's unit vectors of a ScopeInput (image None when it reads text only)."""
+
+    text: torch.Tensor
+    image: torch.Tensor | None
+
+
+class ScopeClassifier(nn.Module):
+    """Scores (edit, input) pairs; sigmoid(score) is the probability that the input is in the edit's scope.
+
+    `encoder` is any transformers encoder (AutoModel) that takes `input_ids` or `inputs_embeds`
+    with an `attention_mask` and returns `last_hidden_state`. `image_dim` (the base model's image
+    feature size) makes the classifier read images too; None reads text only.
+
+    embedding: score = a * cos(text_e, text_x) + b * cos(image_e, image_x) + c, with text vectors
+    the mean-pooled encoder states and image vectors a projection of the pooled image features
+    (zero, so cosine 0, for a side without an image); a, b, c are learned.
+    cross: the encoder reads [edit text, edit image, input text, input image] as one sequence
+    (each image one projected token, left out when absent); a linear head on the mean-pooled
+    states gives the score.
+    """
+
+    def __init__(self, encoder: nn.Module, kind: ClassifierKind = "embedding", image_dim: int | None = None) -> None:
+        super().__init__()
+        if kind not in ("embedding", "cross"):
+            raise ValueError(f"scope classifier kind must be 'embedding' or 'cross', got {kind!r}")
+        self.encoder = encoder
+        self.kind = kind
+        self.image_dim = image_dim
+        hidden = encoder.config.hidden_size
+        self.image_projection = image_projection(image_dim, hidden) if image_dim else None
+        if kind == "embedding":
+            # Start with a cosine threshold of 0.5 on text, the paper's embedding model's shape.
+            self.text_scale = nn.Parameter(torch.tensor(10.0))
+            self.image_scale = nn.Parameter(torch.tensor(10.0))
+            self.bias = nn.Parameter(torch.tensor(-5.0))
+        else:
+            self.head = nn.Linear(hidden, 1)
+
+    def _images(self, scope: ScopeInput) -> torch.Tensor:
+        if scope.image is None:
+            raise ValueError("this scope classifier reads images, but the inputs carry no image features")
+        return self.image_projection(scope.image)
+
+    def embed(self, scope: ScopeInput) -> ScopeKeys:
+        text = self.encoder(input_ids=scope.text.ids, attention_mask=scope.text.mask).last_hidden_state
+        keys = ScopeKeys(F.normalize(mean_pool(text, scope.text.mask), dim=-1), None)
+        if self.image_projection is not None:
+            keys.image = F.normalize(self._images(scope), dim=-1) * scope.has_image.unsqueeze(-1)
+        return keys
+
+    def similarity(self, edits: ScopeKeys, inputs: ScopeKeys, pairwise: bool) -> torch.Tensor:
+        """Scores from keys: [E] for aligned pairs (`pairwise`), else [X, E] for every input against every edit."""
+
+        def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return (a * b).sum(-1) if pairwise else b @ a.T
+
+        score = self.text_scale * cosine(edits.text, inputs.text) + self.bias
+        if edits.image is not None:
+            score = score + self.image_scale * cosine(edits.image, inputs.image)
+        return score
+
+    def _cross(self, edits: ScopeInput, inputs: ScopeInput) -> torch.Tensor:
+        embed = self.encoder.get_input_embeddings()
+        masks, pieces = [edits.text.mask], [embed(edits.text.ids)]
+        if self.image_projection is not None:
+            masks.append(edits.has_image.long().unsqueeze(1))
+            pieces.append(self._images(edits).unsqueeze(1))
+        masks.append(inputs.text.mask)
+        pieces.append(embed(inputs.text.ids))
+        if self.image_projection is not None:
+            masks.append(inputs.has_image.long().unsqueeze(1))
+            pieces.append(self._images(inputs).unsqueeze(1))
+        mask, embeds = pack(masks, pieces)
+        hidden = self.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return self.head(mean_pool(hidden, mask)).squeeze(-1)
+
+    def forward(self, edits: ScopeInput, inputs: ScopeInput, edit_keys: ScopeKeys | None = None) -> torch.Tensor:
+        """[P] scores of aligned pairs, edit p against input p (`edit_keys`: the edits' embeddings, if known)."""
+        if self.kind == "embedding":
+            return self.similarity(edit_keys if edit_keys is not None else self.embed(edits), self.embed(inputs), pairwise=True)
+        return self._cross(edits, inputs)
+
+    def score_all(self, edits: ScopeInput, inputs: ScopeInput, edit_keys: ScopeKeys | None = None) -> torch.Tensor:
+        """[X, E] scores of every input against every edit (`edit_keys`: the edits' embeddings, if known)."""
+        if self.kind == "embedding":
+            return self.similarity(edit_keys if edit_keys is not None else self.embed(edits), self.embed(inputs), pairwise=False)
+        n_inputs, n_edits = inputs.has_image.shape[0], edits.has_image.shape[0]
+        input_rows = torch.arange(n_inputs, device=inputs.has_image.device).repeat_interleave(n_edits)
+        edit_rows = torch.arange(n_edits, device=edits.has_image.device).repeat(n_inputs)
+        return self._cross(edits.rows(edit_rows), inputs.rows(input_rows)).view(n_inputs, n_edits)
+
+
+class EditMemory:
+    """The edits in force: their classifier descriptors, counterfactual descriptors and, for an
+    embedding classifier, their keys (embedded once, when added)."""
+
+    def __init__(self, classifier: ScopeClassifier) -> None:
+        self.classifier = classifier
+        self.clear()
+
+    def clear(self) -> None:
+        self.scope: ScopeInput | None = None
+        self.counterfactual: Tokens | None = None
+        self.keys: ScopeKeys | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.scope is None else int(self.scope.has_image.shape[0])
+
+    @torch.no_grad()
+    def add(self, scope: ScopeInput, counterfactual: Tokens) -> None:
+        """Add edits: their classifier descriptors and counterfactual descriptors, row for row."""
+        if scope.has_image.shape[0] != counterfactual.ids.shape[0]:
+            raise ValueError(f"{scope.has_image.shape[0]} scope descriptors for {counterfactual.ids.shape[0]} counterfactual descriptors")
+        self.scope = scope if self.scope is None else ScopeInput.cat([self.scope, scope])
+        self.counterfactual = counterfactual if self.counterfactual is None else Tokens.cat([self.counterfactual, counterfactual])
+        if self.classifier.kind == "embedding":
+            keys = self.classifier.embed(scope)
+            if self.keys is not None:
+                image = None if keys.image is None else torch.cat([self.keys.image, keys.image])
+                keys = ScopeKeys(torch.cat([self.keys.text, keys.text]), image)
+            self.keys = keys
+
+    @torch.no_grad()
+    def lookup(self, inputs: ScopeInput) -> tuple[torch.Tensor, torch.Tensor]:
+        """(score [X], entry index [X]) of each input's best-scoring edit; the memory must not be empty."""
+        if len(self) == 0:
+            raise LookupError("the edit memory is empty")
+        return self.classifier.score_all(self.scope, inputs, self.keys).max(dim=1)
+
+
+class CounterfactualModel(nn.Module):
+    """A causal LM answering as if an edit were true: reads [edit descriptor, image, input].
+
+    The image is the base model's features of the input image, average-pooled to at most
+    `image_tokens` tokens and mapped into the LM's embedding space by a trained projection
+    (`image_dim` None: text only). Returns logits aligned with the returned labels (the causal
+    shift is done here, as the Backbone contract has it).
+    """
+
+    def __init__(self, model: nn.Module, image_dim: int | None = None, image_tokens: int = 32) -> None:
+        super().__init__()
+        self.model = model
+        self.image_tokens = image_tokens
+        hidden = model.get_input_embeddings().embedding_dim
+        self.image_projection = image_projection(image_dim, hidden) if image_dim else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    def project_images(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        if image_tokens.shape[1] > self.image_tokens:
+            image_tokens = F.adaptive_avg_pool1d(image_tokens.transpose(1, 2), self.image_tokens).transpose(1, 2)
+        return self.image_projection(image_tokens)
+
+    def forward(self, edits: Tokens, inputs: Tokens, labels: torch.Tensor, image_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        embed = self.model.get_input_embeddings()
+        ignore = torch.full_like(edits.ids, IGNORE_INDEX)
+        masks, pieces, label_pieces = [edits.mask], [embed(edits.ids)], [ignore]
+        if self.image_projection is not None and image_tokens is not None:
+            projected = self.project_images(image_tokens.to(pieces[0].dtype))
+            masks.append(torch.ones(projected.shape[:2], dtype=edits.mask.dtype, device=projected.device))
+            pieces.append(projected)
+            label_pieces.append(torch.full(projected.shape[:2], IGNORE_INDEX, dtype=labels.dtype, device=labels.device))
+        masks.append(inputs.mask)
+        pieces.append(embed(inputs.ids))
+        label_pieces.append(labels)
+        mask, embeds, packed_labels = pack(masks, pieces, label_pieces)
+        logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits
+        return torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1), packed_labels
+
+
+class SERACEncoder(SubBatchEncoder):
+    """The backbone's SubBatchEncoder, plus the tokens SERAC's classifier and counterfactual model read.
+
+    Adds `scope_query_ids/_mask` (the prompt), `scope_edit_ids/_mask` (prompt + target) with the
+    classifier's tokenizer, and `cf_ids/_mask/_labels` (prompt + target, labels on the target)
+    with the counterfactual model's encoder. Every answer must split into the same token ids for
+    the counterfactual model as for the base, so that routed logits land on the base's answer
+    positions; a clear error names the first answer that does not.
+    """
+
+    def __init__(self, base: SubBatchEncoder, scope_tokenizer: Any, counterfactual: SubBatchEncoder) -> None:
+        super().__init__(base.tokenizer, base.image_processor, base.prompt_format, base.max_length)
+        if scope_tokenizer.pad_token is None:
+            raise ValueError(f"the scope classifier's tokenizer ({type(scope_tokenizer).__name__}) has no padding token")
+        self.scope_tokenizer = scope_tokenizer
+        self.counterfactual = counterfactual
+
+    def _scope(self, texts: list[str], name: str) -> dict[str, torch.Tensor]:
+        encoded = self.scope_tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        return {f"{name}_ids": encoded["input_ids"], f"{name}_mask": encoded["attention_mask"]}
+
+    def __call__(self, prompts: Sequence[str], targets: Sequence[str], images: Sequence[Image.Image] | None = None) -> SubBatch:
+        sub_batch = super().__call__(prompts, targets, images)
+        cf = self.counterfactual(prompts, targets, None)
+        for row, (base_labels, cf_labels) in enumerate(zip(sub_batch["labels"], cf["labels"])):
+            base_answer, cf_answer = base_labels[base_labels != IGNORE_INDEX], cf_labels[cf_labels != IGNORE_INDEX]
+            if not torch.equal(base_answer, cf_answer):
+                raise ValueError(
+                    f"answer {targets[row]!r}: the counterfactual model's tokenizer gives ids {cf_answer.tolist()}, the base's "
+                    f"{base_answer.tolist()}; SERAC's routed logits need the same answer tokens (use a counterfactual LM with the base's tokenizer)"
+                )
+        return {
+            **sub_batch,
+            **self._scope(list(prompts), SCOPE_QUERY),
+            **self._scope([f"{p} {t}" for p, t in zip(prompts, targets)], SCOPE_EDIT),
+            f"{COUNTERFACTUAL}_ids": cf["input_ids"],
+            f"{COUNTERFACTUAL}_mask": cf["attention_mask"],
+            f"{COUNTERFACTUAL}_labels": cf["labels"],
+        }
+
+
+class SERAC(nn.Module):
+    """The trained parts of SERAC (classifier, counterfactual model) and how they read sub-batches."""
+
+    def __init__(self, classifier: ScopeClassifier, counterfactual: CounterfactualModel, image_dim: int | None, threshold: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be a probability strictly between 0 and 1, got {threshold}")
+        self.classifier = classifier
+        self.counterfactual = counterfactual
+        self.image_dim = image_dim
+        self.threshold = threshold
+
+    @property
+    def reads_images(self) -> bool:
+        return self.classifier.image_projection is not None or self.counterfactual.image_projection is not None
+
+    def read(self, backbone: Backbone, sub_batch: SubBatch) -> SERACInputs:
+        """The sub-batch's SERAC tokens, with the frozen base model's features of its images."""
+        labels = sub_batch["labels"]
+        rows, device = labels.shape[0], labels.device
+        pixel_values = sub_batch.get("pixel_values")
+        has_image = torch.full((rows,), pixel_values is not None, dtype=torch.bool, device=device)
+        image_tokens, pooled = None, None
+        if self.reads_images and pixel_values is not None:
+            with torch.no_grad():
+                image_tokens = backbone.image_features(pixel_values).detach()
+            pooled = image_tokens.mean(dim=1).float()
+        if self.classifier.image_projection is not None and pooled is None:
+            pooled = torch.zeros(rows, self.image_dim, device=device)
+        return SERACInputs(
+            query=ScopeInput(Tokens.of(sub_batch, SCOPE_QUERY), pooled, has_image),
+            descriptor=ScopeInput(Tokens.of(sub_batch, SCOPE_EDIT), pooled, has_image),
+            counterfactual=Tokens.of(sub_batch, COUNTERFACTUAL),
+            counterfactual_labels=sub_batch[f"{COUNTERFACTUAL}_labels"],
+            image_tokens=image_tokens,
+            labels=labels,
+        )
+
+    def memory(self, backbone: Backbone, edits: SubBatch | None = None) -> EditMemory:
+        """A memory holding the edits of `edits` (a sub-batch such as `edit_inner`), or an empty one."""
+        memory = EditMemory(self.classifier)
+        if edits is not None:
+            inputs = self.read(backbone, edits)
+            memory.add(inputs.descriptor, inputs.counterfactual)
+        return memory
+
+
+class Router:
+    """SERAC's post-edit model: sub-batch -> logits aligned with its labels (an `EditedModel`).
+
+    Each input goes to its best-scoring memory entry; in scope, the counterfactual model answers
+    conditioned on that entry, and its logits fill the input's answer positions (other positions
+    are zero); out of scope, the row is the base model's logits, unchanged. An empty memory is the
+    base model itself.
+    """
+
+    def __init__(self, serac: SERAC, backbone: Backbone, memory: EditMemory) -> None:
+        self.serac = serac
+        self.backbone = backbone
+        self.memory = memory
+
+    def route(self, inputs: SERACInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(in scope [B] bool, memory entry [B]) for each input."""
+        score, entry = self.memory.lookup(inputs.query)
+        return torch.sigmoid(score) >= self.serac.threshold, entry
+
+    @torch.no_grad()
+    def __call__(self, sub_batch: SubBatch) -> torch.Tensor:
+        if len(self.memory) == 0:
+            return self.backbone(sub_batch)
+        inputs = self.serac.read(self.backbone, sub_batch)
+        in_scope, entry = self.route(inputs)
+        if not bool(in_scope.any()):
+            return self.backbone(sub_batch)
+        rows = in_scope.nonzero().flatten()
+        image_tokens = None if inputs.image_tokens is None else inputs.image_tokens[rows]
+        cf_logits, cf_labels = self.serac.counterfactual(
+            self.memory.counterfactual.rows(entry[rows]), inputs.counterfactual.rows(rows), inputs.counterfactual_labels[rows], image_tokens
+        )
+        answers = cf_logits[cf_labels != IGNORE_INDEX]
+        if bool((~in_scope).any()):
+            logits = self.backbone(sub_batch).clone()
+        else:
+            vocab = self.backbone.model.get_output_embeddings().weight.shape[0]
+            logits = inputs.labels.new_zeros((*inputs.labels.shape, vocab), dtype=answers.dtype)
+        logits[rows] = 0
+        # Vocabularies may differ in size (padding rows, added image tokens): ids the other lacks never win.
+        vocab = logits.shape[-1]
+        if answers.shape[-1] < vocab:
+            answers = F.pad(answers, (0, vocab - answers.shape[-1]), value=torch.finfo(answers.dtype).min)
+        answer_positions = (inputs.labels != IGNORE_INDEX) & in_scope.unsqueeze(1)
+        logits[answer_positions] = answers[:, :vocab].to(logits.dtype)
+        return logits

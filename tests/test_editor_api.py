@@ -1,0 +1,193 @@
+"""The editing API and CLI: single, batched and sequential edits, exact restore, refusals, plain-transformers export."""
+
+import json
+
+import pytest
+import torch
+from conftest import VAL_FILE
+from transformers import Blip2ForConditionalGeneration
+
+from data_modules.datamodules import VQADataModule
+from data_modules.datasets import VQA_TEMPLATE
+from data_modules.encoding import IGNORE_INDEX
+from data_modules.records import EditRecord
+from kedit_lightning.cli import main
+from kedit_lightning.editor import EditRequest, Editor, NonFiniteEdit, curve_points, evaluate, evaluate_sequential
+from kedit_lightning.editors.serac import Router
+from kedit_lightning.evaluation import HEADLINE
+
+
+@pytest.fixture()
+def editor(fitted) -> Editor:
+    return Editor.from_pretrained(fitted.artifact)
+
+
+@pytest.fixture()
+def backbone(editor, base_dir):
+    return editor.load_backbone(str(base_dir))
+
+
+@pytest.fixture(scope="module")
+def records(world) -> list[dict]:
+    return json.loads((world / VAL_FILE).read_text())
+
+
+def snapshot(backbone) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in backbone.model.named_parameters()}
+
+
+def same_weights(backbone, weights: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(p, weights[name]) for name, p in backbone.model.named_parameters())
+
+
+def answer_ids(logits: torch.Tensor, labels: torch.Tensor) -> list[int]:
+    """Predicted token ids at the answer positions (logits aligned with labels)."""
+    return logits.argmax(-1)[labels != IGNORE_INDEX].tolist()
+
+
+def test_single_edit_writes_new_weights_and_restore_is_exact(editor, backbone, records, world):
+    before = snapshot(backbone)
+    edited = editor.edit(backbone, [records[0]], image_root=world / "images")
+    assert edited.backbone is backbone and edited.n_edits == 1
+    changed = {name for name, p in backbone.model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == set(editor.fingerprint["edit_params"])
+    assert edited.restore() is backbone and edited.n_edits == 0
+    assert same_weights(backbone, before)
+
+
+def test_request_forms_give_the_same_edit(editor, backbone, records, world):
+    record, images = records[0], world / "images"
+    prompt = VQA_TEMPLATE.format(record["src"])
+    forms = [
+        record,
+        EditRecord.from_dict(record),
+        {"prompt": prompt, "target": record["alt"], "image": record["image"]},
+        EditRequest(prompt, record["alt"], images / record["image"]),
+    ]
+    roots = [images, images, images, None]
+    edits = [editor.encode(backbone, [form], image_root=root)[0] for form, root in zip(forms, roots)]
+    for sub_batch in edits[1:]:
+        assert all(torch.equal(sub_batch[k], edits[0][k]) for k in ("input_ids", "labels", "pixel_values"))
+    with pytest.raises(ValueError, match="edit request 1: field 'target' must be a non-empty string"):
+        editor.encode(backbone, [record, {"prompt": "a question"}], image_root=images)
+    with pytest.raises(ValueError, match="images for all requests or for none"):
+        editor.encode(backbone, [record, {"prompt": "The capital of Zandia is", "target": "Velor"}], image_root=images)
+
+
+def test_a_batched_edit_is_one_update_and_differs_from_sequential(editor, backbone, records, world, fitted):
+    images, names = world / "images", list(editor.fingerprint["edit_params"])
+    two = records[:2]
+    batched = editor.edit(backbone, two, image_root=images)
+    batched_weights = {n: backbone.model.get_parameter(n).detach().clone() for n in names}
+    # One batched update is the trained editor's update on the collated sub-batch.
+    collated = editor.encode(backbone, two, image_root=images)[0]
+    assert collated["input_ids"].shape[0] == 2
+    expected = fitted.module.editor.eval()(backbone, collated, dict(batched.original))
+    assert all(torch.allclose(batched_weights[n], expected[n], atol=1e-6) for n in names)
+    batched.restore()
+    editor.edit(backbone, two, batch_size=1, image_root=images)
+    assert not all(torch.allclose(backbone.model.get_parameter(n), batched_weights[n]) for n in names)
+
+
+def test_sequential_calls_match_one_call_with_batch_size_one(editor, backbone, records, world):
+    images, names = world / "images", list(editor.fingerprint["edit_params"])
+    in_one_call = editor.edit(backbone, records[:3], batch_size=1, image_root=images)
+    final = {n: backbone.model.get_parameter(n).detach().clone() for n in names}
+    in_one_call.restore()
+    edited = editor.edit(backbone, records[:1], image_root=images)
+    for record in records[1:3]:
+        edited = editor.edit(edited, [record], image_root=images)
+    assert edited.n_edits == 3
+    assert all(torch.allclose(backbone.model.get_parameter(n), final[n], atol=1e-6) for n in names)
+    edited.restore()
+    assert all(torch.equal(backbone.model.get_parameter(n), in_one_call.original[n]) for n in names)
+
+
+def test_a_non_finite_update_is_refused_and_the_model_left_unchanged(editor, backbone, records, world):
+    before = snapshot(backbone)
+    editor.attach(backbone).editor.edit_lrs.data[-1] = float("nan")
+    with pytest.raises(NonFiniteEdit, match="edit group 1 of 1 gives non-finite values .* the backbone is unchanged"):
+        editor.edit(backbone, records[:2], image_root=world / "images")
+    assert same_weights(backbone, before)
+
+
+def test_edited_model_saves_as_plain_transformers_and_gives_the_new_answer(editor, backbone, records, world, tmp_path):
+    record = records[0]
+    sub_batch = editor.encode(backbone, [record], image_root=world / "images")[0]
+    target = sub_batch["labels"][sub_batch["labels"] != IGNORE_INDEX].tolist()
+    with torch.no_grad():
+        assert answer_ids(backbone(sub_batch), sub_batch["labels"]) != target  # the base model does not already say it
+    edited = editor.edit(backbone, [record], image_root=world / "images")
+    edited.save_pretrained(tmp_path / "edited")
+    plain = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "edited").eval()
+    with torch.no_grad():
+        logits = plain(input_ids=sub_batch["input_ids"], attention_mask=sub_batch["attention_mask"], pixel_values=sub_batch["pixel_values"]).logits
+    shifted = torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)
+    assert answer_ids(shifted, sub_batch["labels"]) == target
+    assert all(torch.equal(plain.get_parameter(n), backbone.model.get_parameter(n)) for n in editor.fingerprint["edit_params"])
+
+
+def test_kedit_edit_applies_a_data_file_and_saves_the_model(editor, backbone, fitted, world, base_dir, tmp_path, capsys):
+    out = tmp_path / "edited"
+    args = ["edit", "--editor", str(fitted.artifact), "--backbone", str(base_dir), "--data", str(world / VAL_FILE),
+            "--images", str(world / "images"), "--out", str(out), "--batch-size", "2", "--device", "cpu"]
+    assert main(args) == 0
+    assert "applied 4 edits" in capsys.readouterr().out
+    plain = Blip2ForConditionalGeneration.from_pretrained(out)
+    records = json.loads((world / VAL_FILE).read_text())
+    editor.edit(backbone, records, batch_size=2, image_root=world / "images")
+    for name in editor.fingerprint["edit_params"]:
+        assert torch.allclose(plain.get_parameter(name), backbone.model.get_parameter(name), atol=1e-6)
+    assert main(args) == 2  # never writes into a non-empty folder
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_kedit_eval_sequential_reports_the_earliest_edits_as_edits_accumulate(fitted, world, base_dir, tmp_path):
+    out = tmp_path / "sequential.json"
+    args = ["eval", "--editor", str(fitted.artifact), "--backbone", str(base_dir), "--data", str(world / "vqa" / "vqa_eval.json"),
+            "--images", str(world / "images"), "--sequential", "6", "--probe", "2", "--json", str(out), "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["n_edits"] == 6 and report["sequential"]["probe_edits"] == 2
+    curve = report["sequential"]["curve"]
+    assert [point["n_edits"] for point in curve] == curve_points(6) == [1, 2, 5, 6]
+    for point in curve:
+        assert all(0.0 <= point[key] <= 1.0 for key in HEADLINE)
+    assert all(0.0 <= report[key] <= 1.0 for key in HEADLINE)
+    assert main([*args[:-5], "--sequential", "500", "--no-progress"]) == 2  # more edits than records
+
+
+def test_sequential_evaluation_stops_at_a_non_finite_edit(editor, backbone, world):
+    data = VQADataModule(str(world), train_file=VAL_FILE, val_file=VAL_FILE, batch_size=2, processor=backbone.processor)
+    data.setup("validate")
+    editor.attach(backbone).editor.edit_lrs.data[:] = float("inf")
+    with pytest.raises(NonFiniteEdit, match=r"sequential edit 1 \(.*val4.json:0\) .* stopped"):
+        evaluate_sequential(editor, backbone, data.val_dataloader(), 3, progress=False)
+
+
+def test_serac_artifact_edits_through_its_memory_and_reproduces_validation(serac_fitted, world, base_dir, records, tmp_path, capsys):
+    editor = Editor.from_pretrained(serac_fitted.artifact)
+    assert editor.method == "serac" and not editor.edits_weights
+    backbone = editor.load_backbone(str(base_dir))
+    data = VQADataModule(str(world), train_file=VAL_FILE, val_file=VAL_FILE, batch_size=4, processor=editor.processor(backbone))
+    data.setup("validate")
+    report = evaluate(editor, backbone, data.val_dataloader(), progress=False)
+    validation = serac_fitted.module.last_report["val"]
+    for key in HEADLINE:
+        assert report[key] == pytest.approx(validation[key], abs=1e-6), key
+
+    before = snapshot(backbone)
+    edited = editor.edit(backbone, records[:2], image_root=world / "images")
+    assert edited.n_edits == 2 and len(edited.memory.memory) == 2 and same_weights(backbone, before)
+    query = editor.encode(backbone, records[:2], image_root=world / "images")[0]
+    serac = editor.attach(backbone).editor
+    assert torch.equal(edited(query), Router(serac, backbone, serac.memory(backbone, query))(query))
+    assert not torch.equal(edited(query), backbone(query))  # the edits' own prompts are routed to the counterfactual model
+    with pytest.raises(TypeError, match="no edited weights to save"):
+        edited.save_pretrained(world / "never")
+    edited.restore()
+    assert edited.memory is None and torch.equal(edited(query), backbone(query))
+    args = ["edit", "--editor", str(serac_fitted.artifact), "--backbone", str(base_dir), "--data", str(world / VAL_FILE),
+            "--images", str(world / "images"), "--out", str(tmp_path / "edited"), "--device", "cpu"]
+    assert main(args) == 2
+    assert "keeps edits in a memory" in capsys.readouterr().err

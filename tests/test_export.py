@@ -1,0 +1,205 @@
+"""The editor artifact: what export writes, `kedit export`, the fresh-process round trip, and every refusal on load."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import VAL_FILE, VAL_RECORDS, base_spec
+from lightning.pytorch.loggers import TensorBoardLogger
+from safetensors.torch import load_file
+from test_backbones import make_tokenizer
+
+import kedit_lightning
+from kedit_lightning.backbones import Blip2Backbone, load_backbone_spec
+from kedit_lightning.cli import main
+from kedit_lightning.editor import Editor
+from kedit_lightning.export import (
+    CARD_FILE,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    ArtifactError,
+    ExportEditor,
+    FingerprintMismatch,
+    export_module,
+    fingerprint_problems,
+    method_of_checkpoint,
+)
+from kedit_lightning.modules import FTModule
+
+REPORT_KEYS = {"reliability", "t_generality", "i_generality", "t_locality", "i_locality", "n_edits", "exact_match"}
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "backbones"
+
+
+def card_of(artifact: Path) -> dict:
+    return json.loads((artifact / CARD_FILE).read_text())
+
+
+@pytest.fixture()
+def artifact_copy(fitted, tmp_path) -> Path:
+    return Path(shutil.copytree(fitted.artifact, tmp_path / "artifact"))
+
+
+def test_fit_end_export_writes_the_documented_artifact(fitted):
+    module, artifact = fitted.module, fitted.artifact
+    assert artifact.name == "version_0" and artifact.parent.name == "mend-tiny"
+    assert sorted(p.name for p in artifact.iterdir()) == [CARD_FILE, WEIGHTS_FILE]  # no pickle anywhere
+    card = card_of(artifact)
+    assert card["format_version"] == FORMAT_VERSION and card["method"] == "mend"
+    assert card["package_version"] == kedit_lightning.__version__
+    assert card["backbone_fingerprint"] == module.backbone.fingerprint()
+    assert set(card["backbone_fingerprint"]["edit_params"]) == set(module.backbone.edit_param_names)
+    assert card["module_class"] == "kedit_lightning.modules.mend.MENDModule"
+    assert card["hyper_parameters"]["rank"] == 16 and card["hyper_parameters"]["backbone"]["family"] == "blip2"
+    assert card["metrics"] == module.last_report["val"] and card["metrics"]["n_edits"] == VAL_RECORDS
+    assert card["training_config"]["model"]["class_path"].endswith("MENDModule")
+    assert card["training_config"]["data"]["init_args"]["val_file"] == VAL_FILE
+    assert card["source"]["checkpoint"] == str(fitted.best_checkpoint) and card["source"]["global_step"] == 2
+    # The best checkpoint is the last one here, so the exported tensors are the trained editor's.
+    saved = load_file(artifact / WEIGHTS_FILE)
+    assert saved.keys() == module.editor.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in module.editor.state_dict().items())
+
+
+def test_run_folder_follows_the_logger_and_never_reuses_a_version(fitted, tmp_path):
+    module = fitted.module
+    logged = ExportEditor(dirpath=str(tmp_path))
+    logger = TensorBoardLogger(save_dir=str(tmp_path / "runs"), name="mend-blip2-tiny-synthetic-vqa", version=3)
+    assert logged.run_dir(SimpleNamespace(logger=logger), module) == tmp_path / "mend-blip2-tiny-synthetic-vqa" / "version_3"
+    unlogged = ExportEditor(dirpath=str(tmp_path))
+    assert unlogged.run_dir(SimpleNamespace(logger=None), module) == tmp_path / "mend-blip2" / "version_0"
+    (tmp_path / "mend-blip2" / "version_0").mkdir(parents=True)
+    assert unlogged.run_dir(SimpleNamespace(logger=None), module) == tmp_path / "mend-blip2" / "version_1"
+
+
+def test_kedit_export_of_the_checkpoint_matches_the_fit_end_export(fitted, tmp_path, capsys):
+    out = tmp_path / "exported"
+    assert main(["export", str(fitted.best_checkpoint), "--out", str(out), "--method", "mend"]) == 0
+    assert (out / WEIGHTS_FILE).read_bytes() == (fitted.artifact / WEIGHTS_FILE).read_bytes()
+    mine, theirs = card_of(out), card_of(fitted.artifact)
+    for key in ("method", "module_class", "backbone_fingerprint", "hyper_parameters", "metrics", "weights", "source"):
+        assert mine[key] == theirs[key], key
+    # An existing artifact is not overwritten by accident.
+    assert main(["export", str(fitted.best_checkpoint), "--out", str(out), "--method", "mend"]) == 2
+    assert "already holds an exported editor" in capsys.readouterr().err
+    # A checkpoint not written through train.py does not say its method.
+    assert main(["export", str(fitted.best_checkpoint), "--out", str(tmp_path / "other")]) == 2
+    assert "name the method" in capsys.readouterr().err
+
+
+def test_method_comes_from_the_class_path_lightning_cli_records():
+    assert method_of_checkpoint({"hyper_parameters": {"_class_path": "kedit_lightning.modules.MENDModule"}}, "x.ckpt") == "mend"
+    with pytest.raises(ValueError, match="does not train a known editing method"):
+        method_of_checkpoint({"hyper_parameters": {"_class_path": "kedit_lightning.modules.BackboneModule"}}, "x.ckpt")
+
+
+def test_round_trip_in_a_fresh_process_reproduces_validation(fitted, world, base_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    command = [
+        sys.executable, "-m", "kedit_lightning.cli", "eval", "--editor", str(fitted.artifact), "--backbone", str(base_dir),
+        "--data", str(world / VAL_FILE), "--images", str(world / "images"), "--batch-size", str(VAL_RECORDS), "--json", str(out), "--device", "cpu",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "| reliability |" in done.stdout
+    report = json.loads(out.read_text())
+    validation = fitted.module.last_report["val"]
+    assert set(report) == REPORT_KEYS and set(report["exact_match"]) == REPORT_KEYS - {"n_edits", "exact_match"}
+    assert report["n_edits"] == validation["n_edits"] == VAL_RECORDS
+    for key in REPORT_KEYS - {"n_edits", "exact_match"}:
+        assert report[key] == pytest.approx(validation[key], abs=1e-6), key
+        assert report["exact_match"][key] == pytest.approx(validation["exact_match"][key], abs=1e-6), key
+
+
+def test_truncated_weights_are_refused(artifact_copy):
+    weights = artifact_copy / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match="not a readable safetensors file .truncated"):
+        Editor.from_pretrained(artifact_copy)
+
+
+def test_changed_weights_are_refused(artifact_copy):
+    weights = artifact_copy / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last tensor: still valid safetensors, different numbers
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256 .* differs .* changed or truncated after export"):
+        Editor.from_pretrained(artifact_copy)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda card: card.pop("backbone_fingerprint"), r"missing field\(s\) \['backbone_fingerprint'\]"),
+        (lambda card: card.update(format_version=FORMAT_VERSION + 1), "reads up to"),
+        (lambda card: card.update(method="rome"), "unknown method 'rome'"),
+    ],
+)
+def test_an_inconsistent_editor_json_is_refused_on_load(artifact_copy, change, message):
+    card = card_of(artifact_copy)
+    change(card)
+    (artifact_copy / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(ArtifactError, match=message):
+        Editor.from_pretrained(artifact_copy)
+
+
+@pytest.mark.parametrize(
+    "rank,message",
+    [(8, "the weights do not fit the mend editor its hyper-parameters describe"), ("wide", "do not build a mend module")],
+)
+def test_hyper_parameters_that_do_not_match_the_weights_are_refused(artifact_copy, base_dir, rank, message):
+    card = card_of(artifact_copy)
+    card["hyper_parameters"]["rank"] = rank
+    (artifact_copy / CARD_FILE).write_text(json.dumps(card))
+    editor = Editor.from_pretrained(artifact_copy)
+    with pytest.raises(ArtifactError, match=message):
+        editor.load_backbone(str(base_dir))
+
+
+def test_unreadable_artifacts_name_the_problem(artifact_copy, tmp_path):
+    (artifact_copy / CARD_FILE).write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        Editor.from_pretrained(artifact_copy)
+    with pytest.raises(ArtifactError, match="no editor.json"):
+        Editor.from_pretrained(tmp_path)
+
+
+def test_a_backbone_of_another_size_is_refused_naming_shape_and_config_hash(fitted, world):
+    editor = Editor.from_pretrained(fitted.artifact)
+    spec = load_backbone_spec(CONFIGS / "blip2-tiny.yaml")
+    config = {**spec.config, "text_config": {**spec.config["text_config"], "ffn_dim": 128}}
+    wider = Blip2Backbone.from_config(config, edit_params=spec.edit_params, tokenizer=make_tokenizer())
+    with pytest.raises(FingerprintMismatch) as refused:
+        editor.attach(wider)
+    message = str(refused.value)
+    assert "config hash" in message
+    assert "shape of language_model.model.decoder.layers.1.fc1.weight: the editor expects [256, 64], the backbone has [128, 64]" in message
+    expected = editor.fingerprint
+    assert fingerprint_problems(expected, {**expected, "family": "llava"}) == ["family: the editor was trained on 'blip2', the backbone is 'llava'"]
+
+
+def test_kedit_eval_refuses_a_mismatched_backbone(fitted, world, tmp_path, capsys):
+    spec = load_backbone_spec(CONFIGS / "blip2-tiny.yaml")
+    config = {**spec.config, "text_config": {**spec.config["text_config"], "num_hidden_layers": 5}}
+    Blip2Backbone.from_config(config, edit_params=spec.edit_params, tokenizer=make_tokenizer()).save_pretrained(tmp_path / "deeper")
+    args = ["eval", "--editor", str(fitted.artifact), "--backbone", str(tmp_path / "deeper"), "--data", str(world / VAL_FILE), "--images", str(world / "images")]
+    assert main(args) == 2
+    assert "FingerprintMismatch" in capsys.readouterr().err
+
+
+def test_a_second_method_plugs_in_through_the_registry(base_dir, tmp_path):
+    baseline = FTModule(base_spec(base_dir), lr=0.5, steps=2)
+    baseline.configure_model()
+    editor = Editor.from_pretrained(export_module(baseline, tmp_path / "ft"))
+    rebuilt = editor.attach(baseline.backbone)
+    assert editor.method == "ft" and (rebuilt.editor.lr, rebuilt.editor.steps) == (0.5, 2)
+    sub_batch = baseline.backbone.processor(["Question: What colour is the object? Short answer:"], ["red"], None)
+    state = editor.start(baseline.backbone)
+    state.add(sub_batch, "the edit", "")
+    expected = baseline.edit(sub_batch)
+    assert state.weights.keys() == expected.keys() and all(torch.equal(state.weights[k], expected[k]) for k in expected)
