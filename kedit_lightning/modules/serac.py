@@ -182,9 +182,15 @@ class SERACModule(EditorModule):
         return balanced_bce(positives, negatives), accuracy
 
     def _other_subjects(self, batch: Mapping[str, Any], n: int) -> torch.Tensor:
-        """[n, n] bool: record x's inputs are out of edit e's scope (x != e, and their edit images differ)."""
-        images = [meta["image"] for meta in batch["meta"]] if "meta" in batch else list(range(n))
-        return torch.tensor([[x != e and images[x] != images[e] for e in range(n)] for x in range(n)], device=self.device)
+        """[n, n] bool: record x's inputs count as out of edit e's scope.
+
+        Two records whose edit images or old answers agree may be about the same subject (another
+        view of one object has the same old answer), so their pairs are left out rather than risk
+        calling an in-scope input a negative.
+        """
+        subjects = [(meta["image"], meta["pred"]) for meta in batch["meta"]] if "meta" in batch else [(x, x) for x in range(n)]
+        differ = [[x != e and subjects[x][0] != subjects[e][0] and subjects[x][1] != subjects[e][1] for e in range(n)] for x in range(n)]
+        return torch.tensor(differ, device=self.device)
 
     def _counterfactual_loss(self, inputs: dict[str, SERACInputs]) -> torch.Tensor:
         edits = inputs["edit_inner"].counterfactual
