@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
 from kedit_lightning.editors.ft import FineTune
 from kedit_lightning.evaluation import EditMetrics, evaluate_records, flatten_report
+from kedit_lightning.modules.editing import REPORT_KEY
 
 
 def metrics_table(columns: dict[str, dict]) -> str:
@@ -38,7 +41,10 @@ class CompareWithFineTuning(Callback):
         metrics = EditMetrics(pl_module.hparams.hops).to(pl_module.device)
         baseline = evaluate_records(pl_module.backbone, FineTune(self.lr, self.steps), iter(trainer.datamodule.val_dataloader()), metrics)
         method = type(pl_module).__name__.removesuffix("Module")
-        learned = {method: pl_module.last_report["val"]} if "val" in pl_module.last_report else {}
+        # The editor a run keeps is its best checkpoint's, so that is the one to report.
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        report = torch.load(best, map_location="cpu", weights_only=True).get(REPORT_KEY) if best else pl_module.last_report.get("val")
+        learned = {method: report} if report is not None else {}
         self._report(trainer, {**learned, f"FT ({self.steps} step, lr {self.lr:g})": baseline})
 
     @rank_zero_only

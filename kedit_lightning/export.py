@@ -46,7 +46,7 @@ from torch import nn
 
 import kedit_lightning
 from kedit_lightning.backbones import Backbone, BackboneSpec
-from kedit_lightning.modules.editing import EditorModule
+from kedit_lightning.modules.editing import REPORT_KEY, EditorModule
 from kedit_lightning.modules.ft import FTModule
 from kedit_lightning.modules.mend import MENDModule
 from kedit_lightning.modules.serac import SERACModule
@@ -57,7 +57,6 @@ WEIGHTS_FILE = "editor.safetensors"
 CARD_FILE = "editor.json"
 # Written into every Lightning checkpoint by `ExportEditor`, so an export of that checkpoint
 # carries the validation metrics of the weights it holds.
-REPORT_KEY = "kedit_val_report"
 _CARD_FIELDS = ("format", "format_version", "method", "hyper_parameters", "backbone_fingerprint", "weights")
 
 
@@ -339,8 +338,8 @@ class ExportEditor(Callback):
     same name and never overwrites another run's); without a logger, or with `name` set, that
     name (default `<method>-<backbone family>`) and its next free `version_N`. With `best=True`
     and a ModelCheckpoint that saved a best checkpoint, that checkpoint's editor is exported,
-    else the final one. Every Lightning checkpoint saved during the fit also gets the validation
-    report of its weights (`REPORT_KEY`), which `kedit export` copies into the artifact.
+    else the final one; the validation report stored in the checkpoint (`REPORT_KEY`, written by
+    `EditorModule.on_save_checkpoint`) goes into the artifact.
     """
 
     def __init__(self, dirpath: str = "checkpoints", name: str | None = None, best: bool = True) -> None:
@@ -348,11 +347,6 @@ class ExportEditor(Callback):
         self.name = name
         self.best = best
         self.exported: Path | None = None
-
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        report = getattr(pl_module, "last_report", {}).get("val")
-        if report is not None:
-            checkpoint[REPORT_KEY] = report
 
     def run_dir(self, trainer: Trainer, pl_module: LightningModule) -> Path:
         logger = trainer.logger

@@ -25,6 +25,10 @@ from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
 from kedit_lightning.evaluation import HEADLINE, HOPS, EditedModel, EditMetrics, flatten_report, record_batches, with_weights
 
 
+REPORT_KEY = "kedit_val_report"
+"""Where a Lightning checkpoint keeps the validation report of its weights (export and reports read it)."""
+
+
 class EditorModule(LightningModule):
     def __init__(self, backbone: BackboneSpec, hops: Sequence[str] = HOPS, logged_edits: int = 4) -> None:
         super().__init__()
@@ -90,6 +94,8 @@ class EditorModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")}
         checkpoint["backbone_fingerprint"] = self.backbone.fingerprint()
+        if "val" in self.last_report:
+            checkpoint[REPORT_KEY] = self.last_report["val"]
 
     # -- evaluation -------------------------------------------------------------------------
     def _check_grad_mode(self) -> None:
