@@ -135,6 +135,7 @@ def test_classifier_loss_falls_and_the_base_stays_untouched(tokenizer_dir, tmp_p
     module = make_module(tokenizer_dir, classifier=classifier, hard_negatives=classifier == "embedding")
     batch = edit_batch(module)
     base_before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
+    projection_before = {k: v.clone() for k, v in module.editor.counterfactual.image_projection.state_dict().items()}
 
     def classifier_loss() -> float:
         module.eval()
@@ -143,14 +144,16 @@ def test_classifier_loss_falls_and_the_base_stays_untouched(tokenizer_dir, tmp_p
             return float(module._classifier_loss(inputs, batch)[0])
 
     before = classifier_loss()
-    trainer = Trainer(max_steps=25, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, inference_mode=False, default_root_dir=tmp_path)
-    loader = DataLoader([batch] * 25, batch_size=None, collate_fn=lambda item: item)
+    loader = DataLoader([batch] * 40, batch_size=None, collate_fn=lambda item: item)
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=DataLoader([batch], batch_size=None, collate_fn=lambda item: item))
     after = classifier_loss()
     assert after < 0.5 * before, (before, after)
     assert {"train/loss_classifier", "train/loss_counterfactual", "val/reliability", "val/i_locality", "val/score"} <= set(trainer.callback_metrics)
     assert all(torch.equal(v, base_before[k]) for k, v in module.backbone.state_dict().items())
+    # The counterfactual model's image projection learns (the public multimodal SERAC leaves it at random init).
+    assert not all(torch.equal(v, projection_before[k]) for k, v in module.editor.counterfactual.image_projection.state_dict().items())
     trainer.save_checkpoint(tmp_path / "serac.ckpt")
     saved = torch.load(tmp_path / "serac.ckpt", weights_only=False)["state_dict"]
     assert not any(k.startswith("backbone.") for k in saved)

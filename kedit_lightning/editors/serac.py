@@ -144,11 +144,11 @@ class ScopeClassifier(nn.Module):
     feature size) makes the classifier read images too; None reads text only.
 
     embedding: score = a * cos(text_e, text_x) + b * cos(image_e, image_x) + c, with text vectors
-    the mean-pooled encoder states and image vectors a projection of the pooled image features
+    the mean-pooled encoder states and image vectors a two-layer MLP of the pooled image features
     (zero, so cosine 0, for a side without an image); a, b, c are learned.
     cross: the encoder reads [edit text, edit image, input text, input image] as one sequence
-    (each image one projected token, left out when absent); a linear head on the mean-pooled
-    states gives the score.
+    (each image one token from the same MLP, left out when absent); a linear head on the
+    mean-pooled states gives the score.
     """
 
     def __init__(self, encoder: nn.Module, kind: ClassifierKind = "embedding", image_dim: int | None = None) -> None:
@@ -159,12 +159,14 @@ class ScopeClassifier(nn.Module):
         self.kind = kind
         self.image_dim = image_dim
         hidden = encoder.config.hidden_size
-        self.image_projection = image_projection(image_dim, hidden) if image_dim else None
+        # Two layers: "same object, another photo" is not a linear function of the pooled features.
+        self.image_projection = nn.Sequential(image_projection(image_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)) if image_dim else None
         if kind == "embedding":
-            # Start with a cosine threshold of 0.5 on text, the paper's embedding model's shape.
+            # At first an input is in scope when its text cosine passes 0.5 (10 * 0.5 - 5 = 0).
             self.text_scale = nn.Parameter(torch.tensor(10.0))
-            self.image_scale = nn.Parameter(torch.tensor(10.0))
             self.bias = nn.Parameter(torch.tensor(-5.0))
+            # Only when images are read: a parameter without gradients would stall DDP.
+            self.image_scale = nn.Parameter(torch.tensor(10.0)) if image_dim else None
         else:
             self.head = nn.Linear(hidden, 1)
 
