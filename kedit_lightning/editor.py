@@ -37,7 +37,7 @@ from kedit_lightning.backbones import FAMILIES, Backbone
 from kedit_lightning.editors.serac import Router
 from kedit_lightning.evaluation import HEADLINE, HOPS, EditedModel, EditMetrics, record_batches, with_weights
 from kedit_lightning.export import METHODS, check_fingerprint, read_card, rebuild_module, verify_weights
-from kedit_lightning.modules.editing import EditorModule
+from kedit_lightning.modules.editing import EditorModule, WeightEditorModule
 
 
 class NonFiniteEdit(FloatingPointError):
@@ -211,7 +211,7 @@ class Editor:
     @property
     def edits_weights(self) -> bool:
         """True when edits become new weights (saveable as a transformers model); False for memory editors."""
-        return not METHODS[self.method].memory
+        return issubclass(METHODS[self.method], WeightEditorModule)
 
     def load_backbone(self, source: str, dtype: str | None = None, device: str | torch.device = "cpu") -> Backbone:
         """The backbone family this editor was trained on, from a hub id or directory, checked against the fingerprint."""
@@ -238,7 +238,7 @@ class Editor:
     def start(self, backbone: Backbone) -> EditState:
         """An empty sequence of edits on `backbone`; `add` edits to it, `model()` is the post-edit model."""
         module = self.attach(backbone)
-        return MemoryEdits(module) if METHODS[self.method].memory else WeightEdits(module)
+        return WeightEdits(module) if isinstance(module, WeightEditorModule) else MemoryEdits(module)
 
     def encode(
         self, backbone: Backbone, requests: Sequence[Request], batch_size: int | None = None, image_root: str | Path | None = None,

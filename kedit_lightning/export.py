@@ -11,8 +11,7 @@ from the recorded hyper-parameters (jsonargparse turns the JSON back into specs)
 backbone to edit, asked to `build_editor(backbone)`, and the saved state is loaded into its
 editor. So an artifact needs nothing beyond what training needed: for SERAC, the scope encoder
 and counterfactual model sources named in its hyper-parameters (their weights come from the
-artifact). Methods plug in through `METHODS`: the training module class, and whether edits become
-new weights (MEND, FT: `module.edit`) or entries of a memory beside the unchanged model (SERAC).
+artifact). Methods plug in through `METHODS`, name -> training module class.
 
 Loading refuses what it cannot trust, with a message naming the file and the problem: JSON that
 does not parse or lacks a field, a format newer than this package, a weights file safetensors
@@ -31,7 +30,7 @@ import json
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,28 +67,14 @@ class FingerprintMismatch(ValueError):
     """An editor applied to (or exported for) a backbone other than the one it was trained on."""
 
 
-@dataclass(frozen=True)
-class EditorMethod:
-    """One editing method: the LightningModule that trains it (its editor is `module.editor`), and how edits apply.
-
-    `memory=False`: an edit is new weights, `module.edit(sub_batch, weights) -> weights`.
-    `memory=True`: edits are added to `module.editor`'s memory and a router answers (SERAC).
-    """
-
-    module_class: type[EditorModule]
-    memory: bool = False
-
-
-METHODS: dict[str, EditorMethod] = {
-    "mend": EditorMethod(MENDModule),
-    "ft": EditorMethod(FTModule),
-    "serac": EditorMethod(SERACModule, memory=True),
-}
+METHODS: dict[str, type[EditorModule]] = {"mend": MENDModule, "ft": FTModule, "serac": SERACModule}
+"""Each editing method's training module; its editor is `module.editor`. A `WeightEditorModule`'s
+edits are new weights (`module.edit`); SERAC's go into a memory that a router answers from."""
 
 
 def method_of_module(module: LightningModule) -> str:
-    for name, method in METHODS.items():
-        if isinstance(module, method.module_class):
+    for name, module_class in METHODS.items():
+        if isinstance(module, module_class):
             return name
     raise TypeError(f"{type(module).__name__} is not the training module of a known editing method ({sorted(METHODS)})")
 
@@ -105,8 +90,8 @@ def method_of_checkpoint(checkpoint: Mapping[str, Any], path: str | Path, method
         raise ValueError(f"{path}: the checkpoint does not record its LightningModule class (it was not trained through train.py); name the method, one of {sorted(METHODS)}")
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
-    for name, entry in METHODS.items():
-        if issubclass(cls, entry.module_class):
+    for name, module_class in METHODS.items():
+        if issubclass(cls, module_class):
             return name
     raise ValueError(f"{path}: {class_path} does not train a known editing method ({sorted(METHODS)})")
 
@@ -205,7 +190,7 @@ def rebuild_module(card: Mapping[str, Any], path: str | Path, backbone: Backbone
     """
     method = card["method"]
     try:
-        module = instantiate_module(METHODS[method].module_class, card["hyper_parameters"])
+        module = instantiate_module(METHODS[method], card["hyper_parameters"])
     except (argparse.ArgumentError, TypeError, ValueError) as err:
         raise ArtifactError(f"{path}: the hyper-parameters in {CARD_FILE} do not build a {method} module: {err}") from err
     module.backbone = backbone
@@ -320,7 +305,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, method: str | 
     with warnings.catch_warnings():
         # The backbone is rebuilt from its spec, never stored in checkpoints: its keys are missing on purpose.
         warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
-        module = METHODS[method].module_class.load_from_checkpoint(path, map_location="cpu", weights_only=False, **overrides)
+        module = METHODS[method].load_from_checkpoint(path, map_location="cpu", weights_only=False, **overrides)
     if "backbone_fingerprint" in checkpoint:
         check_fingerprint(checkpoint["backbone_fingerprint"], module.backbone.fingerprint(), f"{path} (trained on another backbone than its spec loads now)")
     return export_module(

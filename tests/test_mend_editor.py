@@ -6,29 +6,11 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
-from data_modules.encoding import SubBatchEncoder
-from kedit_lightning.backbones.base import Backbone
+from kedit_lightning.backbones import TextLMBackbone
 from kedit_lightning.editors.losses import masked_kl, masked_nll
 from kedit_lightning.editors.mend import MEND, RunningMoments, capture_factors, edit_gradients, merge_moments
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "the", "capital", "of", "france", "italy", "spain", "is", "paris", "rome", "madrid", "city", "big", "a", "who", "leads", "it"]
-
-
-class TinyLM(Backbone):
-    """A test-only Backbone around a causal LM built in memory."""
-
-    family = "test-tiny-lm"
-
-    @classmethod
-    def from_pretrained(cls, path, edit_params, dtype=torch.float32):
-        raise NotImplementedError("test backbone: built directly")
-
-    @classmethod
-    def from_config(cls, config, processor, edit_params, dtype=torch.float32):
-        raise NotImplementedError("test backbone: built directly")
-
-    def model_logits(self, input_ids, attention_mask, pixel_values):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 def word_tokenizer():
@@ -38,7 +20,7 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def make_backbone(kind: str = "opt") -> TinyLM:
+def make_backbone(kind: str = "opt") -> TextLMBackbone:
     torch.manual_seed(0)
     if kind == "opt":
         config = OPTConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2, max_position_embeddings=32,
@@ -48,7 +30,7 @@ def make_backbone(kind: str = "opt") -> TinyLM:
         config = GPT2Config(vocab_size=len(WORDS), n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=2,
                             initializer_range=0.3, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model, edit = GPT2LMHeadModel(config), ["transformer.h.{0,1}.mlp.c_{fc,proj}.weight"]
-    return TinyLM(model.eval(), SubBatchEncoder(word_tokenizer()), edit)
+    return TextLMBackbone(model.eval(), word_tokenizer(), edit)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """What every editor's LightningModule shares: the frozen backbone, edit evaluation, logging.
 
 Subclasses say how to edit and, when they learn, how to train (`training_step`,
-`configure_optimizers`): weight editors (MEND, FT) implement `edit`, which returns new weights;
-an editor that leaves the weights alone (SERAC) overrides `edited_model` instead. Validation and
+`configure_optimizers`): weight editors (MEND, FT) derive from `WeightEditorModule` and implement
+`edit`, which returns new weights; an editor that leaves the weights alone (SERAC) implements
+`edited_model`. Validation and
 test edit each held-out record on its own from the unedited model and report the standard
 metrics to every logger, with a TensorBoard text panel of a few edits (prompt, old answer,
 target, pre- and post-edit prediction).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ REPORT_KEY = "kedit_val_report"
 """Where a Lightning checkpoint keeps the validation report of its weights (export and reports read it)."""
 
 
-class EditorModule(LightningModule):
+class EditorModule(LightningModule, ABC):
     def __init__(self, backbone: BackboneSpec, hops: Sequence[str] = HOPS, logged_edits: int = 4) -> None:
         super().__init__()
         # load_from_checkpoint hands the spec back as the plain dict `save_hyperparameters` stored.
@@ -51,15 +53,9 @@ class EditorModule(LightningModule):
             self.hparams["backbone"] = dataclasses.asdict(self.hparams["backbone"])
 
     # -- the editor -------------------------------------------------------------------------
-    def edit(self, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Edited weights of the backbone's edit parameters for the edit(s) in `sub_batch` (weight editors)."""
-        raise NotImplementedError(f"{type(self).__name__} implements neither `edit` (new weights) nor `edited_model`")
-
+    @abstractmethod
     def edited_model(self, record: Mapping[str, Any]) -> EditedModel:
         """The post-edit model for one record's edit, starting from the unedited backbone."""
-        with torch.enable_grad():
-            params = self.edit(record["edit_inner"])
-        return with_weights(self.backbone, {k: v.detach() for k, v in params.items()})
 
     def build_editor(self, backbone: Backbone) -> None:
         """Create the editor's own modules once the backbone (and so the edited shapes) is known."""
@@ -156,3 +152,16 @@ class EditorModule(LightningModule):
     @staticmethod
     def logged_example_index(meta: Mapping[str, Any]) -> str:
         return str(meta.get("index", meta["prompt"]))[:60]
+
+
+class WeightEditorModule(EditorModule):
+    """An editor whose edit is new weights for the backbone's edit parameters (MEND, FT)."""
+
+    @abstractmethod
+    def edit(self, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Edited weights for the edit(s) in `sub_batch`, starting from `params` (None: the backbone's own)."""
+
+    def edited_model(self, record: Mapping[str, Any]) -> EditedModel:
+        with torch.enable_grad():
+            params = self.edit(record["edit_inner"])
+        return with_weights(self.backbone, {k: v.detach() for k, v in params.items()})

@@ -14,10 +14,10 @@ from data_modules.encoding import SubBatch
 from kedit_lightning.backbones import BackboneSpec
 from kedit_lightning.editors.ft import FineTune
 from kedit_lightning.evaluation import HOPS
-from kedit_lightning.modules.editing import EditorModule
+from kedit_lightning.modules.editing import WeightEditorModule
 
 
-class FTModule(EditorModule):
+class FTModule(WeightEditorModule):
     def __init__(self, backbone: BackboneSpec, lr: float = 1e-2, steps: int = 1, hops: Sequence[str] = HOPS, logged_edits: int = 4) -> None:
         super().__init__(backbone, hops, logged_edits)
         self.save_hyperparameters()

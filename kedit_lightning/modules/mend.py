@@ -32,10 +32,10 @@ from kedit_lightning.backbones import Backbone, BackboneSpec
 from kedit_lightning.editors.losses import masked_kl, masked_nll
 from kedit_lightning.editors.mend import MEND
 from kedit_lightning.evaluation import HOPS, record_batches
-from kedit_lightning.modules.editing import EditorModule
+from kedit_lightning.modules.editing import WeightEditorModule
 
 
-class MENDModule(EditorModule):
+class MENDModule(WeightEditorModule):
     def __init__(
         self,
         backbone: BackboneSpec,
