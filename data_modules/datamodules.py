@@ -257,53 +257,23 @@ class EditDataModule(LightningDataModule):
 
 
 class VQADataModule(EditDataModule):
-    """E-VQA: `vqa_train.json` / `vqa_eval.json`, prompts through the VQA template."""
+    """E-VQA: `vqa_train.json` / `vqa_eval.json`, prompts through the VQA template.
 
-    def __init__(
-        self,
-        data_dir: str,
-        train_file: str = "vqa_train.json",
-        val_file: str = "vqa_eval.json",
-        test_file: str | None = None,
-        image_root: str = "images",
-        batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 0,
-        vqa_template: str = VQA_TEMPLATE,
-        processor: SubBatchEncoder | None = None,
-        synthesize: bool = False,
-        train_shards: str | None = None,
-        val_shards: str | None = None,
-        test_shards: str | None = None,
-        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-    ) -> None:
-        super().__init__(data_dir, train_file, val_file, test_file, image_root, "vqa", batch_size, num_workers, seed, vqa_template, processor, synthesize,
-                         train_shards=train_shards, val_shards=val_shards, test_shards=test_shards, shuffle_buffer=shuffle_buffer)
+    The other options are EditDataModule's (LightningCLI reads them through `**kwargs`).
+    """
+
+    def __init__(self, data_dir: str, train_file: str = "vqa_train.json", val_file: str = "vqa_eval.json", **kwargs: Any) -> None:
+        super().__init__(data_dir, train_file, val_file, kind="vqa", **kwargs)
 
 
 class CaptionDataModule(EditDataModule):
-    """E-IC: `caption_train_edit.json` / `caption_eval_edit.json`, caption prompts used as they are."""
+    """E-IC: `caption_train_edit.json` / `caption_eval_edit.json`, caption prompts used as they are.
 
-    def __init__(
-        self,
-        data_dir: str,
-        train_file: str = "caption_train_edit.json",
-        val_file: str = "caption_eval_edit.json",
-        test_file: str | None = None,
-        image_root: str = "images",
-        batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 0,
-        vqa_template: str = VQA_TEMPLATE,
-        processor: SubBatchEncoder | None = None,
-        synthesize: bool = False,
-        train_shards: str | None = None,
-        val_shards: str | None = None,
-        test_shards: str | None = None,
-        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-    ) -> None:
-        super().__init__(data_dir, train_file, val_file, test_file, image_root, "caption", batch_size, num_workers, seed, vqa_template, processor, synthesize,
-                         train_shards=train_shards, val_shards=val_shards, test_shards=test_shards, shuffle_buffer=shuffle_buffer)
+    The other options are EditDataModule's (LightningCLI reads them through `**kwargs`).
+    """
+
+    def __init__(self, data_dir: str, train_file: str = "caption_train_edit.json", val_file: str = "caption_eval_edit.json", **kwargs: Any) -> None:
+        super().__init__(data_dir, train_file, val_file, kind="caption", **kwargs)
 
 
 class FactsDataModule(EditDataModule):
@@ -316,29 +286,10 @@ class FactsDataModule(EditDataModule):
     Test (optional): the test file's facts.
     """
 
-    def __init__(
-        self,
-        data_dir: str,
-        train_file: str = "vqa_train.json",
-        val_file: str = "vqa_eval.json",
-        test_file: str | None = None,
-        image_root: str = "images",
-        kind: DataKind = "vqa",
-        batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 0,
-        vqa_template: str = VQA_TEMPLATE,
-        processor: SubBatchEncoder | None = None,
-        synthesize: bool = False,
-        train_shards: str | None = None,
-        val_shards: str | None = None,
-        test_shards: str | None = None,
-        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-    ) -> None:
-        if (train_shards is None) != (val_shards is None):
+    def __init__(self, data_dir: str, train_file: str = "vqa_train.json", val_file: str = "vqa_eval.json", **kwargs: Any) -> None:
+        if (kwargs.get("train_shards") is None) != (kwargs.get("val_shards") is None):
             raise ValueError("FactsDataModule trains on the train and val facts together: give both train_shards and val_shards, or neither")
-        super().__init__(data_dir, train_file, val_file, test_file, image_root, kind, batch_size, num_workers, seed, vqa_template, processor, synthesize,
-                         train_shards=train_shards, val_shards=val_shards, test_shards=test_shards, shuffle_buffer=shuffle_buffer)
+        super().__init__(data_dir, train_file, val_file, **kwargs)
 
     def build_dataset(self, split: str) -> Dataset:
         records = self.split_records("train") + self.split_records("val") if split == "train" else self.split_records(split)

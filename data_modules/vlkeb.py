@@ -41,10 +41,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from data_modules.datamodules import EditDataModule, edit_example
-from data_modules.datasets import VQA_TEMPLATE, DataKind, EditCollator, EditDataset, EditExample, PromptBuilder
-from data_modules.encoding import EditBatch, SubBatchEncoder
+from data_modules.datasets import DataKind, EditCollator, EditDataset, EditExample, PromptBuilder
+from data_modules.encoding import EditBatch
 from data_modules.records import DataError, EditRecord
-from data_modules.shards import DEFAULT_SHUFFLE_BUFFER, ExampleBuilder
+from data_modules.shards import ExampleBuilder
 
 HOPS = {1: "1-hop", 2: "2-hop", 3: "3-hop", 4: "4-hop"}
 
@@ -124,25 +124,13 @@ class VLKEBDataModule(EditDataModule):
         data_dir: str,
         train_file: str = "train.json",
         val_file: str = "eval_multihop.json",
-        test_file: str | None = None,
-        image_root: str = "images",
         hops: list[int] | Literal["all"] = "all",
         require_port: bool = False,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 0,
-        vqa_template: str = VQA_TEMPLATE,
-        processor: SubBatchEncoder | None = None,
-        synthesize: bool = False,
-        train_shards: str | None = None,
-        val_shards: str | None = None,
-        test_shards: str | None = None,
-        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+        **kwargs: Any,
     ) -> None:
         self.hops = hop_names(hops)
         self.require_port = require_port
-        super().__init__(data_dir, train_file, val_file, test_file, image_root, "vqa", batch_size, num_workers, seed, vqa_template, processor, synthesize,
-                         train_shards=train_shards, val_shards=val_shards, test_shards=test_shards, shuffle_buffer=shuffle_buffer)
+        super().__init__(data_dir, train_file, val_file, kind="vqa", **kwargs)
 
     def read_split(self, split: str) -> list[EditRecord]:
         records = [select_hops(r, self.hops) for r in super().read_split(split)]
