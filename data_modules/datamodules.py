@@ -33,33 +33,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data_modules.datasets import VQA_TEMPLATE, DataKind, EditCollator, EditDataset, EditExample, FactCollator, FactDataset, FactExample, PromptBuilder
+from data_modules.datasets import VQA_TEMPLATE, DataKind, EditCollator, EditDataset, EditExample, edit_example, FactCollator, FactDataset, FactExample, PromptBuilder
 from data_modules.encoding import SubBatchEncoder
 from data_modules.records import DataError, EditRecord, check_images, read_records
 from data_modules.shards import DEFAULT_SHUFFLE_BUFFER, ExampleBuilder, Shard, ShardStream, StreamLoader, resolve_shards
 from data_modules.synthetic import WORLD_FILE, write_synthetic_world
 
 FACTS_PER_RECORD = 5  # FactDataset: three edit-prompt facts (when `pred` is set) and two locality facts
-
-
-def edit_example(record: EditRecord, images: Mapping[str, Image.Image], prompts: PromptBuilder) -> EditExample:
-    """`EditDataset`'s example for a record whose images are already decoded (from a shard)."""
-    file, index = record.where()
-    prompt, rephrase = prompts.edit_prompt(record.src), prompts.edit_prompt(record.rephrase)
-    return EditExample(
-        prompt=prompt,
-        rephrase=rephrase,
-        target=record.alt,
-        image=images["image"],
-        image_rephrase=images["image_rephrase"],
-        loc_prompt=record.loc,
-        loc_target=record.loc_ans,
-        m_loc_prompt=prompts.question(record.m_loc_q),
-        m_loc_target=record.m_loc_a,
-        m_loc_image=images["m_loc"],
-        port=[(q.hop, prompts.question(q.question), q.answer) for q in record.port],
-        meta={"prompt": prompt, "rephrase": rephrase, "pred": record.pred, "alt": record.alt, "image": record.image, "origin": f"{file}:{index}", "index": index},
-    )
 
 
 class EditExamples:

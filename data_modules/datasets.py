@@ -26,7 +26,7 @@ EditBatch layout (see data_modules/encoding.py for a sub-batch):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -91,6 +91,27 @@ class EditExample:
     meta: dict[str, Any]
 
 
+def edit_example(record: EditRecord, images: Mapping[str, Image.Image], prompts: PromptBuilder, position: int = 0) -> EditExample:
+    """The example of one record, its images (`image`, `image_rephrase`, `m_loc`) already decoded;
+    `position` names the record in messages when it has no origin."""
+    file, index = record.where(position)
+    prompt, rephrase = prompts.edit_prompt(record.src), prompts.edit_prompt(record.rephrase)
+    return EditExample(
+        prompt=prompt,
+        rephrase=rephrase,
+        target=record.alt,
+        image=images["image"],
+        image_rephrase=images["image_rephrase"],
+        loc_prompt=record.loc,
+        loc_target=record.loc_ans,
+        m_loc_prompt=prompts.question(record.m_loc_q),
+        m_loc_target=record.m_loc_a,
+        m_loc_image=images["m_loc"],
+        port=[(q.hop, prompts.question(q.question), q.answer) for q in record.port],
+        meta={"prompt": prompt, "rephrase": rephrase, "pred": record.pred, "alt": record.alt, "image": record.image, "origin": f"{file}:{index}", "index": index},
+    )
+
+
 class EditDataset(Dataset):
     """Edit records of one split; images decoded per item, in whichever process asks."""
 
@@ -104,23 +125,8 @@ class EditDataset(Dataset):
 
     def __getitem__(self, position: int) -> EditExample:
         record = self.records[position]
-        file, index = record.where(position)
-        build = self.prompts
-        prompt, rephrase = build.edit_prompt(record.src), build.edit_prompt(record.rephrase)
-        return EditExample(
-            prompt=prompt,
-            rephrase=rephrase,
-            target=record.alt,
-            image=load_image(self.image_root, record, "image", position),
-            image_rephrase=load_image(self.image_root, record, "image_rephrase", position),
-            loc_prompt=record.loc,
-            loc_target=record.loc_ans,
-            m_loc_prompt=build.question(record.m_loc_q),
-            m_loc_target=record.m_loc_a,
-            m_loc_image=load_image(self.image_root, record, "m_loc", position),
-            port=[(q.hop, build.question(q.question), q.answer) for q in record.port],
-            meta={"prompt": prompt, "rephrase": rephrase, "pred": record.pred, "alt": record.alt, "image": record.image, "origin": f"{file}:{index}", "index": index},
-        )
+        images = {field: load_image(self.image_root, record, field, position) for field in ("image", "image_rephrase", "m_loc")}
+        return edit_example(record, images, self.prompts, position)
 
 
 class EditCollator:

@@ -40,8 +40,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data_modules.datamodules import EditDataModule, edit_example
-from data_modules.datasets import DataKind, EditCollator, EditDataset, EditExample, PromptBuilder
+from data_modules.datamodules import EditDataModule
+from data_modules.datasets import DataKind, EditCollator, EditDataset, EditExample, PromptBuilder, edit_example
 from data_modules.encoding import EditBatch
 from data_modules.records import DataError, EditRecord
 from data_modules.shards import ExampleBuilder
