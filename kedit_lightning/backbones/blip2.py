@@ -15,19 +15,14 @@ from torch import nn
 from transformers import Blip2Config, Blip2ForConditionalGeneration, BlipImageProcessorPil
 
 from data_modules.encoding import PromptFormat, SubBatchEncoder
-from kedit_lightning.backbones.base import Backbone, register
+from kedit_lightning.backbones.base import register
+from kedit_lightning.backbones.image_text import ImageTextBackbone
 from kedit_lightning.backbones.loading import (
-    as_dtype,
     check_image_size,
     check_image_token,
     check_vocab,
     default_edit_params,
-    fill_text_config,
-    load_image_processor,
-    load_tokenizer,
-    read_config_dict,
     reject_placeholders,
-    resolve_processor,
     with_special_token,
 )
 
@@ -53,8 +48,12 @@ def init_query_tokens(model: nn.Module) -> None:
 
 
 @register
-class Blip2Backbone(Backbone):
+class Blip2Backbone(ImageTextBackbone):
     family: ClassVar[str] = "blip2"
+    model_class = Blip2ForConditionalGeneration
+    config_class = Blip2Config
+    model_types = frozenset({"blip-2"})
+    image_token = IMAGE_TOKEN
     prompt_template: ClassVar[PromptFormat] = PromptFormat(with_image="{image}{prompt}", text_only="{prompt}", image_token=IMAGE_TOKEN)
 
     def __init__(
@@ -91,36 +90,11 @@ class Blip2Backbone(Backbone):
         super().__init__(model, SubBatchEncoder(tokenizer, image_processor, prompt_format, max_length), edit_params)
         self.image_token_id = image_token_id
 
-    @staticmethod
-    def build_model(config: Mapping[str, Any], dtype: torch.dtype | str = torch.float32) -> Blip2ForConditionalGeneration:
-        """Random weights from Blip2Config kwargs (nested vision_config / qformer_config / text_config dicts)."""
-        model = Blip2ForConditionalGeneration._from_config(Blip2Config(**config), dtype=as_dtype(dtype))
+    @classmethod
+    def build_model(cls, config: Mapping[str, Any], dtype: torch.dtype | str = torch.float32) -> Blip2ForConditionalGeneration:
+        model = super().build_model(config, dtype)
         init_query_tokens(model)
         return model
-
-    @classmethod
-    def from_config(
-        cls,
-        config: dict[str, Any],
-        processor: str | None = None,
-        edit_params: Sequence[str] = (),
-        dtype: torch.dtype = torch.float32,
-        *,
-        tokenizer: Any | None = None,
-        image_processor: Any | None = None,
-        max_length: int | None = None,
-    ) -> "Blip2Backbone":
-        tokenizer, image_processor = resolve_processor(processor, tokenizer, image_processor, cls.family)
-        tokenizer = with_special_token(tokenizer, IMAGE_TOKEN)
-        config = {**config, "text_config": fill_text_config(config.get("text_config"), tokenizer)}
-        config.setdefault("image_token_index", tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-        return cls(cls.build_model(config, dtype), tokenizer, image_processor, edit_params, max_length)
-
-    @classmethod
-    def from_pretrained(cls, path: str, edit_params: Sequence[str] = (), dtype: torch.dtype = torch.float32, *, max_length: int | None = None) -> "Blip2Backbone":
-        read_config_dict(path, cls.family, {"blip-2"})
-        model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=as_dtype(dtype))
-        return cls(model, load_tokenizer(path), load_image_processor(path), edit_params, max_length)
 
     def model_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         if pixel_values is None:

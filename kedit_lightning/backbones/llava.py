@@ -8,27 +8,21 @@ CLS token where the tower has one), minus the CLS when vision_feature_select_str
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration
 
 from data_modules.encoding import PromptFormat, SubBatchEncoder
-from kedit_lightning.backbones.base import Backbone, register
+from kedit_lightning.backbones.base import register
+from kedit_lightning.backbones.image_text import ImageTextBackbone
 from kedit_lightning.backbones.loading import (
-    as_dtype,
     check_image_size,
     check_image_token,
     check_vocab,
     default_edit_params,
-    fill_text_config,
-    load_image_processor,
-    load_tokenizer,
-    read_config_dict,
     reject_placeholders,
-    resolve_processor,
-    with_special_token,
 )
 
 IMAGE_TOKEN = "<image>"
@@ -49,8 +43,12 @@ def num_image_features(model: LlavaForConditionalGeneration) -> int:
 
 
 @register
-class LlavaBackbone(Backbone):
+class LlavaBackbone(ImageTextBackbone):
     family: ClassVar[str] = "llava"
+    model_class = LlavaForConditionalGeneration
+    config_class = LlavaConfig
+    model_types = frozenset({"llava"})
+    image_token = IMAGE_TOKEN
     prompt_template: ClassVar[PromptFormat] = PromptFormat(
         with_image="USER: {image}\n{prompt} ASSISTANT:", text_only="USER: {prompt} ASSISTANT:", image_token=IMAGE_TOKEN
     )
@@ -79,35 +77,6 @@ class LlavaBackbone(Backbone):
         edit_params = list(edit_params) or default_edit_params(config.text_config, "model.language_model.", causal_wrapper=False)
         super().__init__(model, SubBatchEncoder(tokenizer, image_processor, prompt_format, max_length), edit_params)
         self.image_token_id = image_token_id
-
-    @staticmethod
-    def build_model(config: Mapping[str, Any], dtype: torch.dtype | str = torch.float32) -> LlavaForConditionalGeneration:
-        """Random weights from LlavaConfig kwargs (nested vision_config / text_config dicts)."""
-        return LlavaForConditionalGeneration._from_config(LlavaConfig(**config), dtype=as_dtype(dtype))
-
-    @classmethod
-    def from_config(
-        cls,
-        config: dict[str, Any],
-        processor: str | None = None,
-        edit_params: Sequence[str] = (),
-        dtype: torch.dtype = torch.float32,
-        *,
-        tokenizer: Any | None = None,
-        image_processor: Any | None = None,
-        max_length: int | None = None,
-    ) -> "LlavaBackbone":
-        tokenizer, image_processor = resolve_processor(processor, tokenizer, image_processor, cls.family)
-        tokenizer = with_special_token(tokenizer, IMAGE_TOKEN)
-        config = {**config, "text_config": fill_text_config(config.get("text_config"), tokenizer)}
-        config.setdefault("image_token_index", tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-        return cls(cls.build_model(config, dtype), tokenizer, image_processor, edit_params, max_length)
-
-    @classmethod
-    def from_pretrained(cls, path: str, edit_params: Sequence[str] = (), dtype: torch.dtype = torch.float32, *, max_length: int | None = None) -> "LlavaBackbone":
-        read_config_dict(path, cls.family, {"llava"})
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=as_dtype(dtype))
-        return cls(model, load_tokenizer(path), load_image_processor(path), edit_params, max_length)
 
     def model_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         if pixel_values is None:

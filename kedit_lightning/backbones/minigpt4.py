@@ -16,7 +16,7 @@ Vicuna checkpoint, and the MiniGPT-4 projection `.pth`.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,7 +41,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import cached_file
 
 from data_modules.encoding import PromptFormat, SubBatchEncoder
-from kedit_lightning.backbones.base import Backbone, register
+from kedit_lightning.backbones.base import register
+from kedit_lightning.backbones.image_text import ImageTextBackbone
 from kedit_lightning.backbones.blip2 import blip_image_processor
 from kedit_lightning.backbones.loading import (
     as_dtype,
@@ -49,12 +50,10 @@ from kedit_lightning.backbones.loading import (
     check_image_token,
     check_vocab,
     default_edit_params,
-    fill_text_config,
     load_image_processor,
     load_tokenizer,
     read_config_dict,
     reject_placeholders,
-    resolve_processor,
     with_special_token,
 )
 
@@ -185,8 +184,12 @@ def load_minigpt4_projection(model: MiniGPT4ForConditionalGeneration, path: str 
 
 
 @register
-class MiniGPT4Backbone(Backbone):
+class MiniGPT4Backbone(ImageTextBackbone):
     family: ClassVar[str] = "minigpt4"
+    model_class = MiniGPT4ForConditionalGeneration
+    config_class = MiniGPT4Config
+    model_types = frozenset({MiniGPT4Config.model_type})
+    image_token = IMAGE_TOKEN
     prompt_template: ClassVar[PromptFormat] = PromptFormat(
         with_image="###Human: <Img>{image}</Img> {prompt}###Assistant:", text_only="###Human: {prompt}###Assistant:", image_token=IMAGE_TOKEN
     )
@@ -216,35 +219,6 @@ class MiniGPT4Backbone(Backbone):
         edit_params = list(edit_params) or default_edit_params(config.text_config, "language_model.", causal_wrapper=True)
         super().__init__(model, SubBatchEncoder(tokenizer, image_processor, prompt_format, max_length), edit_params)
         self.image_token_id = image_token_id
-
-    @staticmethod
-    def build_model(config: Mapping[str, Any], dtype: torch.dtype | str = torch.float32) -> MiniGPT4ForConditionalGeneration:
-        """Random weights from MiniGPT4Config kwargs (nested vision_config / qformer_config / text_config dicts)."""
-        return MiniGPT4ForConditionalGeneration._from_config(MiniGPT4Config(**config), dtype=as_dtype(dtype))
-
-    @classmethod
-    def from_config(
-        cls,
-        config: dict[str, Any],
-        processor: str | None = None,
-        edit_params: Sequence[str] = (),
-        dtype: torch.dtype = torch.float32,
-        *,
-        tokenizer: Any | None = None,
-        image_processor: Any | None = None,
-        max_length: int | None = None,
-    ) -> "MiniGPT4Backbone":
-        tokenizer, image_processor = resolve_processor(processor, tokenizer, image_processor, cls.family)
-        tokenizer = with_special_token(tokenizer, IMAGE_TOKEN)
-        config = {**config, "text_config": fill_text_config(config.get("text_config"), tokenizer)}
-        config.setdefault("image_token_index", tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-        return cls(cls.build_model(config, dtype), tokenizer, image_processor, edit_params, max_length)
-
-    @classmethod
-    def from_pretrained(cls, path: str, edit_params: Sequence[str] = (), dtype: torch.dtype = torch.float32, *, max_length: int | None = None) -> "MiniGPT4Backbone":
-        read_config_dict(path, cls.family, {MiniGPT4Config.model_type})
-        model = MiniGPT4ForConditionalGeneration.from_pretrained(path, dtype=as_dtype(dtype))
-        return cls(model, load_tokenizer(path), load_image_processor(path), edit_params, max_length)
 
     @classmethod
     def from_components(
