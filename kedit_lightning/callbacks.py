@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 
 import torch
-
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -39,7 +40,10 @@ class CompareWithFineTuning(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = EditMetrics(pl_module.hparams.hops).to(pl_module.device)
-        baseline = evaluate_records(pl_module.backbone, FineTune(self.lr, self.steps), iter(trainer.datamodule.val_dataloader()), metrics)
+        # The same validation batches the editor was scored on (`limit_val_batches` included).
+        limit = trainer.num_val_batches[0] if trainer.num_val_batches else float("inf")
+        batches = itertools.islice(trainer.datamodule.val_dataloader(), None if math.isinf(limit) else int(limit))
+        baseline = evaluate_records(pl_module.backbone, FineTune(self.lr, self.steps), batches, metrics)
         method = type(pl_module).__name__.removesuffix("Module")
         # The editor a run keeps is its best checkpoint's, so that is the one to report.
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
