@@ -6,7 +6,9 @@ facts from the records, and an editor must then change them.
 - Geography: 16 cities, two per country; 8 countries, two per continent; 4 continents, each
   bordered by its own ocean; each ocean guarded by its own creature. These chains carry VLKEB's
   1- to 4-hop portability: after the edit "this object is in city C", 1-hop asks C's country,
-  2-hop its continent, 3-hop that continent's ocean, 4-hop the ocean's creature.
+  2-hop its continent, 3-hop that continent's ocean, 4-hop the ocean's creature. The one-hop-edit
+  variant edits the new city's country too (a text fact, "Which country is C in?" -> another
+  country) and asks the 1-hop question, whose answer is then that other country.
 - Entities: each has a unique look (one of 8 shapes x 8 colours x 4 patterns), a unique
   made-up name and a home city, and is drawn in `VIEWS_PER_ENTITY` PNG views that differ in
   position, scale, rotation and background tint.
@@ -19,8 +21,8 @@ facts from the records, and an editor must then change them.
   question) pairs are dealt in shuffled rounds, so every fact of a split appears in its files.
 
 Output under DIR: images/<name>/view<k>.png, vqa/vqa_{train,eval}.json,
-caption/caption_{train,eval}_edit.json, vlkeb/{train,eval,eval_multihop}.json (only
-eval_multihop carries `port_new`, as in VLKEB) and world.json (the facts, templates and the
+caption/caption_{train,eval}_edit.json, vlkeb/{train,eval,eval_multihop,eval_edit_onehop}.json
+(only the last two carry `port_new`, as in VLKEB) and world.json (the facts, templates and the
 vocabulary). The same seed gives byte-identical files: every random choice comes from a
 `random.Random` seeded by (seed, purpose), JSON is written with sorted keys, and PNGs carry no
 metadata.
@@ -144,6 +146,7 @@ FILES = {
     "vlkeb_train": "vlkeb/train.json",
     "vlkeb_eval": "vlkeb/eval.json",
     "vlkeb_multihop": "vlkeb/eval_multihop.json",
+    "vlkeb_onehop": "vlkeb/eval_edit_onehop.json",
 }
 WORLD_FILE = "world.json"
 IMAGE_DIR = "images"
@@ -260,7 +263,7 @@ def planned_sizes(entities: int = DEFAULT_ENTITIES) -> dict[str, int]:
         "vqa_train": city_train, "vqa_eval": city_eval,
         "caption_train": train * caption_alternatives, "caption_eval": caption_eval,
         "vlkeb_train": city_train, "vlkeb_eval": city_eval, "vlkeb_multihop": city_eval,
-        "images": entities * VIEWS_PER_ENTITY,
+        "vlkeb_onehop": city_eval, "images": entities * VIEWS_PER_ENTITY,
     }
 
 
@@ -482,6 +485,19 @@ def _records(world: World, split: str, edits: list[_Edit], prompts: Sequence[str
     return records
 
 
+def _one_hop_edits(world: World, records: list[dict[str, Any]], rng: random.Random) -> list[dict[str, Any]]:
+    """`records` with VLKEB's one-hop edit: the new city's country becomes another, and the 1-hop question follows it."""
+    countries = sorted(set(world.geography.country_of.values()))
+    out = []
+    for record in records:
+        city = record["alt"]
+        country = rng.choice([c for c in countries if c != world.geography.country_of[city]])
+        item = {"port_q": HOP_QUESTIONS["1-hop"], "port_a": country,
+                "port_edit_q": rng.choice(FACT_QUESTIONS["country"]).format(city), "port_edit_a": country}
+        out.append({**record, "port_new": [item]})
+    return out
+
+
 def build_records(world: World) -> dict[str, list[dict[str, Any]]]:
     """Every data file's records (keys of `FILES`), deterministic in the world's seed."""
     seed = world.seed
@@ -495,6 +511,7 @@ def build_records(world: World) -> dict[str, list[dict[str, Any]]]:
     # As in VLKEB, eval_multihop.json holds the eval edits with their portability questions and eval.json the same edits without.
     out["vlkeb_multihop"] = out["vlkeb_eval"]
     out["vlkeb_eval"] = [{k: v for k, v in r.items() if k != "port_new"} for r in out["vlkeb_multihop"]]
+    out["vlkeb_onehop"] = _one_hop_edits(world, out["vlkeb_eval"], _rng(seed, "vlkeb/onehop"))
     return {name: out[name] for name in FILES}
 
 
@@ -504,7 +521,8 @@ def vocabulary(records: Iterable[dict[str, Any]]) -> list[str]:
     text_fields = ("src", "rephrase", "pred", "alt", "loc", "loc_ans", "m_loc_q", "m_loc_a")
     for record in records:
         texts = [record[f] for f in text_fields]
-        texts += [t for item in record.get("port_new", []) for t in item["Q&A"].values()]
+        for item in record.get("port_new", []):
+            texts += list(item["Q&A"].values()) if "Q&A" in item else list(item.values())
         for text in texts:
             words.update(_words(text))
     return sorted(words)
@@ -589,7 +607,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"Default size ({DEFAULT_ENTITIES} entities: {train} train, {held_out} eval): {sizes['images']} PNGs of "
         f"{IMAGE_SIZE} px; records: vqa {sizes['vqa_train']}/{sizes['vqa_eval']}, caption "
         f"{sizes['caption_train']}/{sizes['caption_eval']}, vlkeb {sizes['vlkeb_train']}/{sizes['vlkeb_eval']}/"
-        f"{sizes['vlkeb_multihop']} (train/eval[/eval_multihop]). Sizes scale with --entities."
+        f"{sizes['vlkeb_multihop']}/{sizes['vlkeb_onehop']} (train/eval[/eval_multihop/eval_edit_onehop]). Sizes scale with --entities."
     )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (new, empty, or a previous synthetic world)")
     parser.add_argument("--seed", type=int, default=0, help="world seed; the same seed writes the same bytes (default 0)")

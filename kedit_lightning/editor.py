@@ -20,6 +20,7 @@ edits, each starting from what the previous one left.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,14 +108,21 @@ class WeightEdits:
         self.module = module
         self.weights: dict[str, torch.Tensor] | None = None
 
-    def add(self, sub_batch: SubBatch, what: str, consequence: str) -> None:
+    def _edited(self, sub_batch: SubBatch, what: str, consequence: str) -> dict[str, torch.Tensor]:
         with torch.enable_grad():
             weights = {name: w.detach() for name, w in self.module.edit(sub_batch, self.weights).items()}
         check_finite(weights, what, consequence)
-        self.weights = weights
+        return weights
+
+    def add(self, sub_batch: SubBatch, what: str, consequence: str) -> None:
+        self.weights = self._edited(sub_batch, what, consequence)
 
     def model(self) -> EditedModel:
         return self.module.backbone if self.weights is None else with_weights(self.module.backbone, self.weights)
+
+    def model_with(self, sub_batch: SubBatch) -> EditedModel:
+        """The post-edit model with the edit of `sub_batch` on top, the edits in force left as they are."""
+        return with_weights(self.module.backbone, self._edited(sub_batch, "a further edit", "evaluation stopped"))
 
 
 class MemoryEdits:
@@ -124,13 +132,18 @@ class MemoryEdits:
         self.module = module
         self.memory = module.editor.memory(module.backbone)
 
-    @torch.no_grad()
     def add(self, sub_batch: SubBatch, what: str, consequence: str) -> None:
-        inputs = self.module.editor.read(self.module.backbone, sub_batch)
-        self.memory.add(inputs.descriptor, inputs.counterfactual)
+        self.module.editor.add_edits(self.memory, self.module.backbone, sub_batch)
 
     def model(self) -> EditedModel:
         return Router(self.module.editor, self.module.backbone, self.memory)
+
+    def model_with(self, sub_batch: SubBatch) -> EditedModel:
+        """The post-edit model with the edit of `sub_batch` on top, the edits in force left as they are."""
+        # A shallow copy is enough: EditMemory.add replaces its tensors (torch.cat), never writes into them.
+        memory = copy.copy(self.memory)
+        self.module.editor.add_edits(memory, self.module.backbone, sub_batch)
+        return Router(self.module.editor, self.module.backbone, memory)
 
 
 EditState = WeightEdits | MemoryEdits
@@ -297,11 +310,11 @@ def _origin(record: Mapping[str, Any], position: int) -> str:
     return record["meta"][0]["origin"] if "meta" in record else f"record {position}"
 
 
-def score_records(backbone: Backbone, records: Iterable[Mapping[str, Any]], edited: EditedModel, hops: Sequence[str] = HOPS) -> dict[str, Any]:
-    """The edit report of `records`, all scored on the same post-edit model."""
+def score_records(backbone: Backbone, records: Iterable[Mapping[str, Any]], state: EditState, hops: Sequence[str] = HOPS) -> dict[str, Any]:
+    """The edit report of `records`, all scored on the post-edit model of `state` (one-hop edits go on top of it)."""
     metrics = EditMetrics(hops).to(device_of(backbone))
     for record in records:
-        metrics.update(backbone, record, edited)
+        metrics.update(backbone, record, state.model(), state.model_with)
     return metrics.compute()
 
 
@@ -312,7 +325,7 @@ def evaluate(editor: Editor, backbone: Backbone, loader: Iterable[EditBatch], ho
     for position, record in enumerate(tqdm(_records(loader, device_of(backbone)), total=total, desc="editing", disable=not progress)):
         state = editor.start(backbone)
         state.add(record["edit_inner"], f"the edit of {_origin(record, position)}", "evaluation stopped")
-        metrics.update(backbone, record, state.model())
+        metrics.update(backbone, record, state.model(), state.model_with)
     return metrics.compute()
 
 
@@ -344,10 +357,10 @@ def evaluate_sequential(
             if len(earliest) < probe:
                 earliest.append(record)
             if done in marks:
-                report = score_records(backbone, earliest, state.model(), hops)
+                report = score_records(backbone, earliest, state, hops)
                 curve.append({"n_edits": done, **{key: report[key] for key in HEADLINE}})
             bar.update()
     if done < n_edits:
         raise ValueError(f"{n_edits} sequential edits asked for, but the data has only {done} records")
-    final = score_records(backbone, tqdm(_records(loader, device, n_edits), total=n_edits, desc="scoring", disable=not progress), state.model(), hops)
+    final = score_records(backbone, tqdm(_records(loader, device, n_edits), total=n_edits, desc="scoring", disable=not progress), state, hops)
     return {**final, "sequential": {"probe_edits": len(earliest), "curve": curve}}

@@ -4,6 +4,10 @@ Every record is edited starting from the unedited weights (edits are functional:
 parameters are never written), so no record leaks into the next. The scores are the field's
 standard ones (DESIGN.md, "Metrics"): Reliability, T-/I-Generality, T-/I-Locality, Portability
 per hop, each as answer-token accuracy and exact match, averaged per edit.
+
+VLKEB's one-hop-edit variant (`port_edit` rows, see data_modules/vlkeb.py) scores a portability
+question after a second edit on top of the record's own: each such row is scored on the model
+that `edit_further` gives for its `port_edit` row, the other port rows on the post-edit model.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ A weight editor's is the backbone with edited weights (`with_weights`); SERAC's 
 input to its counterfactual model or to the unchanged backbone.
 """
 
+EditFurther = Callable[[SubBatch], EditedModel]
+"""The post-edit model with one more edit (a one-row sub-batch) on top of the record's own."""
+
 HOPS = ("1-hop", "2-hop", "3-hop", "4-hop")
 ACCURACY_KEYS = ("reliability", "t_generality", "i_generality")
 LOCALITY_KEYS = ("t_locality", "i_locality")
@@ -46,7 +53,7 @@ def with_weights(backbone: Backbone, params: Mapping[str, torch.Tensor]) -> Edit
 
 
 def record_batches(batch: EditBatch) -> Iterator[dict[str, Any]]:
-    """Split a collated EditBatch into one-record EditBatches; port rows follow their record."""
+    """Split a collated EditBatch into one-record EditBatches; port (and port_edit) rows follow their record."""
     for i in range(batch["edit_inner"]["input_ids"].shape[0]):
         one: dict[str, Any] = {key: _rows(batch[key], slice(i, i + 1)) for key in SUB_BATCH_KEYS}
         if "meta" in batch:
@@ -56,6 +63,13 @@ def record_batches(batch: EditBatch) -> Iterator[dict[str, Any]]:
             if rows.numel():
                 one["port"] = _rows(batch["port"], rows)
                 one["port_hops"] = [batch["port_hops"][r] for r in rows.tolist()]
+            if "port_edit" in batch:
+                # port_edit_row indexes the batch's port rows; here it indexes this record's.
+                position = {int(row): k for k, row in enumerate(rows)}
+                edits = [e for e, row in enumerate(batch["port_edit_row"].tolist()) if row in position]
+                if edits:
+                    one["port_edit"] = _rows(batch["port_edit"], torch.tensor(edits))
+                    one["port_edit_row"] = torch.tensor([position[batch["port_edit_row"][e].item()] for e in edits])
         yield one
 
 
@@ -70,8 +84,11 @@ class EditMetrics(nn.Module):
         self.portability_exact = PortabilityByHop(hops=tuple(hops), exact=True)
 
     @torch.no_grad()
-    def update(self, backbone: Backbone, record: Mapping[str, Any], edited: EditedModel) -> dict[str, torch.Tensor]:
-        """Score one edited record (`backbone` is the pre-edit model); returns its post-edit logits per sub-batch."""
+    def update(self, backbone: Backbone, record: Mapping[str, Any], edited: EditedModel, edit_further: EditFurther | None = None) -> dict[str, torch.Tensor]:
+        """Score one edited record (`backbone` is the pre-edit model); returns its post-edit logits per sub-batch.
+
+        `edit_further` is needed for records with one-hop edits (`port_edit`).
+        """
         post = {key: edited(record[key]) for key in SUB_BATCH_KEYS}
         for key in ACCURACY_KEYS:
             self.accuracy[key].update(post[_POST_SUB_BATCH[key]], record[_POST_SUB_BATCH[key]]["labels"])
@@ -79,10 +96,24 @@ class EditMetrics(nn.Module):
             sub_batch = record[_POST_SUB_BATCH[key]]
             self.locality[key].update(backbone(sub_batch), post[_POST_SUB_BATCH[key]], sub_batch["labels"])
         if "port" in record:
-            port_logits = edited(record["port"])
-            self.portability.update(port_logits, record["port"]["labels"], record["port_hops"])
-            self.portability_exact.update(port_logits, record["port"]["labels"], record["port_hops"])
+            self._update_portability(record, edited, edit_further)
         return post
+
+    def _update_portability(self, record: Mapping[str, Any], edited: EditedModel, edit_further: EditFurther | None) -> None:
+        port, hops = record["port"], record["port_hops"]
+        further: dict[int, int] = {}  # port row -> its port_edit row
+        if "port_edit" in record:
+            if edit_further is None:
+                raise ValueError("the data has one-hop edits (port_edit_q / port_edit_a) but no way to apply a further edit was given")
+            further = {int(row): e for e, row in enumerate(record["port_edit_row"])}
+        plain = [r for r in range(len(hops)) if r not in further]
+        scored = [(plain, edited)] if plain else []
+        scored += [([row], edit_further(_rows(record["port_edit"], slice(e, e + 1)))) for row, e in further.items()]
+        for rows, model in scored:
+            sub_batch = _rows(port, torch.tensor(rows))
+            logits = model(sub_batch)
+            for metric in (self.portability, self.portability_exact):
+                metric.update(logits, sub_batch["labels"], [hops[r] for r in rows])
 
     def compute(self) -> dict[str, Any]:
         """The report: fractions in [0, 1], portability keyed by hop, the same under `exact_match`."""
@@ -121,5 +152,10 @@ def evaluate_records(backbone: Backbone, edit: EditFn, batches: Iterator[EditBat
     """Edit and score every record of `batches` (each from the unedited weights); the report."""
     for batch in batches:
         for record in record_batches(batch):
-            metrics.update(backbone, record, with_weights(backbone, edit(backbone, record["edit_inner"], None)))
+            params = edit(backbone, record["edit_inner"], None)
+
+            def edit_further(sub_batch: SubBatch, params: Mapping[str, torch.Tensor] = params) -> EditedModel:
+                return with_weights(backbone, edit(backbone, sub_batch, params))
+
+            metrics.update(backbone, record, with_weights(backbone, params), edit_further)
     return metrics.compute()

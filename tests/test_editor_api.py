@@ -15,6 +15,7 @@ from kedit_lightning.cli import main
 from kedit_lightning.editor import EditRequest, Editor, NonFiniteEdit, curve_points, evaluate, evaluate_sequential
 from kedit_lightning.editors.serac import Router
 from kedit_lightning.evaluation import HEADLINE
+from kedit_lightning.metrics import answer_token_accuracy
 
 
 @pytest.fixture()
@@ -155,6 +156,49 @@ def test_kedit_eval_sequential_reports_the_earliest_edits_as_edits_accumulate(fi
         assert all(0.0 <= point[key] <= 1.0 for key in HEADLINE)
     assert all(0.0 <= report[key] <= 1.0 for key in HEADLINE)
     assert main([*args[:-5], "--sequential", "500", "--no-progress"]) == 2  # more edits than records
+
+
+@pytest.mark.parametrize("method", ["fitted", "serac_fitted"])
+def test_a_further_edit_goes_on_top_of_the_edits_in_force_and_leaves_them(method, request, base_dir, records, world):
+    editor = Editor.from_pretrained(request.getfixturevalue(method).artifact)
+    backbone = editor.load_backbone(str(base_dir))
+    first, second = editor.encode(backbone, records[:2], batch_size=1, image_root=world / "images")
+    both = editor.encode(backbone, records[:2], image_root=world / "images")[0]
+    state = editor.start(backbone)
+    state.add(first, "edit 1", "stopped")
+    before = state.model()(both)
+    on_top = state.model_with(second)(both)
+    sequential = editor.start(backbone)
+    for sub_batch in (first, second):
+        sequential.add(sub_batch, "edit", "stopped")
+    assert torch.allclose(on_top, sequential.model()(both), atol=1e-5)
+    assert not torch.allclose(on_top, before, atol=1e-3)  # the second edit counts ...
+    assert torch.equal(state.model()(both), before)  # ... and is not kept
+
+
+def test_kedit_eval_scores_one_hop_edits_per_hop(fitted, world, base_dir, tmp_path):
+    onehop = json.loads((world / "vlkeb/eval_edit_onehop.json").read_text())[:3]
+    (tmp_path / "onehop.json").write_text(json.dumps(onehop))
+    out = tmp_path / "onehop-report.json"
+    args = ["eval", "--editor", str(fitted.artifact), "--backbone", str(base_dir), "--data", str(tmp_path / "onehop.json"),
+            "--images", str(world / "images"), "--json", str(out), "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["n_edits"] == 3 and set(report["portability"]) == {"1-hop", "all"}
+    editor = Editor.from_pretrained(fitted.artifact)
+    backbone = editor.load_backbone(str(base_dir))
+    without, after = [], []  # the question's accuracy after the main edit alone / after both edits
+    for record in onehop:
+        item, image = record["port_new"][0], world / "images" / record["image"]
+        ask = [{"prompt": VQA_TEMPLATE.format(item[f"{field}_q"]), "target": item[f"{field}_a"], "image": image} for field in ("port_edit", "port")]
+        edit, port_edit, question = editor.encode(backbone, [record, *ask], batch_size=1, image_root=world / "images")
+        state = editor.start(backbone)
+        state.add(edit, "the edit", "stopped")
+        without.append(answer_token_accuracy(state.model()(question), question["labels"]).item())
+        after.append(answer_token_accuracy(state.model_with(port_edit)(question), question["labels"]).item())
+    assert report["portability"]["1-hop"] == pytest.approx(sum(after) / 3, abs=1e-6)
+    assert after != without  # the one-hop edit matters here
+    assert main([*args, "--hops", "2", "--require-port"]) == 2  # no 2-hop question in this file
 
 
 def test_sequential_evaluation_stops_at_a_non_finite_edit(editor, backbone, world):

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from data_modules.datamodules import VQADataModule
+from data_modules.vlkeb import VLKEBDataModule
 from kedit_lightning.backbones import load_backbone_spec
 from kedit_lightning.evaluation import EditMetrics, record_batches
 from kedit_lightning.modules import MENDModule
@@ -84,13 +85,33 @@ def test_edits_of_one_record_never_leak_into_the_next(world):
 
     def post_logits(records):
         metrics = EditMetrics()
-        outputs = [metrics.update(module.backbone, r, module.edited_model(r)) for r in records]
+        outputs = [metrics.update(module.backbone, r, module.edited_model([r["edit_inner"]])) for r in records]
         return outputs[-1]
 
     alone = post_logits([third])
     after_others = post_logits([first, second, third])
     for key in alone:
         assert torch.allclose(alone[key], after_others[key], atol=1e-6), key
+
+
+def test_validation_scores_one_hop_edits_after_both_edits(world):
+    module = make_module(world).eval()
+    data = VLKEBDataModule(str(world), train_file="vlkeb/train.json", val_file="vlkeb/eval_edit_onehop.json", batch_size=2, processor=module.backbone.processor)
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
+    edited_model, edits = module.edited_model, []
+    module.edited_model = lambda sub_batches: edits.append([b["input_ids"] for b in sub_batches]) or edited_model(sub_batches)
+    module.validation_step(batch, 1)
+    records = list(record_batches(batch))
+    expected = [[r["edit_inner"]["input_ids"]] + further for r in records for further in ([], [r["port_edit"]["input_ids"]])]
+    assert len(edits) == len(expected) == 4  # per record: its edit, then its edit and the one-hop edit
+    assert all(len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b)) for a, b in zip(edits, expected))
+    first = records[0]
+    alone = edited_model([first["edit_inner"]])(first["port"])
+    after = edited_model([first["edit_inner"], first["port_edit"]])(first["port"])
+    assert not torch.allclose(alone, after, atol=1e-4)  # the one-hop edit changes the question's answer
+    portability = module.val_metrics.portability.compute()
+    assert set(portability) == {"1-hop", "all"} and int(module.val_metrics.portability.count.sum()) == 2
 
 
 def test_a_non_finite_step_is_skipped_and_counted(world, tmp_path):

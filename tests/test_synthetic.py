@@ -65,7 +65,7 @@ def test_every_file_has_the_public_fields_and_the_planned_size(world_dir, world)
         assert len(records) == sizes[name], name
         for record in records:
             assert all(isinstance(record[f], str) and record[f] for f in RECORD_FIELDS), record
-            assert ("port_new" in record) == (name == "vlkeb_multihop")
+            assert ("port_new" in record) == (name in ("vlkeb_multihop", "vlkeb_onehop"))
             for field in IMAGE_FIELDS:
                 assert (out / "images" / record[field]).is_file()
     view = Image.open(out / "images" / world["entities"][0]["views"][0]["path"])
@@ -141,6 +141,18 @@ def test_multihop_portability_follows_the_chain_from_the_new_city(world):
         assert answers == chain(record["alt"])
         # Eval edits cross continents, so no hop can be answered right without the edit.
         assert all(new != old for new, old in zip(answers, chain(record["pred"])))
+
+
+def test_one_hop_edits_move_the_new_citys_country_and_ask_the_1_hop_question(world):
+    cities = world["geography"]["cities"]
+    onehop, plain = world["files_read"]["vlkeb_onehop"], world["files_read"]["vlkeb_eval"]
+    assert [{k: v for k, v in r.items() if k != "port_new"} for r in onehop] == plain
+    for record in onehop:
+        [item] = record["port_new"]
+        assert item["port_q"] == HOP_QUESTIONS["1-hop"] and item["port_a"] == item["port_edit_a"]
+        assert record["alt"] in item["port_edit_q"] and item["port_edit_q"].split()[0] in ("Which", "In")
+        # Neither the world's answer nor the main edit alone gives the new country.
+        assert item["port_a"] != cities[record["alt"]]
 
 
 def test_kedit_validate_accepts_every_file(world_dir, capsys):

@@ -3,6 +3,10 @@
 Each record is edited from the unedited weights (as in validation), or with `--sequential N` the
 first N records are edited one after another and scored with the final weights, with a curve of
 how the earliest edits' Reliability and Locality change as edits accumulate.
+
+VQA-layout files are read as VLKEB reads them (a superset of E-VQA): portability questions are
+scored per hop (`--hops` chooses), and the one-hop-edit variant applies its second edit before
+scoring the question that depends on it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 from pathlib import Path
 
 from data_modules.datamodules import EditDataModule
+from data_modules.vlkeb import VLKEBDataModule
 from kedit_lightning.callbacks import metrics_table
 from kedit_lightning.commands.shared import add_data_arguments, add_editor_arguments, load_editor_and_backbone, reports_errors
 from kedit_lightning.editor import evaluate, evaluate_sequential
@@ -24,8 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="records per loaded batch (each record is still edited on its own)")
     parser.add_argument("--sequential", type=int, default=None, metavar="N", help="edit the first N records one after another")
     parser.add_argument("--probe", type=int, default=10, help="with --sequential: how many of the earliest edits to track")
+    parser.add_argument("--hops", type=hop_list, default="all", help="portability hops to score: all (default) or e.g. 1,3 (VQA layout)")
+    parser.add_argument("--require-port", action="store_true", help="score only records with a portability question at --hops (VLKEB's multi-hop runs)")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def hop_list(text: str) -> list[int] | str:
+    """`all` or comma-separated hop numbers (`1,3`)."""
+    if text == "all":
+        return text
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or hop numbers such as 1,3, got {text!r}") from None
 
 
 def sequential_table(curve: list[dict]) -> str:
@@ -38,10 +55,14 @@ def sequential_table(curve: list[dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     editor, backbone = load_editor_and_backbone(args)
     data = Path(args.data)
-    datamodule = EditDataModule(
-        str(data.parent), train_file=data.name, val_file=data.name, image_root=str(Path(args.images).resolve()),
-        kind=args.kind, batch_size=args.batch_size, vqa_template=args.vqa_template, processor=editor.processor(backbone),
+    options = dict(
+        train_file=data.name, val_file=data.name, image_root=str(Path(args.images).resolve()),
+        batch_size=args.batch_size, vqa_template=args.vqa_template, processor=editor.processor(backbone),
     )
+    if args.kind == "vqa":
+        datamodule: EditDataModule = VLKEBDataModule(str(data.parent), hops=args.hops, require_port=args.require_port, **options)
+    else:
+        datamodule = EditDataModule(str(data.parent), kind=args.kind, **options)
     datamodule.setup("validate")
     loader = datamodule.val_dataloader()
     progress = not args.no_progress

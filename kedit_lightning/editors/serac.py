@@ -383,12 +383,17 @@ class SERAC(nn.Module):
             labels=labels,
         )
 
-    def memory(self, backbone: Backbone, edits: SubBatch | None = None) -> EditMemory:
-        """A memory holding the edits of `edits` (a sub-batch such as `edit_inner`), or an empty one."""
+    @torch.no_grad()
+    def add_edits(self, memory: EditMemory, backbone: Backbone, edits: SubBatch) -> None:
+        """Add the edits of `edits` (a sub-batch such as `edit_inner`, an edit per row) to `memory`."""
+        inputs = self.read(backbone, edits)
+        memory.add(inputs.descriptor, inputs.counterfactual)
+
+    def memory(self, backbone: Backbone, *edits: SubBatch) -> EditMemory:
+        """A memory holding `edits` (sub-batches), added in order; empty when none is given."""
         memory = EditMemory(self.classifier)
-        if edits is not None:
-            inputs = self.read(backbone, edits)
-            memory.add(inputs.descriptor, inputs.counterfactual)
+        for sub_batch in edits:
+            self.add_edits(memory, backbone, sub_batch)
         return memory
 
 

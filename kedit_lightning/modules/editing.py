@@ -54,8 +54,9 @@ class EditorModule(LightningModule, ABC):
 
     # -- the editor -------------------------------------------------------------------------
     @abstractmethod
-    def edited_model(self, record: Mapping[str, Any]) -> EditedModel:
-        """The post-edit model for one record's edit, starting from the unedited backbone."""
+    def edited_model(self, edits: Sequence[SubBatch]) -> EditedModel:
+        """The post-edit model after `edits` (sub-batches such as a record's `edit_inner`), applied
+        in order starting from the unedited backbone."""
 
     def build_editor(self, backbone: Backbone) -> None:
         """Create the editor's own modules once the backbone (and so the edited shapes) is known."""
@@ -106,7 +107,8 @@ class EditorModule(LightningModule, ABC):
 
     def _evaluate(self, batch: Mapping[str, Any], metrics: EditMetrics, log_examples: bool) -> None:
         for index, record in enumerate(record_batches(batch)):
-            post = metrics.update(self.backbone, record, self.edited_model(record))
+            edit = record["edit_inner"]
+            post = metrics.update(self.backbone, record, self.edited_model([edit]), lambda further: self.edited_model([edit, further]))
             if log_examples and index < self.logged_edits and "meta" in record:
                 self._log_example(record, post["edit_inner"])
 
@@ -161,7 +163,9 @@ class WeightEditorModule(EditorModule):
     def edit(self, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Edited weights for the edit(s) in `sub_batch`, starting from `params` (None: the backbone's own)."""
 
-    def edited_model(self, record: Mapping[str, Any]) -> EditedModel:
+    def edited_model(self, edits: Sequence[SubBatch]) -> EditedModel:
+        params = None
         with torch.enable_grad():
-            params = self.edit(record["edit_inner"])
-        return with_weights(self.backbone, {k: v.detach() for k, v in params.items()})
+            for sub_batch in edits:
+                params = {k: v.detach() for k, v in self.edit(sub_batch, params).items()}
+        return with_weights(self.backbone, params)

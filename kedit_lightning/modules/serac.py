@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import grad_norm
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from data_modules.encoding import SubBatchEncoder
+from data_modules.encoding import SubBatch, SubBatchEncoder
 from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
 from kedit_lightning.editors.losses import masked_nll
 from kedit_lightning.editors.serac import SERAC, ClassifierKind, CounterfactualModel, Router, ScopeClassifier, SERACEncoder, SERACInputs
@@ -158,8 +158,8 @@ class SERACModule(EditorModule):
             self.backbone.eval()  # frozen: no dropout in the features it gives
         return self
 
-    def edited_model(self, record: Mapping[str, Any]) -> EditedModel:
-        return Router(self.editor, self.backbone, self.editor.memory(self.backbone, record["edit_inner"]))
+    def edited_model(self, edits: Sequence[SubBatch]) -> EditedModel:
+        return Router(self.editor, self.backbone, self.editor.memory(self.backbone, *edits))
 
     # -- training -----------------------------------------------------------------------------
     def _classifier_loss(self, inputs: dict[str, SERACInputs], batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
