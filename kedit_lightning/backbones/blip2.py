@@ -14,14 +14,12 @@ import torch
 from torch import nn
 from transformers import Blip2Config, Blip2ForConditionalGeneration, BlipImageProcessorPil
 
-from data_modules.encoding import PromptFormat, SubBatchEncoder
+from data_modules.encoding import PromptFormat
 from kedit_lightning.backbones.base import register
 from kedit_lightning.backbones.image_text import ImageTextBackbone
 from kedit_lightning.backbones.loading import (
-    check_image_size,
     check_image_token,
     check_vocab,
-    default_edit_params,
     reject_placeholders,
     with_special_token,
 )
@@ -54,6 +52,9 @@ class Blip2Backbone(ImageTextBackbone):
     config_class = Blip2Config
     model_types = frozenset({"blip-2"})
     image_token = IMAGE_TOKEN
+    language_model_prefix = "language_model."
+    causal_lm_wrapper = True
+    default_image_processor = staticmethod(blip_image_processor)
     prompt_template: ClassVar[PromptFormat] = PromptFormat(with_image="{image}{prompt}", text_only="{prompt}", image_token=IMAGE_TOKEN)
 
     def __init__(
@@ -84,11 +85,7 @@ class Blip2Backbone(ImageTextBackbone):
             image_token=IMAGE_TOKEN,
             num_image_tokens=config.num_query_tokens,
         )
-        image_processor = image_processor if image_processor is not None else blip_image_processor(config.vision_config.image_size)
-        check_image_size(image_processor, config.vision_config.image_size, source)
-        edit_params = list(edit_params) or default_edit_params(config.text_config, "language_model.", causal_wrapper=True)
-        super().__init__(model, SubBatchEncoder(tokenizer, image_processor, prompt_format, max_length), edit_params)
-        self.image_token_id = image_token_id
+        super().__init__(model, tokenizer, image_processor, edit_params, max_length, prompt_format=prompt_format, image_token_id=image_token_id, source=source)
 
     @classmethod
     def build_model(cls, config: Mapping[str, Any], dtype: torch.dtype | str = torch.float32) -> Blip2ForConditionalGeneration:

@@ -1,20 +1,26 @@
 """What the image-text families (BLIP-2, LLaVA, MiniGPT-4) share: random weights from a config
-dict, and loading a transformers directory. A family names its model and config classes, the
-model types its directories may declare, and its image placeholder token; its `__init__`
-(prompt layout, checks) and `model_logits` stay its own.
+dict, loading a transformers directory, and the end of construction (default image processor,
+its size check, default edited layers). A family names its model and config classes, the model
+types its directories may declare, its image placeholder token, where its language model sits
+and its default image transform; its `__init__` (tokenizer checks, prompt layout) and
+`model_logits` stay its own.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
+from data_modules.encoding import PromptFormat, SubBatchEncoder
 from kedit_lightning.backbones.base import Backbone
 from kedit_lightning.backbones.loading import (
     as_dtype,
+    check_image_size,
+    default_edit_params,
     fill_text_config,
     load_image_processor,
     load_tokenizer,
@@ -29,6 +35,28 @@ class ImageTextBackbone(Backbone):
     config_class: ClassVar[type[PretrainedConfig]]
     model_types: ClassVar[frozenset[str]]
     image_token: ClassVar[str]
+    language_model_prefix: ClassVar[str]
+    """Where the language model's parameters are named (`language_model.`, `model.language_model.`)."""
+    causal_lm_wrapper: ClassVar[bool]
+    """Whether that language model is a *ForCausalLM (its decoder one level further down)."""
+
+    @staticmethod
+    @abstractmethod
+    def default_image_processor(image_size: int) -> Any:
+        """The family's own image transform, used when a directory or caller gives none."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: Any, image_processor: Any | None, edit_params: Sequence[str], max_length: int | None,
+        *, prompt_format: PromptFormat, image_token_id: int, source: str,
+    ) -> None:
+        """Called by the families' `__init__` once their tokenizer checks and prompt layout are done."""
+        config = model.config
+        image_size = config.vision_config.image_size
+        image_processor = image_processor if image_processor is not None else self.default_image_processor(image_size)
+        check_image_size(image_processor, image_size, source)
+        edit_params = list(edit_params) or default_edit_params(config.text_config, self.language_model_prefix, causal_wrapper=self.causal_lm_wrapper)
+        super().__init__(model, SubBatchEncoder(tokenizer, image_processor, prompt_format, max_length), edit_params)
+        self.image_token_id = image_token_id
 
     @classmethod
     def build_model(cls, config: Mapping[str, Any], dtype: torch.dtype | str = torch.float32) -> PreTrainedModel:

@@ -8,20 +8,19 @@ CLS token where the tower has one), minus the CLS when vision_feature_select_str
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration
 
-from data_modules.encoding import PromptFormat, SubBatchEncoder
+from data_modules.encoding import PromptFormat
 from kedit_lightning.backbones.base import register
 from kedit_lightning.backbones.image_text import ImageTextBackbone
 from kedit_lightning.backbones.loading import (
-    check_image_size,
     check_image_token,
     check_vocab,
-    default_edit_params,
     reject_placeholders,
 )
 
@@ -49,6 +48,9 @@ class LlavaBackbone(ImageTextBackbone):
     config_class = LlavaConfig
     model_types = frozenset({"llava"})
     image_token = IMAGE_TOKEN
+    language_model_prefix = "model.language_model."
+    causal_lm_wrapper = False
+    default_image_processor = staticmethod(clip_image_processor)
     prompt_template: ClassVar[PromptFormat] = PromptFormat(
         with_image="USER: {image}\n{prompt} ASSISTANT:", text_only="USER: {prompt} ASSISTANT:", image_token=IMAGE_TOKEN
     )
@@ -65,18 +67,8 @@ class LlavaBackbone(ImageTextBackbone):
         source = config.name_or_path or "llava config"
         image_token_id = check_image_token(tokenizer, IMAGE_TOKEN, config.image_token_index, source)
         check_vocab(tokenizer, config.text_config.vocab_size, source)
-        image_size = config.vision_config.image_size
-        image_processor = image_processor if image_processor is not None else clip_image_processor(image_size)
-        check_image_size(image_processor, image_size, source)
-        prompt_format = PromptFormat(
-            with_image=self.prompt_template.with_image,
-            text_only=self.prompt_template.text_only,
-            image_token=IMAGE_TOKEN,
-            num_image_tokens=num_image_features(model),
-        )
-        edit_params = list(edit_params) or default_edit_params(config.text_config, "model.language_model.", causal_wrapper=False)
-        super().__init__(model, SubBatchEncoder(tokenizer, image_processor, prompt_format, max_length), edit_params)
-        self.image_token_id = image_token_id
+        prompt_format = dataclasses.replace(self.prompt_template, num_image_tokens=num_image_features(model))
+        super().__init__(model, tokenizer, image_processor, edit_params, max_length, prompt_format=prompt_format, image_token_id=image_token_id, source=source)
 
     def model_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         if pixel_values is None:

@@ -15,6 +15,7 @@ Vicuna checkpoint, and the MiniGPT-4 projection `.pth`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,16 +41,14 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import cached_file
 
-from data_modules.encoding import PromptFormat, SubBatchEncoder
+from data_modules.encoding import PromptFormat
 from kedit_lightning.backbones.base import register
 from kedit_lightning.backbones.image_text import ImageTextBackbone
 from kedit_lightning.backbones.blip2 import blip_image_processor
 from kedit_lightning.backbones.loading import (
     as_dtype,
-    check_image_size,
     check_image_token,
     check_vocab,
-    default_edit_params,
     load_image_processor,
     load_tokenizer,
     read_config_dict,
@@ -190,6 +189,9 @@ class MiniGPT4Backbone(ImageTextBackbone):
     config_class = MiniGPT4Config
     model_types = frozenset({MiniGPT4Config.model_type})
     image_token = IMAGE_TOKEN
+    language_model_prefix = "language_model."
+    causal_lm_wrapper = True
+    default_image_processor = staticmethod(blip_image_processor)
     prompt_template: ClassVar[PromptFormat] = PromptFormat(
         with_image="###Human: <Img>{image}</Img> {prompt}###Assistant:", text_only="###Human: {prompt}###Assistant:", image_token=IMAGE_TOKEN
     )
@@ -207,18 +209,8 @@ class MiniGPT4Backbone(ImageTextBackbone):
         image_token_id = check_image_token(tokenizer, IMAGE_TOKEN, config.image_token_index, source)
         # The placeholder never reaches the embedding table, so it may lie outside the LLM vocabulary.
         check_vocab(tokenizer, config.text_config.vocab_size, source, outside={IMAGE_TOKEN})
-        image_size = config.vision_config.image_size
-        image_processor = image_processor if image_processor is not None else blip_image_processor(image_size)
-        check_image_size(image_processor, image_size, source)
-        prompt_format = PromptFormat(
-            with_image=self.prompt_template.with_image,
-            text_only=self.prompt_template.text_only,
-            image_token=IMAGE_TOKEN,
-            num_image_tokens=config.num_query_tokens,
-        )
-        edit_params = list(edit_params) or default_edit_params(config.text_config, "language_model.", causal_wrapper=True)
-        super().__init__(model, SubBatchEncoder(tokenizer, image_processor, prompt_format, max_length), edit_params)
-        self.image_token_id = image_token_id
+        prompt_format = dataclasses.replace(self.prompt_template, num_image_tokens=config.num_query_tokens)
+        super().__init__(model, tokenizer, image_processor, edit_params, max_length, prompt_format=prompt_format, image_token_id=image_token_id, source=source)
 
     @classmethod
     def from_components(
