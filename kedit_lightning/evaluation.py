@@ -130,7 +130,9 @@ class EditMetrics(nn.Module):
             by_hop = {hop: float(v) for hop, v in metric.compute().items() if not torch.isnan(v)}
             if by_hop:
                 out["portability"] = by_hop
-        return {**token, "n_edits": int(self.accuracy["reliability"].count.item()), "exact_match": exact}
+        # compute() syncs across ranks (and caches); the `count` state itself stays this rank's own.
+        n_edits = int(self.accuracy["reliability"].compute()["count"])
+        return {**token, "n_edits": n_edits, "exact_match": exact}
 
     def reset(self) -> None:
         for metric in [*self.accuracy.values(), *self.locality.values(), self.portability, self.portability_exact]:

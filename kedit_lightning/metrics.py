@@ -14,7 +14,8 @@ Which metric measures what (DESIGN.md, "Metrics"):
 
 Each metric gives, from one update, both numbers reported per edit: the mean over examples of
 the per-token score ("token_acc") and the fraction of examples where every answer token scores
-("exact_match"). `EditAccuracy` and `EditLocality` return {"token_acc", "exact_match"};
+("exact_match"). `EditAccuracy` and `EditLocality` return {"token_acc", "exact_match", "count"}
+(count: examples over all ranks);
 `PortabilityByHop` returns {hop: mean, ..., "all": mean} for one of the two, chosen by `exact`.
 Dict-valued metrics cannot go to `self.log` directly: at epoch end, log
 `{f"{prefix}/{k}": v for k, v in metric.compute().items()}` with `self.log_dict` and reset.
@@ -80,11 +81,11 @@ class _PerExampleMean(Metric):
         self.count += scores.shape[0]
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return {"token_acc": (self.token_acc_sum / self.count).float(), "exact_match": (self.exact_match_sum / self.count).float()}
+        return {"token_acc": (self.token_acc_sum / self.count).float(), "exact_match": (self.exact_match_sum / self.count).float(), "count": self.count.clone()}
 
 
 class EditAccuracy(_PerExampleMean):
-    """Reliability / generality: compute() -> {"token_acc": mean answer-token accuracy, "exact_match": ...}."""
+    """Reliability / generality: compute() -> {"token_acc": mean answer-token accuracy, "exact_match": ..., "count": ...}."""
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self._add(answer_token_accuracy(logits, labels))

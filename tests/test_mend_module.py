@@ -3,6 +3,7 @@
 import dataclasses
 from pathlib import Path
 
+import pytest
 import torch
 from lightning import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -17,8 +18,9 @@ from kedit_lightning.modules import MENDModule
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "backbones"
 
 
-def make_module(world: Path, **hparams) -> MENDModule:
-    spec = dataclasses.replace(load_backbone_spec(CONFIGS / "blip2-tiny.yaml"), processor=str(world / "tokenizer"))
+def make_module(world: Path, backbone: str = "blip2-tiny.yaml", dtype: str = "float32", **hparams) -> MENDModule:
+    """MEND (small rank) on a tiny backbone config of configs/backbones with the world's tokenizer, built."""
+    spec = dataclasses.replace(load_backbone_spec(CONFIGS / backbone), processor=str(world / "tokenizer"), dtype=dtype)
     torch.manual_seed(0)
     module = MENDModule(spec, **{"rank": 8, "lr": 1e-3, "edit_lr": 1e-2, "cedit": 1.0, "iedit": 1.0, **hparams})
     module.configure_model()
@@ -112,6 +114,24 @@ def test_validation_scores_one_hop_edits_after_both_edits(world):
     assert not torch.allclose(alone, after, atol=1e-4)  # the one-hop edit changes the question's answer
     portability = module.val_metrics.portability.compute()
     assert set(portability) == {"1-hop", "all"} and int(module.val_metrics.portability.count.sum()) == 2
+
+
+def test_sharded_validation_refuses_ranks_whose_records_need_different_forwards(world):
+    module = make_module(world).eval()
+    module._device_mesh = object()  # as under ModelParallelStrategy (two ranks, all_gather faked below)
+
+    def first_batch(val_file):
+        data = VLKEBDataModule(str(world), train_file="vlkeb/train.json", val_file=val_file, batch_size=2, processor=module.backbone.processor)
+        data.setup("validate")
+        return next(iter(data.val_dataloader()))
+
+    digests = []
+    module.all_gather = lambda digest: digests.append(digest) or torch.stack([digest, digest])
+    module.validation_step(first_batch("vlkeb/eval_edit_onehop.json"), 1)  # both ranks with the same work: scored
+    assert int(module.val_metrics.portability.count.sum()) == 2
+    module.all_gather = lambda digest: torch.stack([digest, digests[0]])
+    with pytest.raises(RuntimeError, match="needs every rank's batch to have the same shape"):
+        module.validation_step(first_batch("vlkeb/eval_multihop.json"), 1)  # 4 port rows per record here, one-hop edits there
 
 
 def test_a_non_finite_step_is_skipped_and_counted(world, tmp_path):

@@ -373,7 +373,9 @@ class MEND(nn.Module):
         for i, name in enumerate(self.param_names):
             key, mode = self.route[name]
             x, delta = self.transforms[key](*factors[name], mode)
-            update = delta.T @ x  # sum over rows of delta~_t x~_t^T: [out, in]
+            # Summed in float32 even under bf16 autocast: a sum over every token of the edit.
+            with torch.autocast(x.device.type, enabled=False):
+                update = delta.float().T @ x.float()  # sum over rows of delta~_t x~_t^T: [out, in]
             if name in self.transposed:
                 update = update.T
             params[name] = weights[name] - (self.edit_lrs[i] * update).to(weights[name].dtype)

@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from data_modules.encoding import IGNORE_INDEX, SubBatch, SubBatchEncoder
 from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
 from kedit_lightning.evaluation import HEADLINE, HOPS, EditedModel, EditMetrics, flatten_report, record_batches, with_weights
+from kedit_lightning.sharding import shard_editor_module
 
 
 REPORT_KEY = "kedit_val_report"
@@ -84,6 +85,8 @@ class EditorModule(LightningModule, ABC):
         if self.backbone is None:
             self.backbone = build_backbone(self.backbone_spec)
             self.build_editor(self.backbone)
+        if self.device_mesh is not None:  # ModelParallelStrategy: shard the frozen backbone, replicate the editor
+            shard_editor_module(self, self.device_mesh)
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if datamodule is not None and getattr(datamodule, "processor", None) is None:
             datamodule.processor = self.input_processor()
@@ -105,8 +108,25 @@ class EditorModule(LightningModule, ABC):
     def on_test_start(self) -> None:
         self._check_grad_mode()
 
+    def _check_ranks_run_the_same_forwards(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """With a sharded backbone every forward gathers weights together with every other rank, so
+        all ranks must run the same forwards in the same order. Records differ only in their
+        portability rows (scored in one forward) and one-hop edits (an edit and a forward each)."""
+        plan = tuple((len(r.get("port_hops", ())) > len(r.get("port_edit_row", ())), len(r.get("port_edit_row", ()))) for r in records)
+        # hash() of a tuple of ints and bools is the same in every process (no string salt).
+        gathered = self.all_gather(torch.tensor([len(records), hash(plan)], device=self.device))
+        if not bool((gathered == gathered[0]).all()):
+            raise RuntimeError(
+                "validation with a sharded backbone (ModelParallelStrategy) needs every rank's batch to have the same shape: "
+                "the ranks' records here differ in portability questions or one-hop edits. Validate on a file where every record "
+                "has the same ones (eval.json; or hops: [k] with require_port: true), or with DDP"
+            )
+
     def _evaluate(self, batch: Mapping[str, Any], metrics: EditMetrics, log_examples: bool) -> None:
-        for index, record in enumerate(record_batches(batch)):
+        records = list(record_batches(batch))
+        if self.device_mesh is not None:
+            self._check_ranks_run_the_same_forwards(records)
+        for index, record in enumerate(records):
             edit = record["edit_inner"]
             post = metrics.update(self.backbone, record, self.edited_model([edit]), lambda further: self.edited_model([edit, further]))
             if log_examples and index < self.logged_edits and "meta" in record:
