@@ -49,15 +49,16 @@ class CompareWithFineTuning(Callback):
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         report = torch.load(best, map_location="cpu", weights_only=True).get(REPORT_KEY) if best else pl_module.last_report.get("val")
         learned = {method: report} if report is not None else {}
-        self._report(trainer, {**learned, f"FT ({self.steps} step, lr {self.lr:g})": baseline})
+        # Read on every rank: under several processes `log_dir` is a broadcast from rank 0.
+        self._report(trainer.log_dir, {**learned, f"FT ({self.steps} step, lr {self.lr:g})": baseline})
 
     @rank_zero_only
-    def _report(self, trainer: Trainer, columns: dict[str, dict]) -> None:
+    def _report(self, log_dir: str | None, columns: dict[str, dict]) -> None:
         table = metrics_table(columns)
         print("\nHeld-out edits (validation split):\n" + table)
-        if trainer.log_dir:
-            Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
-            (Path(trainer.log_dir) / "report.md").write_text(table + "\n")
+        if log_dir:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            (Path(log_dir) / "report.md").write_text(table + "\n")
 
 
 class TorchThreads(Callback):

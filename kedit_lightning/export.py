@@ -343,10 +343,11 @@ class ExportEditor(Callback):
         return self.dirpath / name / next(f"version_{i}" for i in range(len(taken) + 1) if f"version_{i}" not in taken)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        log_dir = trainer.log_dir  # on every rank: under several processes it is a broadcast from rank 0
         if not trainer.is_global_zero:
             return
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if self.best else ""
-        config_file = Path(trainer.log_dir) / "config.yaml" if trainer.log_dir else None
+        config_file = Path(log_dir) / "config.yaml" if log_dir else None
         config = training_config(config_file, pl_module)
         out = self.run_dir(trainer, pl_module)
         if best:

@@ -32,7 +32,9 @@ from torch.utils.data import DataLoader
 from data_modules.datamodules import VQADataModule
 from data_modules.datasets import EditCollator, EditDataset
 from data_modules.records import read_records
+from kedit_lightning.callbacks import CompareWithFineTuning
 from kedit_lightning.evaluation import flatten_report
+from kedit_lightning.export import ExportEditor
 from kedit_lightning.modules import MENDModule
 from test_ddp import Poison, Recorder, launch_environment, trainer
 from test_mend_module import make_module
@@ -107,6 +109,12 @@ def sharded_main(world: Path, out: Path) -> None:
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     validator(devices=2, strategy=strategy).validate(module, datamodule=vqa_data(world))
     torch.save(module.last_report["val"], out / f"validation{torch.distributed.get_rank()}.pt")
+    # The end-of-fit callbacks of the real configs (each reads the log folder, a collective).
+    callbacks = [ExportEditor(dirpath=str(out / "exported"), name="mend"), CompareWithFineTuning()]
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    finisher = validator(devices=2, strategy=strategy, max_steps=1, limit_val_batches=1, num_sanity_val_steps=0, enable_checkpointing=False,
+                         default_root_dir=out / "root", callbacks=callbacks)
+    finisher.fit(make_module(world), datamodule=vqa_data(world))
 
 
 def validator(**kwargs) -> Trainer:
@@ -207,6 +215,11 @@ def test_sharded_validation_reports_what_single_process_validation_reports(shard
         assert scored.keys() == expected.keys() and expected
         for key, value in expected.items():
             assert abs(scored[key] - value) < 1e-6, key
+
+
+def test_the_end_of_fit_callbacks_run_under_sharding(sharded):
+    assert (sharded / "exported" / "mend" / "version_0" / "editor.safetensors").is_file()
+    assert "| reliability |" in (sharded / "root" / "report.md").read_text()
 
 
 def test_bf16_sharded_training_is_finite_and_the_ranks_agree(sharded, world):
