@@ -45,7 +45,7 @@ build it, rank 0 gathers the backbone's state once per save before `on_save_chec
 on the CPU before sharding it (`configure_model`): host memory must hold one copy per GPU.
 
 Precision: the frozen backbone is stored, gathered and computed in its own dtype (bfloat16 in
-the 7B configs, `BackboneSpec.dtype`) and training runs under `precision: bf16-mixed` (autocast;
+the MEND and SERAC 7B training configs, `BackboneSpec.dtype`) and training runs under `precision: bf16-mixed` (autocast;
 the editor's weights, gradients and Adam state stay float32). No FSDP MixedPrecisionPolicy: a
 float32 backbone gathered as bfloat16 would store twice the bytes for the same computation.
 """

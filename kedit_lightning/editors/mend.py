@@ -45,6 +45,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -149,7 +150,9 @@ class LowRankResidual(nn.Module):
         self.activate = activate
 
     def forward(self, z: torch.Tensor, mode: int) -> torch.Tensor:
-        h = (z @ self.down.T) @ self.up.T + self.bias
+        # F.linear on the parameters themselves: under autocast their bf16 copies are then cast
+        # once per step and cached; `.T` views would be re-cast (and kept for backward) per edit.
+        h = F.linear(F.linear(z, self.down), self.up, self.bias)
         h = h * self.mode_scale[mode] + self.mode_shift[mode]
         # clamp, not relu: its gradient passes at exactly 0, where an identity-initialised
         # hidden layer sits; relu's zero gradient there would leave that layer untrainable.
@@ -373,10 +376,11 @@ class MEND(nn.Module):
         for i, name in enumerate(self.param_names):
             key, mode = self.route[name]
             x, delta = self.transforms[key](*factors[name], mode)
-            # Summed in float32 even under bf16 autocast: a sum over every token of the edit.
+            # Summed in float32 even under bf16 autocast (a sum over every token of the edit); the
+            # step size scales the rows first, so backward keeps no full-size float32 update.
             with torch.autocast(x.device.type, enabled=False):
-                update = delta.float().T @ x.float()  # sum over rows of delta~_t x~_t^T: [out, in]
+                update = (self.edit_lrs[i] * delta.float()).T @ x.float()  # lr * sum_t delta~_t x~_t^T: [out, in]
             if name in self.transposed:
                 update = update.T
-            params[name] = weights[name] - (self.edit_lrs[i] * update).to(weights[name].dtype)
+            params[name] = weights[name] - update.to(weights[name].dtype)
         return params
