@@ -132,6 +132,8 @@ def main() -> None:
     for path in args.backbone:
         spec = dataclasses.replace(load_backbone_spec(path), dtype=args.dtype)
         (P, P_e, P_r, unit, E), b = parameter_counts(spec, args.rank), getattr(torch, args.dtype).itemsize
+        # sharding.py's formula: two blocks gathered at once (the running one, the prefetched next);
+        # the editor's float32 weight, gradient and two Adam moments are 16 bytes a parameter.
         sharded, whole, gathered, editor = b * (P - P_e - P_r), b * (P_e + P_r), 2 * b * unit, 16 * E
         act, act_cell = 0, "not measured"
         if not args.no_activations:
@@ -154,6 +156,7 @@ def main() -> None:
               f"and {args.vision_layers} in each other tower, full width. One record per GPU; GB = 10^9 bytes.")
     peak_rss = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     print(f"({time.perf_counter() - start:.0f} s, peak host memory {peak_rss / 2**20:.1f} GiB in one process)")
+
 
 if __name__ == "__main__":
     main()

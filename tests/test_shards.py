@@ -27,26 +27,15 @@ from data_modules.datasets import VQA_TEMPLATE
 from data_modules.encoding import PromptFormat, SubBatchEncoder
 from data_modules.records import IMAGE_FIELDS, DataError
 from data_modules.shards import ShardStream, StreamLoader, UnevenShardsWarning, read_index, resolve_shards, write_shards
+from kedit_lightning.backbones.word_tokenizer import record_strings
 from kedit_lightning.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _strings(value):
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if key not in IMAGE_FIELDS:
-                yield from _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)
-
-
 def word_encoder(records) -> SubBatchEncoder:
     """A whitespace word-level encoder whose vocabulary covers `records` and the VQA template."""
-    words = sorted({w for text in [VQA_TEMPLATE.format(""), *_strings(list(records))] for w in text.split()})
+    words = sorted({w for text in [VQA_TEMPLATE.format(""), *record_strings(list(records))] for w in text.split()})
     vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", "<image>", *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

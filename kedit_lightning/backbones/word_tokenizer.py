@@ -58,16 +58,17 @@ def build_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     )
 
 
-def _strings(value: Any) -> Iterable[str]:
+def record_strings(value: Any) -> Iterable[str]:
+    """Every text string in a record (or list / dict of them), image-path fields left out."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
         for key, item in value.items():
             if key not in IMAGE_FIELDS:
-                yield from _strings(item)
+                yield from record_strings(item)
     elif isinstance(value, list):
         for item in value:
-            yield from _strings(item)
+            yield from record_strings(item)
 
 
 def _read_records(path: Path) -> list[Any]:
@@ -99,7 +100,7 @@ def corpus_from_records(paths: Sequence[str | Path]) -> list[str]:
         for index, record in enumerate(_read_records(path)):
             if not isinstance(record, dict):
                 raise ValueError(f"{path}: record {index} is a {type(record).__name__}, not an object")
-            corpus.extend(_strings(record))
+            corpus.extend(record_strings(record))
     return corpus
 
 
