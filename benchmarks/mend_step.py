@@ -59,17 +59,36 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true")
     args = parser.parse_args()
 
-    data = VQADataModule(args.data_dir, train_file="vqa/vqa_train.json", val_file="vqa/vqa_eval.json", batch_size=args.edits, synthesize=True)
+    data = VQADataModule(
+        args.data_dir,
+        train_file="vqa/vqa_train.json",
+        val_file="vqa/vqa_eval.json",
+        batch_size=args.edits,
+        synthesize=True,
+    )
     data.prepare_data()
     spec = load_backbone_spec(args.backbone)
-    config = {k: v for k, v in spec.config.items() if k != "image_token_index"}  # the word tokenizer's <image> id replaces it
-    spec = dataclasses.replace(spec, processor=str(Path(args.data_dir) / "tokenizer"), config=config, dtype=args.dtype, pretrained=None)
+    config = {
+        k: v for k, v in spec.config.items() if k != "image_token_index"
+    }  # the word tokenizer's <image> id replaces it
+    spec = dataclasses.replace(
+        spec, processor=str(Path(args.data_dir) / "tokenizer"), config=config, dtype=args.dtype, pretrained=None
+    )
     module = MENDModule(spec, rank=args.rank, lr=1e-4, edit_lr=1e-4)
     timer = StepTimer()
     trainer = Trainer(
-        accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=args.warmup + args.steps,
-        limit_val_batches=0, inference_mode=False, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=100, callbacks=[timer],
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        max_steps=args.warmup + args.steps,
+        limit_val_batches=0,
+        inference_mode=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=100,
+        callbacks=[timer],
     )
     if trainer.strategy.root_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -79,9 +98,15 @@ def main() -> None:
     step = statistics.median(timed)
     backbone_params = sum(p.numel() for p in module.backbone.parameters())
     editor_params = sum(p.numel() for p in module.editor.parameters())
-    print(f"backbone       {args.backbone} ({backbone_params / 1e6:.1f} M parameters, {args.dtype}), device {trainer.strategy.root_device}")
-    print(f"editor         {editor_params / 1e6:.2f} M parameters, rank {args.rank}, {len(module.editor.param_names)} edited weights")
-    print(f"step time      {step * 1e3:.1f} ms (median of {len(timed)}; min {min(timed) * 1e3:.1f}, max {max(timed) * 1e3:.1f})")
+    print(
+        f"backbone       {args.backbone} ({backbone_params / 1e6:.1f} M parameters, {args.dtype}), device {trainer.strategy.root_device}"
+    )
+    print(
+        f"editor         {editor_params / 1e6:.2f} M parameters, rank {args.rank}, {len(module.editor.param_names)} edited weights"
+    )
+    print(
+        f"step time      {step * 1e3:.1f} ms (median of {len(timed)}; min {min(timed) * 1e3:.1f}, max {max(timed) * 1e3:.1f})"
+    )
     print(f"edits/s        {args.edits / step:.2f} ({args.edits} edits a step)")
     if trainer.strategy.root_device.type == "cuda":
         print(f"peak memory    {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated on the GPU")

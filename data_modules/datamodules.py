@@ -33,7 +33,18 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data_modules.datasets import VQA_TEMPLATE, DataKind, EditCollator, EditDataset, EditExample, edit_example, FactCollator, FactDataset, FactExample, PromptBuilder
+from data_modules.datasets import (
+    VQA_TEMPLATE,
+    DataKind,
+    EditCollator,
+    EditDataset,
+    EditExample,
+    FactCollator,
+    FactDataset,
+    FactExample,
+    PromptBuilder,
+    edit_example,
+)
 from data_modules.encoding import SubBatchEncoder
 from data_modules.records import DataError, EditRecord, check_images, read_records
 from data_modules.shards import DEFAULT_SHUFFLE_BUFFER, ExampleBuilder, Shard, ShardStream, StreamLoader, resolve_shards
@@ -64,7 +75,9 @@ class FactExamples:
 
     def __call__(self, record: EditRecord, images: Mapping[str, Image.Image]) -> list[FactExample]:
         facts = FactDataset([record], "", self.kind, self.vqa_template).facts
-        return [FactExample(prompt, target, None if field is None else images[field]) for _, prompt, target, field in facts]
+        return [
+            FactExample(prompt, target, None if field is None else images[field]) for _, prompt, target, field in facts
+        ]
 
 
 class EditDataModule(LightningDataModule):
@@ -159,12 +172,16 @@ class EditDataModule(LightningDataModule):
         if split in self.shards:
             raise RuntimeError(f"{type(self).__name__}: the {split} split streams from shards; it has no record list")
         if split not in self.records:
-            raise RuntimeError(f"{type(self).__name__}: the {split} split is not loaded; call setup() first (the Trainer does)")
+            raise RuntimeError(
+                f"{type(self).__name__}: the {split} split is not loaded; call setup() first (the Trainer does)"
+            )
         return self.records[split]
 
     def split_shards(self, split: str) -> list[Shard]:
         if split not in self.shards:
-            raise RuntimeError(f"{type(self).__name__}: the {split} split is not loaded from shards; call setup() first (the Trainer does)")
+            raise RuntimeError(
+                f"{type(self).__name__}: the {split} split is not loaded from shards; call setup() first (the Trainer does)"
+            )
         return self.shards[split]
 
     def distributed(self) -> tuple[int, int]:
@@ -242,7 +259,9 @@ class VQADataModule(EditDataModule):
     The other options are EditDataModule's (LightningCLI reads them through `**kwargs`).
     """
 
-    def __init__(self, data_dir: str, train_file: str = "vqa_train.json", val_file: str = "vqa_eval.json", **kwargs: Any) -> None:
+    def __init__(
+        self, data_dir: str, train_file: str = "vqa_train.json", val_file: str = "vqa_eval.json", **kwargs: Any
+    ) -> None:
         super().__init__(data_dir, train_file, val_file, kind="vqa", **kwargs)
 
 
@@ -252,7 +271,13 @@ class CaptionDataModule(EditDataModule):
     The other options are EditDataModule's (LightningCLI reads them through `**kwargs`).
     """
 
-    def __init__(self, data_dir: str, train_file: str = "caption_train_edit.json", val_file: str = "caption_eval_edit.json", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        data_dir: str,
+        train_file: str = "caption_train_edit.json",
+        val_file: str = "caption_eval_edit.json",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(data_dir, train_file, val_file, kind="caption", **kwargs)
 
 
@@ -266,13 +291,19 @@ class FactsDataModule(EditDataModule):
     Test (optional): the test file's facts.
     """
 
-    def __init__(self, data_dir: str, train_file: str = "vqa_train.json", val_file: str = "vqa_eval.json", **kwargs: Any) -> None:
+    def __init__(
+        self, data_dir: str, train_file: str = "vqa_train.json", val_file: str = "vqa_eval.json", **kwargs: Any
+    ) -> None:
         if (kwargs.get("train_shards") is None) != (kwargs.get("val_shards") is None):
-            raise ValueError("FactsDataModule trains on the train and val facts together: give both train_shards and val_shards, or neither")
+            raise ValueError(
+                "FactsDataModule trains on the train and val facts together: give both train_shards and val_shards, or neither"
+            )
         super().__init__(data_dir, train_file, val_file, **kwargs)
 
     def build_dataset(self, split: str) -> Dataset:
-        records = self.split_records("train") + self.split_records("val") if split == "train" else self.split_records(split)
+        records = (
+            self.split_records("train") + self.split_records("val") if split == "train" else self.split_records(split)
+        )
         return FactDataset(records, self.image_root, self.kind, self.vqa_template)
 
     def build_collator(self) -> Callable[[list[Any]], Any]:
@@ -286,4 +317,8 @@ class FactsDataModule(EditDataModule):
         return max(1, self.batch_size // FACTS_PER_RECORD)
 
     def split_shards(self, split: str) -> list[Shard]:
-        return super().split_shards("train") + super().split_shards("val") if split == "train" else super().split_shards(split)
+        return (
+            super().split_shards("train") + super().split_shards("val")
+            if split == "train"
+            else super().split_shards(split)
+        )

@@ -51,7 +51,9 @@ def load_image(image_root: str | Path, record: EditRecord, field: str, position:
             return image.convert("RGB")
     except Exception as err:  # Pillow raises many types for missing or broken files
         file, index = record.where(position)
-        raise DataError([Problem(file, index, field, f"cannot load image {path}: {type(err).__name__}: {err}")]) from err
+        raise DataError(
+            [Problem(file, index, field, f"cannot load image {path}: {type(err).__name__}: {err}")]
+        ) from err
 
 
 class PromptBuilder:
@@ -91,7 +93,9 @@ class EditExample:
     meta: dict[str, Any]
 
 
-def edit_example(record: EditRecord, images: Mapping[str, Image.Image], prompts: PromptBuilder, position: int = 0) -> EditExample:
+def edit_example(
+    record: EditRecord, images: Mapping[str, Image.Image], prompts: PromptBuilder, position: int = 0
+) -> EditExample:
     """The example of one record, its images (`image`, `image_rephrase`, `m_loc`) already decoded;
     `position` names the record in messages when it has no origin."""
     file, index = record.where(position)
@@ -108,14 +112,24 @@ def edit_example(record: EditRecord, images: Mapping[str, Image.Image], prompts:
         m_loc_target=record.m_loc_a,
         m_loc_image=images["m_loc"],
         port=[(q.hop, prompts.question(q.question), q.answer) for q in record.port],
-        meta={"prompt": prompt, "rephrase": rephrase, "pred": record.pred, "alt": record.alt, "image": record.image, "origin": f"{file}:{index}", "index": index},
+        meta={
+            "prompt": prompt,
+            "rephrase": rephrase,
+            "pred": record.pred,
+            "alt": record.alt,
+            "image": record.image,
+            "origin": f"{file}:{index}",
+            "index": index,
+        },
     )
 
 
 class EditDataset(Dataset):
     """Edit records of one split; images decoded per item, in whichever process asks."""
 
-    def __init__(self, records: Sequence[EditRecord], image_root: str | Path, kind: DataKind, vqa_template: str = VQA_TEMPLATE) -> None:
+    def __init__(
+        self, records: Sequence[EditRecord], image_root: str | Path, kind: DataKind, vqa_template: str = VQA_TEMPLATE
+    ) -> None:
         self.records = list(records)
         self.image_root = Path(image_root)
         self.prompts = PromptBuilder(kind, vqa_template)
@@ -125,7 +139,10 @@ class EditDataset(Dataset):
 
     def __getitem__(self, position: int) -> EditExample:
         record = self.records[position]
-        images = {field: load_image(self.image_root, record, field, position) for field in ("image", "image_rephrase", "m_loc")}
+        images = {
+            field: load_image(self.image_root, record, field, position)
+            for field in ("image", "image_rephrase", "m_loc")
+        }
         return edit_example(record, images, self.prompts, position)
 
 
@@ -145,7 +162,11 @@ class EditCollator:
             "edit_outer": encode([e.rephrase for e in examples], targets, images),
             "edit_outer_image": encode(prompts, targets, [e.image_rephrase for e in examples]),
             "loc": encode([e.loc_prompt for e in examples], [e.loc_target for e in examples], None),
-            "loc_image": encode([e.m_loc_prompt for e in examples], [e.m_loc_target for e in examples], [e.m_loc_image for e in examples]),
+            "loc_image": encode(
+                [e.m_loc_prompt for e in examples],
+                [e.m_loc_target for e in examples],
+                [e.m_loc_image for e in examples],
+            ),
         }
         rows = [(row, hop, prompt, answer) for row, e in enumerate(examples) for hop, prompt, answer in e.port]
         if rows:
@@ -173,7 +194,9 @@ class FactDataset(Dataset):
     truths, so they are not facts here. Examples whose `pred` is empty are left out.
     """
 
-    def __init__(self, records: Sequence[EditRecord], image_root: str | Path, kind: DataKind, vqa_template: str = VQA_TEMPLATE) -> None:
+    def __init__(
+        self, records: Sequence[EditRecord], image_root: str | Path, kind: DataKind, vqa_template: str = VQA_TEMPLATE
+    ) -> None:
         self.records = list(records)
         self.image_root = Path(image_root)
         build = PromptBuilder(kind, vqa_template)
@@ -186,7 +209,10 @@ class FactDataset(Dataset):
                     (position, build.edit_prompt(r.rephrase), r.pred, "image"),
                     (position, build.edit_prompt(r.src), r.pred, "image_rephrase"),
                 ]
-            self.facts += [(position, r.loc, r.loc_ans, None), (position, build.question(r.m_loc_q), r.m_loc_a, "m_loc")]
+            self.facts += [
+                (position, r.loc, r.loc_ans, None),
+                (position, build.question(r.m_loc_q), r.m_loc_a, "m_loc"),
+            ]
 
     def __len__(self) -> int:
         return len(self.facts)
@@ -208,7 +234,9 @@ class FactCollator:
         text_only = [e for e in examples if e.image is None]
         out = {}
         if with_image:
-            out["with_image"] = self.processor([e.prompt for e in with_image], [e.target for e in with_image], [e.image for e in with_image])
+            out["with_image"] = self.processor(
+                [e.prompt for e in with_image], [e.target for e in with_image], [e.image for e in with_image]
+            )
         if text_only:
             out["text_only"] = self.processor([e.prompt for e in text_only], [e.target for e in text_only], None)
         return out

@@ -13,8 +13,9 @@ A sub-batch is a dict:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -67,7 +68,9 @@ class SubBatchEncoder:
         max_length: int | None = None,
     ) -> None:
         if not getattr(tokenizer, "is_fast", False):
-            raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer; character offsets are needed to mask prompts")
+            raise TypeError(
+                f"{type(tokenizer).__name__} is not a fast tokenizer; character offsets are needed to mask prompts"
+            )
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.prompt_format = prompt_format
@@ -82,7 +85,9 @@ class SubBatchEncoder:
         images: Sequence[Image.Image] | None = None,
     ) -> SubBatch:
         if len(prompts) != len(targets) or (images is not None and len(images) != len(prompts)):
-            raise ValueError(f"{len(prompts)} prompts, {len(targets)} targets and {len(images or [])} images do not line up")
+            raise ValueError(
+                f"{len(prompts)} prompts, {len(targets)} targets and {len(images or [])} images do not line up"
+            )
         has_image = images is not None
         texts, target_starts = [], []
         for prompt, target in zip(prompts, targets):
@@ -113,4 +118,9 @@ class SubBatchEncoder:
                 raise ValueError("images given but this backbone has no image processor")
             rgb = [im.convert("RGB") for im in images]
             pixel_values = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_tensor, "pixel_values": pixel_values}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": label_tensor,
+            "pixel_values": pixel_values,
+        }

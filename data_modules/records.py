@@ -29,7 +29,19 @@ from typing import Any
 
 from PIL import Image
 
-RECORD_FIELDS = ("src", "pred", "alt", "rephrase", "image", "image_rephrase", "loc", "loc_ans", "m_loc", "m_loc_q", "m_loc_a")
+RECORD_FIELDS = (
+    "src",
+    "pred",
+    "alt",
+    "rephrase",
+    "image",
+    "image_rephrase",
+    "loc",
+    "loc_ans",
+    "m_loc",
+    "m_loc_q",
+    "m_loc_a",
+)
 IMAGE_FIELDS = ("image", "image_rephrase", "m_loc")
 # Answers a sub-batch supervises: an empty one has no tokens to score. (`alt` is handled apart:
 # records with an empty `alt` are skipped, not rejected; `pred` is never a sub-batch target.)
@@ -102,7 +114,12 @@ class PortQuestion:
 
     def to_dict(self) -> dict[str, Any]:
         if self.edit_question or self.edit_answer:
-            item = {"port_q": self.question, "port_a": self.answer, "port_edit_q": self.edit_question, "port_edit_a": self.edit_answer}
+            item = {
+                "port_q": self.question,
+                "port_a": self.answer,
+                "port_edit_q": self.edit_question,
+                "port_edit_a": self.edit_answer,
+            }
             return item if self.hop == DEFAULT_HOP else {"port_type": self.hop, **item}
         return {"port_type": self.hop, "Q&A": {"Question": self.question, "Answer": self.answer}}
 
@@ -126,7 +143,7 @@ class EditRecord:
     origin: Origin | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_dict(cls, raw: Any, file: str = "<dict>", index: int = 0) -> "EditRecord":
+    def from_dict(cls, raw: Any, file: str = "<dict>", index: int = 0) -> EditRecord:
         """Parse one public-layout object; raises `DataError` listing every problem in it."""
         record, problems = parse_record(raw, file, index)
         if record is None:
@@ -147,7 +164,9 @@ class EditRecord:
         return self.origin.file, self.origin.index
 
 
-def _string_problems(raw: Mapping[str, Any], keys: Iterable[str], file: str, index: int, prefix: str = "") -> list[Problem]:
+def _string_problems(
+    raw: Mapping[str, Any], keys: Iterable[str], file: str, index: int, prefix: str = ""
+) -> list[Problem]:
     problems = []
     for key in keys:
         name = f"{prefix}{key}"
@@ -186,7 +205,14 @@ def _parse_port_item(item: Any, file: str, index: int, position: int) -> tuple[P
         answer_field = f"{prefix}port_a"
     else:
         keys = sorted(item)
-        return None, [Problem(file, index, f"port_new[{position}]", f"neither a {{port_type, Q&A}} nor a {{port_q, port_a, port_edit_q, port_edit_a}} item (keys: {keys})")]
+        return None, [
+            Problem(
+                file,
+                index,
+                f"port_new[{position}]",
+                f"neither a {{port_type, Q&A}} nor a {{port_q, port_a, port_edit_q, port_edit_a}} item (keys: {keys})",
+            )
+        ]
     if not question.answer.strip():
         return None, [Problem(file, index, answer_field, "empty target")]
     return question, []
@@ -251,9 +277,21 @@ def scan_records(path: str | Path) -> Scan:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as err:
-        return Scan(file, [], [Problem(file, None, None, f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}")], 0, [])
+        return Scan(
+            file,
+            [],
+            [Problem(file, None, None, f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}")],
+            0,
+            [],
+        )
     if not isinstance(raw, list):
-        return Scan(file, [], [Problem(file, None, None, f"the top level is a JSON {type(raw).__name__}, expected a list of records")], 0, [])
+        return Scan(
+            file,
+            [],
+            [Problem(file, None, None, f"the top level is a JSON {type(raw).__name__}, expected a list of records")],
+            0,
+            [],
+        )
     records, problems, refs = [], [], []
     for index, item in enumerate(raw):
         record, item_problems = parse_record(item, file, index)
@@ -261,7 +299,11 @@ def scan_records(path: str | Path) -> Scan:
         if record is not None:
             records.append(record)
         if isinstance(item, dict):
-            refs += [(file, index, name, item[name]) for name in IMAGE_FIELDS if isinstance(item.get(name), str) and item[name].strip()]
+            refs += [
+                (file, index, name, item[name])
+                for name in IMAGE_FIELDS
+                if isinstance(item.get(name), str) and item[name].strip()
+            ]
     return Scan(file, records, problems, len(raw), refs)
 
 
@@ -285,7 +327,9 @@ def read_records(path: str | Path) -> list[EditRecord]:
     return [r for r in scan.records if r.alt.strip()]
 
 
-def check_images(records: Sequence[EditRecord], image_root: str | Path, file: str = "<records>", verify: bool = True) -> list[Problem]:
+def check_images(
+    records: Sequence[EditRecord], image_root: str | Path, file: str = "<records>", verify: bool = True
+) -> list[Problem]:
     """Problems with the images `records` name under `image_root`, per record and field.
 
     `verify=False` only checks that each file exists (cheap enough for every training start);

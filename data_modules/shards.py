@@ -103,14 +103,19 @@ def _sample(record: EditRecord, image_root: Path) -> dict[str, Any]:
     file, index = record.where()
     key = f"{index:0{KEY_DIGITS}d}"
     doc = {"record": record.to_dict(), "origin": {"file": file, "index": index}}
-    sample: dict[str, Any] = {"__key__": key, "json": json.dumps(doc, sort_keys=True, ensure_ascii=False).encode("utf-8")}
+    sample: dict[str, Any] = {
+        "__key__": key,
+        "json": json.dumps(doc, sort_keys=True, ensure_ascii=False).encode("utf-8"),
+    }
     for field in IMAGE_FIELDS:
         path = getattr(record, field)
         sample[member_name(field, path)] = (image_root / path).read_bytes()
     return sample
 
 
-def write_shards(data: str | Path, images: str | Path, out: str | Path, shard_size: int, name: str | None = None) -> Path:
+def write_shards(
+    data: str | Path, images: str | Path, out: str | Path, shard_size: int, name: str | None = None
+) -> Path:
     """Check `data` and its images, write its records as shards under `out`; the index's path.
 
     Raises `DataError` (listing the problems) before writing anything if the data is not clean,
@@ -128,7 +133,9 @@ def write_shards(data: str | Path, images: str | Path, out: str | Path, shard_si
     index_path = out / f"{name}{INDEX_SUFFIX}"
     existing = sorted(out.glob(f"{name}-*.tar")) + ([index_path] if index_path.exists() else [])
     if existing:
-        raise FileExistsError(f"{out} already holds shards named {name!r} ({existing[0].name}, ...); choose another --out or --name")
+        raise FileExistsError(
+            f"{out} already holds shards named {name!r} ({existing[0].name}, ...); choose another --out or --name"
+        )
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
     image_root = Path(images)
@@ -151,8 +158,12 @@ def write_shards(data: str | Path, images: str | Path, out: str | Path, shard_si
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, metavar="FILE", help="a JSON data file in the E-VQA / E-IC / VLKEB layout")
-    parser.add_argument("--images", required=True, metavar="DIR", help="the image root the record image paths are relative to")
+    parser.add_argument(
+        "--data", required=True, metavar="FILE", help="a JSON data file in the E-VQA / E-IC / VLKEB layout"
+    )
+    parser.add_argument(
+        "--images", required=True, metavar="DIR", help="the image root the record image paths are relative to"
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder for the .tar shards and their index")
     parser.add_argument("--shard-size", required=True, type=int, metavar="N", help="records per shard")
     parser.add_argument("--name", default=None, help="shard name prefix (default: the data file's stem)")
@@ -165,7 +176,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"kedit shard: {err}", file=sys.stderr)
         return 1
     shards = read_index(index_path)
-    print(f"{args.data}: {sum(s.samples for s in shards)} record(s) in {len(shards)} shard(s) under {args.out}; index {index_path}")
+    print(
+        f"{args.data}: {sum(s.samples for s in shards)} record(s) in {len(shards)} shard(s) under {args.out}; index {index_path}"
+    )
     return 0
 
 
@@ -183,13 +196,15 @@ def read_index(path: str | Path) -> list[Shard]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: cannot read the shard index: {err}") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise DataError(f"{path}: not a kedit shard index (expected \"format\": {FORMAT!r})")
+        raise DataError(f'{path}: not a kedit shard index (expected "format": {FORMAT!r})')
     entries = index.get("shardlist")
     shards = []
     for position, entry in enumerate(entries if isinstance(entries, list) else [None]):
         url, count = (entry.get("url"), entry.get("nsamples")) if isinstance(entry, dict) else (None, None)
         if not isinstance(url, str) or not isinstance(count, int) or count < 0:
-            raise DataError(f"{path}: shardlist[{position}] must be {{\"url\": str, \"nsamples\": int >= 0}}, got {entry!r}")
+            raise DataError(
+                f'{path}: shardlist[{position}] must be {{"url": str, "nsamples": int >= 0}}, got {entry!r}'
+            )
         shards.append(Shard(str(path.parent / url), count))
     return shards
 
@@ -202,7 +217,9 @@ def resolve_shards(spec: str | Path) -> list[Shard]:
         indexes = sorted(path.glob(f"*{INDEX_SUFFIX}"))
         if len(indexes) != 1:
             found = ", ".join(i.name for i in indexes) or "none"
-            raise DataError(f"{path}: expected exactly one *{INDEX_SUFFIX} shard index, found {found}; name the index file instead")
+            raise DataError(
+                f"{path}: expected exactly one *{INDEX_SUFFIX} shard index, found {found}; name the index file instead"
+            )
         shards = read_index(indexes[0])
     elif str(spec).endswith(INDEX_SUFFIX):
         shards = read_index(path)
@@ -214,8 +231,10 @@ def resolve_shards(spec: str | Path) -> list[Shard]:
                 listed.update({Path(s.url).resolve(): s.samples for s in read_index(index)})
         unlisted = [f for f in files if f.resolve() not in listed]
         if unlisted:
-            raise DataError(f"{unlisted[0]}: not listed in any *{INDEX_SUFFIX} index in {unlisted[0].parent} "
-                            f"(`kedit shard` writes one next to its shards; {len(unlisted)} shard(s) unlisted)")
+            raise DataError(
+                f"{unlisted[0]}: not listed in any *{INDEX_SUFFIX} index in {unlisted[0].parent} "
+                f"(`kedit shard` writes one next to its shards; {len(unlisted)} shard(s) unlisted)"
+            )
         shards = [Shard(str(f), listed[f.resolve()]) for f in files]
     missing = [s.url for s in shards if not Path(s.url).is_file()]
     if missing:
@@ -241,9 +260,16 @@ def decode_sample(url: str, sample: Mapping[str, Any]) -> tuple[EditRecord, dict
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{where}: {key}.json is not valid JSON: {err}") from None
     origin = doc.get("origin") if isinstance(doc, dict) else None
-    if not isinstance(doc, dict) or not isinstance(doc.get("record"), dict) or not isinstance(origin, dict) \
-            or not isinstance(origin.get("file"), str) or not isinstance(origin.get("index"), int):
-        raise DataError(f"{where}: {key}.json is not a kedit shard sample (expected {{\"record\": {{...}}, \"origin\": {{\"file\", \"index\"}}}})")
+    if (
+        not isinstance(doc, dict)
+        or not isinstance(doc.get("record"), dict)
+        or not isinstance(origin, dict)
+        or not isinstance(origin.get("file"), str)
+        or not isinstance(origin.get("index"), int)
+    ):
+        raise DataError(
+            f'{where}: {key}.json is not a kedit shard sample (expected {{"record": {{...}}, "origin": {{"file", "index"}}}})'
+        )
     record = EditRecord.from_dict(doc["record"], file=where, index=origin["index"])
     if not record.alt.strip():
         raise DataError(f"{where}: field 'alt': empty target (kedit shard never writes such a record)")
@@ -257,7 +283,9 @@ def decode_sample(url: str, sample: Mapping[str, Any]) -> tuple[EditRecord, dict
             with Image.open(io.BytesIO(sample[name])) as image:
                 images[field] = image.convert("RGB")
         except Exception as err:  # Pillow raises many types for broken data
-            raise DataError(f"{where}: field {field!r}: cannot decode image {key}.{name} ({getattr(record, field)}): {type(err).__name__}: {err}") from None
+            raise DataError(
+                f"{where}: field {field!r}: cannot decode image {key}.{name} ({getattr(record, field)}): {type(err).__name__}: {err}"
+            ) from None
     return record, images
 
 
@@ -321,7 +349,9 @@ class ShardStream(IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if even and builder.skips_records:
-            raise ValueError(f"{name}: {type(builder).__name__} may skip records, so equal batch counts per rank cannot be planned; use it for val/test only")
+            raise ValueError(
+                f"{name}: {type(builder).__name__} may skip records, so equal batch counts per rank cannot be planned; use it for val/test only"
+            )
         self.shards = list(shards)
         self.builder = builder
         self.records_per_batch = records_per_batch
@@ -334,8 +364,13 @@ class ShardStream(IterableDataset):
         self.name = name
         self.epoch = 0
         readers = max(1, num_workers)
-        counts = [[sum(self.shards[i].samples for i in reader_shards(len(self.shards), r, world_size, w, readers)) for w in range(readers)]
-                  for r in range(world_size)]
+        counts = [
+            [
+                sum(self.shards[i].samples for i in reader_shards(len(self.shards), r, world_size, w, readers))
+                for w in range(readers)
+            ]
+            for r in range(world_size)
+        ]
         self.quota = self._plan(counts)
 
     def _plan(self, counts: list[list[int]]) -> list[int]:
@@ -345,24 +380,34 @@ class ShardStream(IterableDataset):
         if not self.even:
             empty = [r for r in range(ranks) if sum(counts[r]) == 0]
             if ranks > 1 and empty:
-                raise DataError(f"{where}: rank {empty[0]} gets no record (shards are never split); write at least {ranks} non-empty shards "
-                                "(kedit shard --shard-size smaller)")
+                raise DataError(
+                    f"{where}: rank {empty[0]} gets no record (shards are never split); write at least {ranks} non-empty shards "
+                    "(kedit shard --shard-size smaller)"
+                )
             return [math.ceil(n / b) for n in counts[self.rank]]
         full = [[n // b for n in row] for row in counts]
         per_rank = min(sum(row) for row in full)
         if per_rank == 0:
             poorest = min(range(ranks), key=lambda r: sum(full[r]))
-            raise DataError(f"{where}: rank {poorest} cannot fill one batch of {b} (each batch comes from one reader's shards); "
-                            "write smaller or more shards, or lower the batch size or num_workers")
+            raise DataError(
+                f"{where}: rank {poorest} cannot fill one batch of {b} (each batch comes from one reader's shards); "
+                "write smaller or more shards, or lower the batch size or num_workers"
+            )
         left_out = total - per_rank * b * ranks
         if left_out:
-            warnings.warn(f"{where}: {left_out} record(s) per epoch do not fit the {per_rank} full batch(es) of {b} every rank yields "
-                          "and are left out (see data_modules/shards.py for a layout that loses none)", UnevenShardsWarning, stacklevel=3)
+            warnings.warn(
+                f"{where}: {left_out} record(s) per epoch do not fit the {per_rank} full batch(es) of {b} every rank yields "
+                "and are left out (see data_modules/shards.py for a layout that loses none)",
+                UnevenShardsWarning,
+                stacklevel=3,
+            )
         return _allot(full[self.rank], per_rank)
 
     def __len__(self) -> int:
         if self.builder.skips_records:
-            raise TypeError(f"{self.name}: the number of batches is not known before reading ({type(self.builder).__name__} skips records)")
+            raise TypeError(
+                f"{self.name}: the number of batches is not known before reading ({type(self.builder).__name__} skips records)"
+            )
         return sum(self.quota)
 
     def _records(self, urls: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -376,16 +421,24 @@ class ShardStream(IterableDataset):
             except DataError:
                 raise
             except Exception as err:  # tarfile / webdataset errors for a broken archive
-                raise DataError(f"{url}: not a readable shard (after {count} sample(s)): {type(err).__name__}: {err.args[0] if err.args else err}") from None
+                raise DataError(
+                    f"{url}: not a readable shard (after {count} sample(s)): {type(err).__name__}: {err.args[0] if err.args else err}"
+                ) from None
             if count != expected[url]:
-                raise DataError(f"{url}: holds {count} sample(s) but its index says {expected[url]}; rewrite it with kedit shard")
+                raise DataError(
+                    f"{url}: holds {count} sample(s) but its index says {expected[url]}; rewrite it with kedit shard"
+                )
 
     def __iter__(self) -> Iterator[list[Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if workers != max(1, self.num_workers):
-            raise RuntimeError(f"{self.name}: planned for num_workers={self.num_workers} but read by {workers} worker(s); build the stream with the loader's num_workers")
-        urls = [self.shards[i].url for i in reader_shards(len(self.shards), self.rank, self.world_size, worker, workers)]
+            raise RuntimeError(
+                f"{self.name}: planned for num_workers={self.num_workers} but read by {workers} worker(s); build the stream with the loader's num_workers"
+            )
+        urls = [
+            self.shards[i].url for i in reader_shards(len(self.shards), self.rank, self.world_size, worker, workers)
+        ]
         if not self.shuffle:
             yield from self._batches(self._records(urls), self.quota[worker])
             return
@@ -422,8 +475,12 @@ class StreamLoader(DataLoader):
     (persistent_workers=False) so they receive that epoch, and with it a new shuffle.
     """
 
-    def __init__(self, stream: ShardStream, collate_fn: Callable[[list[Any]], Any], epoch: Callable[[], int | None] | None = None) -> None:
-        super().__init__(stream, batch_size=None, num_workers=stream.num_workers, collate_fn=collate_fn, persistent_workers=False)
+    def __init__(
+        self, stream: ShardStream, collate_fn: Callable[[list[Any]], Any], epoch: Callable[[], int | None] | None = None
+    ) -> None:
+        super().__init__(
+            stream, batch_size=None, num_workers=stream.num_workers, collate_fn=collate_fn, persistent_workers=False
+        )
         self.epoch_source = epoch
         self.passes = 0
 

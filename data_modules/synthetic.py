@@ -63,23 +63,53 @@ EVAL_CAPTION_EDITS_PER_ATTRIBUTE = 2
 # Tokenizers' `Whitespace` pre-tokenizer splits text the same way: words and punctuation runs.
 WORD_PATTERN = r"\w+|[^\w\s]+"
 
-CITIES = ("Velor", "Marun", "Tessik", "Brivo", "Calder", "Dovin", "Elsk", "Fennor",
-          "Gorran", "Hessa", "Ilvar", "Jorren", "Kavik", "Lissen", "Myra", "Norwin")
+CITIES = (
+    "Velor",
+    "Marun",
+    "Tessik",
+    "Brivo",
+    "Calder",
+    "Dovin",
+    "Elsk",
+    "Fennor",
+    "Gorran",
+    "Hessa",
+    "Ilvar",
+    "Jorren",
+    "Kavik",
+    "Lissen",
+    "Myra",
+    "Norwin",
+)
 COUNTRIES = ("Zandia", "Morvel", "Kestra", "Lunor", "Pellia", "Ostara", "Vireth", "Galdun")
 CONTINENTS = ("Arvenia", "Borelis", "Caldora", "Dunmar")
 OCEANS = ("Thalmar", "Velmora", "Serith", "Quorra")
 CREATURES = ("kraken", "serpent", "dragon", "turtle")
 
 COLOURS = {
-    "red": (220, 30, 30), "pink": (245, 110, 185), "yellow": (250, 215, 30), "green": (30, 160, 50),
-    "cyan": (30, 200, 220), "blue": (30, 70, 220), "purple": (140, 50, 190), "black": (25, 25, 25),
+    "red": (220, 30, 30),
+    "pink": (245, 110, 185),
+    "yellow": (250, 215, 30),
+    "green": (30, 160, 50),
+    "cyan": (30, 200, 220),
+    "blue": (30, 70, 220),
+    "purple": (140, 50, 190),
+    "black": (25, 25, 25),
 }
 LIGHT_COLOURS = frozenset({"pink", "yellow", "cyan"})  # patterned in black ink, the rest in white
 OUTLINE_RGB = (30, 30, 30)
 PATTERNS = ("solid", "striped", "dotted", "checkered")
 STRIPE_PERIOD, DOT_SPACING, DOT_RADIUS, CHECKER_CELL = 48, 46, 11, 36  # canvas pixels
-BACKGROUNDS = ((250, 240, 230), (230, 240, 250), (235, 250, 235), (250, 235, 245),
-               (245, 245, 220), (240, 235, 250), (225, 245, 245), (240, 240, 240))
+BACKGROUNDS = (
+    (250, 240, 230),
+    (230, 240, 250),
+    (235, 250, 235),
+    (250, 235, 245),
+    (245, 245, 220),
+    (240, 235, 250),
+    (225, 245, 245),
+    (240, 240, 240),
+)
 
 
 def _star(points: int = 5, inner: float = 0.45) -> tuple[tuple[float, float], ...]:
@@ -99,12 +129,18 @@ SHAPES: dict[str, tuple[tuple[str, Any], ...]] = {
     "triangle": (("polygon", ((0.0, -1.0), (0.87, 0.55), (-0.87, 0.55))),),
     "diamond": (("polygon", ((0.0, -1.0), (0.6, 0.0), (0.0, 1.0), (-0.6, 0.0))),),
     "star": (("polygon", _star()),),
-    "cross": (("polygon", ((-0.3, -0.95), (0.3, -0.95), (0.3, 0.95), (-0.3, 0.95))),
-              ("polygon", ((-0.95, -0.3), (0.95, -0.3), (0.95, 0.3), (-0.95, 0.3)))),
-    "heart": (("ellipse", (-0.42, -0.35, 0.5)), ("ellipse", (0.42, -0.35, 0.5)),
-              ("polygon", ((-0.9, -0.2), (0.9, -0.2), (0.0, 0.92)))),
-    "arrow": (("polygon", ((-0.95, -0.3), (0.1, -0.3), (0.1, -0.75), (0.95, 0.0),
-                           (0.1, 0.75), (0.1, 0.3), (-0.95, 0.3))),),
+    "cross": (
+        ("polygon", ((-0.3, -0.95), (0.3, -0.95), (0.3, 0.95), (-0.3, 0.95))),
+        ("polygon", ((-0.95, -0.3), (0.95, -0.3), (0.95, 0.3), (-0.95, 0.3))),
+    ),
+    "heart": (
+        ("ellipse", (-0.42, -0.35, 0.5)),
+        ("ellipse", (0.42, -0.35, 0.5)),
+        ("polygon", ((-0.9, -0.2), (0.9, -0.2), (0.0, 0.92))),
+    ),
+    "arrow": (
+        ("polygon", ((-0.95, -0.3), (0.1, -0.3), (0.1, -0.75), (0.95, 0.0), (0.1, 0.75), (0.1, 0.3), (-0.95, 0.3))),
+    ),
 }
 
 # The words of a caption ("a red striped circle") that an E-IC edit may change, and their values.
@@ -172,12 +208,18 @@ class Geography:
 
     def facts(self) -> list[tuple[str, str]]:
         """Every text-only (question, answer) pair: each relation in each of its phrasings."""
-        relations = (("country", self.country_of), ("continent", self.continent_of),
-                     ("ocean", self.ocean_of), ("creature", self.creature_of))
-        return [(template.format(subject), answer)
-                for relation, mapping in relations
-                for subject, answer in sorted(mapping.items())
-                for template in FACT_QUESTIONS[relation]]
+        relations = (
+            ("country", self.country_of),
+            ("continent", self.continent_of),
+            ("ocean", self.ocean_of),
+            ("creature", self.creature_of),
+        )
+        return [
+            (template.format(subject), answer)
+            for relation, mapping in relations
+            for subject, answer in sorted(mapping.items())
+            for template in FACT_QUESTIONS[relation]
+        ]
 
 
 @dataclass(frozen=True)
@@ -237,9 +279,11 @@ class SynthSummary:
 
     def line(self) -> str:
         files = ", ".join(f"{path} {count}" for path, count in self.records.items())
-        return (f"synthetic world seed={self.seed}: {self.entities} entities ({self.train_entities} train, "
-                f"{self.eval_entities} eval), {self.images} images, {self.vocabulary} words; records: {files}; "
-                f"{self.seconds:.1f} s -> {self.out}")
+        return (
+            f"synthetic world seed={self.seed}: {self.entities} entities ({self.train_entities} train, "
+            f"{self.eval_entities} eval), {self.images} images, {self.vocabulary} words; records: {files}; "
+            f"{self.seconds:.1f} s -> {self.out}"
+        )
 
 
 def caption_for(colour: str, pattern: str, shape: str) -> str:
@@ -260,16 +304,23 @@ def planned_sizes(entities: int = DEFAULT_ENTITIES) -> dict[str, int]:
     caption_alternatives = sum(len(values) - 1 for values in LOOK.values())
     caption_eval = held_out * EVAL_CAPTION_EDITS_PER_ATTRIBUTE * len(LOOK)
     return {
-        "vqa_train": city_train, "vqa_eval": city_eval,
-        "caption_train": train * caption_alternatives, "caption_eval": caption_eval,
-        "vlkeb_train": city_train, "vlkeb_eval": city_eval, "vlkeb_multihop": city_eval,
-        "vlkeb_onehop": city_eval, "images": entities * VIEWS_PER_ENTITY,
+        "vqa_train": city_train,
+        "vqa_eval": city_eval,
+        "caption_train": train * caption_alternatives,
+        "caption_eval": caption_eval,
+        "vlkeb_train": city_train,
+        "vlkeb_eval": city_eval,
+        "vlkeb_multihop": city_eval,
+        "vlkeb_onehop": city_eval,
+        "images": entities * VIEWS_PER_ENTITY,
     }
 
 
 def _check_entity_count(entities: int) -> None:
     if not MIN_ENTITIES <= entities <= MAX_ENTITIES:
-        raise ValueError(f"entities must be between {MIN_ENTITIES} and {MAX_ENTITIES} (one unique look each), got {entities}")
+        raise ValueError(
+            f"entities must be between {MIN_ENTITIES} and {MAX_ENTITIES} (one unique look each), got {entities}"
+        )
 
 
 def _rng(seed: int, purpose: str) -> random.Random:
@@ -282,10 +333,21 @@ def _words(text: str) -> list[str]:
 
 
 def _reserved_words() -> set[str]:
-    texts = [*CITIES, *COUNTRIES, *CONTINENTS, *OCEANS, *CREATURES, *COLOURS, *PATTERNS, *SHAPES,
-             *WHERE_QUESTIONS, *CAPTION_PROMPTS, *HOP_QUESTIONS.values(),
-             *(q for q in ENTITY_QUESTIONS.values() if isinstance(q, str)),
-             *(t for pair in FACT_QUESTIONS.values() for t in pair)]
+    texts = [
+        *CITIES,
+        *COUNTRIES,
+        *CONTINENTS,
+        *OCEANS,
+        *CREATURES,
+        *COLOURS,
+        *PATTERNS,
+        *SHAPES,
+        *WHERE_QUESTIONS,
+        *CAPTION_PROMPTS,
+        *HOP_QUESTIONS.values(),
+        *(q for q in ENTITY_QUESTIONS.values() if isinstance(q, str)),
+        *(t for pair in FACT_QUESTIONS.values() for t in pair),
+    ]
     return {w.lower() for text in texts for w in _words(text)}
 
 
@@ -313,8 +375,12 @@ def _make_geography(seed: int) -> Geography:
         per_parent = len(children) // len(parents)
         return {child: parents[i // per_parent] for i, child in enumerate(shuffled)}
 
-    return Geography(grouped(CITIES, COUNTRIES), grouped(COUNTRIES, CONTINENTS),
-                     grouped(CONTINENTS, OCEANS), grouped(OCEANS, CREATURES))
+    return Geography(
+        grouped(CITIES, COUNTRIES),
+        grouped(COUNTRIES, CONTINENTS),
+        grouped(CONTINENTS, OCEANS),
+        grouped(OCEANS, CREATURES),
+    )
 
 
 def _make_views(name: str, rng: random.Random) -> tuple[View, ...]:
@@ -323,8 +389,16 @@ def _make_views(name: str, rng: random.Random) -> tuple[View, ...]:
         scale = round(rng.uniform(*SCALE_RANGE), 3)
         # Keep the object (radius + outline) inside the canvas wherever it is moved.
         reach = int(CANVAS / 2 - (OBJECT_RADIUS * 1.05 * scale * CANVAS + OUTLINE) - 2)
-        views.append(View(path=f"{name.lower()}/view{k}.png", scale=scale, angle=round(rng.uniform(-MAX_ANGLE, MAX_ANGLE), 1),
-                          dx=rng.randint(-reach, reach), dy=rng.randint(-reach, reach), background=background))
+        views.append(
+            View(
+                path=f"{name.lower()}/view{k}.png",
+                scale=scale,
+                angle=round(rng.uniform(-MAX_ANGLE, MAX_ANGLE), 1),
+                dx=rng.randint(-reach, reach),
+                dy=rng.randint(-reach, reach),
+                background=background,
+            )
+        )
     return tuple(views)
 
 
@@ -337,9 +411,18 @@ def build_world(seed: int = 0, entities: int = DEFAULT_ENTITIES) -> World:
     homes = [CITIES[i % len(CITIES)] for i in range(entities)]
     rng.shuffle(homes)
     eval_names = set(rng.sample(names, held_out))
-    made = [Entity(name=name, shape=shape, colour=colour, pattern=pattern, city=home,
-                   split="eval" if name in eval_names else "train", views=_make_views(name, rng))
-            for name, (shape, colour, pattern), home in zip(names, looks, homes)]
+    made = [
+        Entity(
+            name=name,
+            shape=shape,
+            colour=colour,
+            pattern=pattern,
+            city=home,
+            split="eval" if name in eval_names else "train",
+            views=_make_views(name, rng),
+        )
+        for name, (shape, colour, pattern), home in zip(names, looks, homes)
+    ]
     return World(seed, _make_geography(seed), tuple(sorted(made, key=lambda e: e.name)))
 
 
@@ -350,7 +433,15 @@ def _shape_mask(shape: str) -> Image.Image:
     for kind, spec in SHAPES[shape]:
         if kind == "ellipse":
             x, y, r = spec
-            draw.ellipse([centre + (x - r) * radius, centre + (y - r) * radius, centre + (x + r) * radius, centre + (y + r) * radius], fill=255)
+            draw.ellipse(
+                [
+                    centre + (x - r) * radius,
+                    centre + (y - r) * radius,
+                    centre + (x + r) * radius,
+                    centre + (y + r) * radius,
+                ],
+                fill=255,
+            )
         else:
             draw.polygon([(centre + x * radius, centre + y * radius) for x, y in spec], fill=255)
     return mask
@@ -397,7 +488,11 @@ def _object_layer(entity: Entity) -> Image.Image:
 def _draw_view(layer: Image.Image, view: View) -> Image.Image:
     """One `IMAGE_SIZE` RGB picture of an object layer (from `_object_layer`) as `view` places it."""
     size = round(CANVAS * view.scale)
-    placed = layer.resize((size, size), Image.Resampling.BICUBIC).rotate(view.angle, Image.Resampling.BICUBIC).convert("RGBA")
+    placed = (
+        layer.resize((size, size), Image.Resampling.BICUBIC)
+        .rotate(view.angle, Image.Resampling.BICUBIC)
+        .convert("RGBA")
+    )
     canvas = Image.new("RGB", (CANVAS, CANVAS), view.background)
     corner = ((CANVAS - size) // 2 + view.dx, (CANVAS - size) // 2 + view.dy)
     canvas.paste(placed.convert("RGB"), corner, placed.getchannel("A"))
@@ -452,12 +547,17 @@ def _caption_edits(world: World, split: str, rng: random.Random) -> list[_Edit]:
             others = [v for v in values if v != getattr(entity, attribute)]
             if split == "eval":
                 others = rng.sample(others, EVAL_CAPTION_EDITS_PER_ATTRIBUTE)
-            looks += [{"colour": entity.colour, "pattern": entity.pattern, "shape": entity.shape, attribute: v} for v in others]
+            looks += [
+                {"colour": entity.colour, "pattern": entity.pattern, "shape": entity.shape, attribute: v}
+                for v in others
+            ]
         edits += [_Edit(entity, entity.caption, caption_for(**look)) for look in looks]
     return edits
 
 
-def _records(world: World, split: str, edits: list[_Edit], prompts: Sequence[str], rng: random.Random, multihop: bool) -> list[dict[str, Any]]:
+def _records(
+    world: World, split: str, edits: list[_Edit], prompts: Sequence[str], rng: random.Random, multihop: bool
+) -> list[dict[str, Any]]:
     """Public-layout records for `edits`, in a shuffled order, with locality dealt round-robin."""
     edits = list(edits)
     rng.shuffle(edits)
@@ -468,19 +568,27 @@ def _records(world: World, split: str, edits: list[_Edit], prompts: Sequence[str
         src, rephrase = rng.sample(list(prompts), 2)
         image, image_rephrase = rng.sample(edit.entity.views, 2)
         loc, loc_ans = facts.next()
-        other, kind = probes.next(lambda probe: probe[0] is not edit.entity)
+        other, kind = probes.next(lambda probe, entity=edit.entity: probe[0] is not entity)
         question = ENTITY_QUESTIONS[kind]
         record = {
-            "src": src, "rephrase": rephrase, "pred": edit.pred, "alt": edit.alt,
-            "image": image.path, "image_rephrase": image_rephrase.path,
-            "loc": loc, "loc_ans": loc_ans,
+            "src": src,
+            "rephrase": rephrase,
+            "pred": edit.pred,
+            "alt": edit.alt,
+            "image": image.path,
+            "image_rephrase": image_rephrase.path,
+            "loc": loc,
+            "loc_ans": loc_ans,
             "m_loc": rng.choice(other.views).path,
             "m_loc_q": rng.choice(question) if isinstance(question, tuple) else question,
             "m_loc_a": other.answer(kind),
         }
         if multihop:
             chain = world.geography.chain(edit.alt)
-            record["port_new"] = [{"port_type": hop, "Q&A": {"Question": HOP_QUESTIONS[hop], "Answer": chain[hop]}} for hop in HOP_QUESTIONS]
+            record["port_new"] = [
+                {"port_type": hop, "Q&A": {"Question": HOP_QUESTIONS[hop], "Answer": chain[hop]}}
+                for hop in HOP_QUESTIONS
+            ]
         records.append(record)
     return records
 
@@ -492,8 +600,12 @@ def _one_hop_edits(world: World, records: list[dict[str, Any]], rng: random.Rand
     for record in records:
         city = record["alt"]
         country = rng.choice([c for c in countries if c != world.geography.country_of[city]])
-        item = {"port_q": HOP_QUESTIONS["1-hop"], "port_a": country,
-                "port_edit_q": rng.choice(FACT_QUESTIONS["country"]).format(city), "port_edit_a": country}
+        item = {
+            "port_q": HOP_QUESTIONS["1-hop"],
+            "port_a": country,
+            "port_edit_q": rng.choice(FACT_QUESTIONS["country"]).format(city),
+            "port_edit_a": country,
+        }
         out.append({**record, "port_new": [item]})
     return out
 
@@ -504,10 +616,16 @@ def build_records(world: World) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for split in ("train", "eval"):
         city_edits = _city_edits(world, split, _rng(seed, f"city-edits/{split}"))
-        out[f"vqa_{split}"] = _records(world, split, city_edits, WHERE_QUESTIONS, _rng(seed, f"vqa/{split}"), multihop=False)
-        out[f"vlkeb_{split}"] = _records(world, split, city_edits, WHERE_QUESTIONS, _rng(seed, f"vlkeb/{split}"), multihop=split == "eval")
+        out[f"vqa_{split}"] = _records(
+            world, split, city_edits, WHERE_QUESTIONS, _rng(seed, f"vqa/{split}"), multihop=False
+        )
+        out[f"vlkeb_{split}"] = _records(
+            world, split, city_edits, WHERE_QUESTIONS, _rng(seed, f"vlkeb/{split}"), multihop=split == "eval"
+        )
         caption_edits = _caption_edits(world, split, _rng(seed, f"caption-edits/{split}"))
-        out[f"caption_{split}"] = _records(world, split, caption_edits, CAPTION_PROMPTS, _rng(seed, f"caption/{split}"), multihop=False)
+        out[f"caption_{split}"] = _records(
+            world, split, caption_edits, CAPTION_PROMPTS, _rng(seed, f"caption/{split}"), multihop=False
+        )
     # As in VLKEB, eval_multihop.json holds the eval edits with their portability questions and eval.json the same edits without.
     out["vlkeb_multihop"] = out["vlkeb_eval"]
     out["vlkeb_eval"] = [{k: v for k, v in r.items() if k != "port_new"} for r in out["vlkeb_multihop"]]
@@ -534,15 +652,42 @@ def _world_document(world: World, sizes: dict[str, int], words: list[str]) -> di
         "format": FORMAT,
         "seed": world.seed,
         "image_size": IMAGE_SIZE,
-        "geography": {"cities": g.country_of, "countries": g.continent_of, "continents": g.ocean_of, "oceans": g.creature_of},
-        "entities": [{"name": e.name, "shape": e.shape, "colour": e.colour, "pattern": e.pattern, "city": e.city,
-                      "caption": e.caption, "split": e.split,
-                      "views": [{"path": v.path, "scale": v.scale, "angle": v.angle, "dx": v.dx, "dy": v.dy, "background": list(v.background)}
-                                for v in e.views]}
-                     for e in world.entities],
-        "templates": {"where": list(WHERE_QUESTIONS), "caption": list(CAPTION_PROMPTS),
-                      "entity": {k: list(v) if isinstance(v, tuple) else v for k, v in ENTITY_QUESTIONS.items()},
-                      "facts": {k: list(v) for k, v in FACT_QUESTIONS.items()}, "hops": HOP_QUESTIONS},
+        "geography": {
+            "cities": g.country_of,
+            "countries": g.continent_of,
+            "continents": g.ocean_of,
+            "oceans": g.creature_of,
+        },
+        "entities": [
+            {
+                "name": e.name,
+                "shape": e.shape,
+                "colour": e.colour,
+                "pattern": e.pattern,
+                "city": e.city,
+                "caption": e.caption,
+                "split": e.split,
+                "views": [
+                    {
+                        "path": v.path,
+                        "scale": v.scale,
+                        "angle": v.angle,
+                        "dx": v.dx,
+                        "dy": v.dy,
+                        "background": list(v.background),
+                    }
+                    for v in e.views
+                ],
+            }
+            for e in world.entities
+        ],
+        "templates": {
+            "where": list(WHERE_QUESTIONS),
+            "caption": list(CAPTION_PROMPTS),
+            "entity": {k: list(v) if isinstance(v, tuple) else v for k, v in ENTITY_QUESTIONS.items()},
+            "facts": {k: list(v) for k, v in FACT_QUESTIONS.items()},
+            "hops": HOP_QUESTIONS,
+        },
         "files": {FILES[name]: count for name, count in sizes.items()},
         "word_pattern": WORD_PATTERN,
         "vocabulary": words,
@@ -551,7 +696,9 @@ def _world_document(world: World, sizes: dict[str, int], words: list[str]) -> di
 
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8", newline="\n")
+    path.write_text(
+        json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8", newline="\n"
+    )
 
 
 def _prepare(out: Path) -> None:
@@ -560,7 +707,9 @@ def _prepare(out: Path) -> None:
         raise NotADirectoryError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not (out / WORLD_FILE).is_file():
-            raise FileExistsError(f"{out} is not empty and holds no {WORLD_FILE}; refusing to write a synthetic world into it")
+            raise FileExistsError(
+                f"{out} is not empty and holds no {WORLD_FILE}; refusing to write a synthetic world into it"
+            )
         # A previous world: its image folders are named after entities, so stale ones must go.
         shutil.rmtree(out / IMAGE_DIR, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -586,9 +735,17 @@ def write_synthetic_world(out: str | Path, seed: int = 0, entities: int = DEFAUL
     words = vocabulary(r for rows in records.values() for r in rows)
     _write_json(out / WORLD_FILE, _world_document(world, sizes, words))
     train, held_out = len(world.split("train")), len(world.split("eval"))
-    return SynthSummary(out=out, seed=seed, entities=entities, train_entities=train, eval_entities=held_out,
-                        images=entities * VIEWS_PER_ENTITY, records={FILES[n]: c for n, c in sizes.items()},
-                        vocabulary=len(words), seconds=time.perf_counter() - start)
+    return SynthSummary(
+        out=out,
+        seed=seed,
+        entities=entities,
+        train_entities=train,
+        eval_entities=held_out,
+        images=entities * VIEWS_PER_ENTITY,
+        records={FILES[n]: c for n, c in sizes.items()},
+        vocabulary=len(words),
+        seconds=time.perf_counter() - start,
+    )
 
 
 def _entity_count(text: str) -> int:
@@ -609,10 +766,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{sizes['caption_train']}/{sizes['caption_eval']}, vlkeb {sizes['vlkeb_train']}/{sizes['vlkeb_eval']}/"
         f"{sizes['vlkeb_multihop']}/{sizes['vlkeb_onehop']} (train/eval[/eval_multihop/eval_edit_onehop]). Sizes scale with --entities."
     )
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (new, empty, or a previous synthetic world)")
-    parser.add_argument("--seed", type=int, default=0, help="world seed; the same seed writes the same bytes (default 0)")
-    parser.add_argument("--entities", type=_entity_count, default=DEFAULT_ENTITIES, metavar="N",
-                        help=f"number of entities, {MIN_ENTITIES} to {MAX_ENTITIES} (default {DEFAULT_ENTITIES})")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="output folder (new, empty, or a previous synthetic world)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="world seed; the same seed writes the same bytes (default 0)"
+    )
+    parser.add_argument(
+        "--entities",
+        type=_entity_count,
+        default=DEFAULT_ENTITIES,
+        metavar="N",
+        help=f"number of entities, {MIN_ENTITIES} to {MAX_ENTITIES} (default {DEFAULT_ENTITIES})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,14 +14,20 @@ from data_modules.records import Problem, check_image_refs, scan_records
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, metavar="FILE", help="a JSON data file in the E-VQA / E-IC / VLKEB layout")
-    parser.add_argument("--images", required=True, metavar="DIR", help="the image root the record image paths are relative to")
+    parser.add_argument(
+        "--data", required=True, metavar="FILE", help="a JSON data file in the E-VQA / E-IC / VLKEB layout"
+    )
+    parser.add_argument(
+        "--images", required=True, metavar="DIR", help="the image root the record image paths are relative to"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     scan = scan_records(args.data)
     problems = list(scan.problems)
-    problems += [Problem(scan.file, r.origin.index, "alt", "empty target (training skips this record)") for r in scan.empty_alt]
+    problems += [
+        Problem(scan.file, r.origin.index, "alt", "empty target (training skips this record)") for r in scan.empty_alt
+    ]
     problems += check_image_refs(scan.image_refs, args.images, verify=True)
     problems.sort(key=lambda p: (p.index is not None, p.index or 0))
     for problem in problems:

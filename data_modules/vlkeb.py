@@ -66,7 +66,11 @@ def select_hops(record: EditRecord, hops: Collection[str] | None) -> EditRecord:
 
 def port_edits(record: EditRecord, prompts: PromptBuilder) -> list[tuple[int, str, str]]:
     """(position among the record's port questions, prompt, answer) of each one-hop edit."""
-    return [(position, prompts.question(q.edit_question), q.edit_answer) for position, q in enumerate(record.port) if q.edit_answer]
+    return [
+        (position, prompts.question(q.edit_question), q.edit_answer)
+        for position, q in enumerate(record.port)
+        if q.edit_answer
+    ]
 
 
 @dataclass
@@ -108,7 +112,9 @@ class VLKEBCollator(EditCollator):
         batch: dict[str, Any] = super().__call__(examples)
         rows, offset = [], 0
         for example in examples:
-            rows += [(offset + position, prompt, answer, example.image) for position, prompt, answer in example.port_edit]
+            rows += [
+                (offset + position, prompt, answer, example.image) for position, prompt, answer in example.port_edit
+            ]
             offset += len(example.port)
         if rows:
             batch["port_edit"] = self.processor([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
@@ -138,7 +144,9 @@ class VLKEBDataModule(EditDataModule):
             return records
         kept = [r for r in records if r.port]
         if not kept:
-            raise DataError(f"{self.data_dir / self.files[split]}: no record has a portability question at {self.hops or 'any hop'} (require_port is set)")
+            raise DataError(
+                f"{self.data_dir / self.files[split]}: no record has a portability question at {self.hops or 'any hop'} (require_port is set)"
+            )
         return kept
 
     def build_dataset(self, split: str) -> Dataset:

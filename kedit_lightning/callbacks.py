@@ -17,11 +17,18 @@ from kedit_lightning.modules.editing import REPORT_KEY
 
 def metrics_table(columns: dict[str, dict]) -> str:
     """A Markdown table, one row per metric and one column per method."""
-    flat = {name: flatten_report({k: v for k, v in report.items() if k not in ("n_edits", "exact_match")}) for name, report in columns.items()}
+    flat = {
+        name: flatten_report({k: v for k, v in report.items() if k not in ("n_edits", "exact_match")})
+        for name, report in columns.items()
+    }
     keys = list(dict.fromkeys(key for report in flat.values() for key in report))
     lines = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for key in keys:
-        lines.append(f"| {key} | " + " | ".join(f"{report[key]:.3f}" if key in report else "-" for report in flat.values()) + " |")
+        lines.append(
+            f"| {key} | "
+            + " | ".join(f"{report[key]:.3f}" if key in report else "-" for report in flat.values())
+            + " |"
+        )
     edits = {name: report.get("n_edits") for name, report in columns.items()}
     lines.append("| edits | " + " | ".join(str(n) for n in edits.values()) + " |")
     return "\n".join(lines)
@@ -47,7 +54,11 @@ class CompareWithFineTuning(Callback):
         method = type(pl_module).__name__.removesuffix("Module")
         # The editor a run keeps is its best checkpoint's, so that is the one to report.
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
-        report = torch.load(best, map_location="cpu", weights_only=True).get(REPORT_KEY) if best else pl_module.last_report.get("val")
+        report = (
+            torch.load(best, map_location="cpu", weights_only=True).get(REPORT_KEY)
+            if best
+            else pl_module.last_report.get("val")
+        )
         learned = {method: report} if report is not None else {}
         # Read on every rank: under several processes `log_dir` is a broadcast from rank 0.
         self._report(trainer.log_dir, {**learned, f"FT ({self.steps} step, lr {self.lr:g})": baseline})

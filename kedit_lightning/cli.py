@@ -14,9 +14,18 @@ SUBCOMMANDS = {
     "synth": ("data_modules.synthetic", "write the embedded synthetic world (E-VQA, E-IC, VLKEB layouts + PNG images)"),
     "validate": ("data_modules.validate", "check a data file and every image it names"),
     "shard": ("data_modules.shards", "check a data file, then write it with its images as webdataset tar shards"),
-    "export": ("kedit_lightning.commands.export_cmd", "turn a Lightning checkpoint into an editor artifact (editor.safetensors + editor.json)"),
-    "edit": ("kedit_lightning.commands.edit_cmd", "apply the edits in a data file with an exported editor and save the edited model"),
-    "eval": ("kedit_lightning.commands.eval_cmd", "score an exported editor on a data file: Reliability, Generality, Locality, Portability"),
+    "export": (
+        "kedit_lightning.commands.export_cmd",
+        "turn a Lightning checkpoint into an editor artifact (editor.safetensors + editor.json)",
+    ),
+    "edit": (
+        "kedit_lightning.commands.edit_cmd",
+        "apply the edits in a data file with an exported editor and save the edited model",
+    ),
+    "eval": (
+        "kedit_lightning.commands.eval_cmd",
+        "score an exported editor on a data file: Reliability, Generality, Locality, Portability",
+    ),
 }
 
 

@@ -65,7 +65,9 @@ optionally `image`, or in the public record layout (`src`, `alt`, `image`)."""
 def check_finite(weights: Mapping[str, torch.Tensor], what: str, consequence: str) -> None:
     bad = [name for name, w in weights.items() if not bool(torch.isfinite(w).all())]
     if bad:
-        raise NonFiniteEdit(f"{what} gives non-finite values in {len(bad)} edited weight(s) ({', '.join(bad[:3])}); {consequence}")
+        raise NonFiniteEdit(
+            f"{what} gives non-finite values in {len(bad)} edited weight(s) ({', '.join(bad[:3])}); {consequence}"
+        )
 
 
 def _open_image(image: Image.Image | str | Path, image_root: str | Path | None, index: int) -> Image.Image:
@@ -79,20 +81,29 @@ def _open_image(image: Image.Image | str | Path, image_root: str | Path | None, 
         raise FileNotFoundError(f"edit request {index}: cannot load image {path}: {err}") from err
 
 
-def request_triple(request: Request, index: int, prompts: PromptBuilder, image_root: str | Path | None) -> tuple[str, str, Image.Image | None]:
+def request_triple(
+    request: Request, index: int, prompts: PromptBuilder, image_root: str | Path | None
+) -> tuple[str, str, Image.Image | None]:
     """(prompt, target, image or None) of one request; records' `src` go through the prompt template."""
     if isinstance(request, EditRecord):
         return prompts.edit_prompt(request.src), request.alt, load_image(image_root or ".", request, "image", index)
     if isinstance(request, EditRequest):
         fields: Mapping[str, Any] = {"prompt": request.prompt, "target": request.target, "image": request.image}
     elif isinstance(request, Mapping):
-        fields = {"prompt": prompts.edit_prompt(request["src"]) if "src" in request else request.get("prompt"),
-                  "target": request.get("alt", request.get("target")), "image": request.get("image")}
+        fields = {
+            "prompt": prompts.edit_prompt(request["src"]) if "src" in request else request.get("prompt"),
+            "target": request.get("alt", request.get("target")),
+            "image": request.get("image"),
+        }
     else:
-        raise TypeError(f"edit request {index}: expected an EditRequest, EditRecord or dict, got {type(request).__name__}")
+        raise TypeError(
+            f"edit request {index}: expected an EditRequest, EditRecord or dict, got {type(request).__name__}"
+        )
     for name in ("prompt", "target"):
         if not isinstance(fields[name], str) or not fields[name].strip():
-            raise ValueError(f"edit request {index}: field {name!r} must be a non-empty string (a dict gives prompt/target or src/alt), got {fields[name]!r}")
+            raise ValueError(
+                f"edit request {index}: field {name!r} must be a non-empty string (a dict gives prompt/target or src/alt), got {fields[name]!r}"
+            )
     image = fields["image"]
     return fields["prompt"], fields["target"], None if image is None else _open_image(image, image_root, index)
 
@@ -206,7 +217,7 @@ class Editor:
         self._module: EditorModule | None = None
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Editor":
+    def from_pretrained(cls, path: str | Path) -> Editor:
         card = read_card(path)
         verify_weights(path, card)
         return cls(card, path)
@@ -232,7 +243,9 @@ class Editor:
         if family not in FAMILIES:
             raise ValueError(f"{self.path}: backbone family {family!r} is not one of {sorted(FAMILIES)}")
         dtype = dtype or self.card["hyper_parameters"].get("backbone", {}).get("dtype", "float32")
-        backbone = FAMILIES[family].from_pretrained(source, edit_params=list(self.fingerprint["edit_params"]), dtype=getattr(torch, dtype))
+        backbone = FAMILIES[family].from_pretrained(
+            source, edit_params=list(self.fingerprint["edit_params"]), dtype=getattr(torch, dtype)
+        )
         backbone = backbone.to(device).eval()
         self.attach(backbone)
         return backbone
@@ -254,8 +267,13 @@ class Editor:
         return WeightEdits(module) if isinstance(module, WeightEditorModule) else MemoryEdits(module)
 
     def encode(
-        self, backbone: Backbone, requests: Sequence[Request], batch_size: int | None = None, image_root: str | Path | None = None,
-        kind: DataKind = "vqa", vqa_template: str = VQA_TEMPLATE,
+        self,
+        backbone: Backbone,
+        requests: Sequence[Request],
+        batch_size: int | None = None,
+        image_root: str | Path | None = None,
+        kind: DataKind = "vqa",
+        vqa_template: str = VQA_TEMPLATE,
     ) -> list[SubBatch]:
         """Requests as edit sub-batches of `batch_size` (None: one), tokenized with `processor(backbone)`, on its device."""
         prompts = PromptBuilder(kind, vqa_template)
@@ -268,14 +286,23 @@ class Editor:
             group = triples[start : start + size]
             with_image = [t[2] is not None for t in group]
             if any(with_image) != all(with_image):
-                raise ValueError(f"edit requests {start}..{start + len(group) - 1}: a batched edit needs images for all requests or for none")
+                raise ValueError(
+                    f"edit requests {start}..{start + len(group) - 1}: a batched edit needs images for all requests or for none"
+                )
             images = [t[2] for t in group] if all(with_image) else None
-            groups.append(move_data_to_device(encode([t[0] for t in group], [t[1] for t in group], images), device_of(backbone)))
+            groups.append(
+                move_data_to_device(encode([t[0] for t in group], [t[1] for t in group], images), device_of(backbone))
+            )
         return groups
 
     def edit(
-        self, backbone: Backbone | EditedBackbone, requests: Sequence[Request], batch_size: int | None = None,
-        image_root: str | Path | None = None, kind: DataKind = "vqa", vqa_template: str = VQA_TEMPLATE,
+        self,
+        backbone: Backbone | EditedBackbone,
+        requests: Sequence[Request],
+        batch_size: int | None = None,
+        image_root: str | Path | None = None,
+        kind: DataKind = "vqa",
+        vqa_template: str = VQA_TEMPLATE,
     ) -> EditedBackbone:
         """Apply `requests` (batched `batch_size` at a time, the groups in sequence); the post-edit model.
 
@@ -310,7 +337,9 @@ def _origin(record: Mapping[str, Any], position: int) -> str:
     return record["meta"][0]["origin"] if "meta" in record else f"record {position}"
 
 
-def score_records(backbone: Backbone, records: Iterable[Mapping[str, Any]], state: EditState, hops: Sequence[str] = HOPS) -> dict[str, Any]:
+def score_records(
+    backbone: Backbone, records: Iterable[Mapping[str, Any]], state: EditState, hops: Sequence[str] = HOPS
+) -> dict[str, Any]:
     """The edit report of `records`, all scored on the post-edit model of `state` (one-hop edits go on top of it)."""
     metrics = EditMetrics(hops).to(device_of(backbone))
     for record in records:
@@ -318,11 +347,15 @@ def score_records(backbone: Backbone, records: Iterable[Mapping[str, Any]], stat
     return metrics.compute()
 
 
-def evaluate(editor: Editor, backbone: Backbone, loader: Iterable[EditBatch], hops: Sequence[str] = HOPS, progress: bool = True) -> dict[str, Any]:
+def evaluate(
+    editor: Editor, backbone: Backbone, loader: Iterable[EditBatch], hops: Sequence[str] = HOPS, progress: bool = True
+) -> dict[str, Any]:
     """Edit each record on its own, from the unedited model, and score it: what validation reports."""
     metrics = EditMetrics(hops).to(device_of(backbone))
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
-    for position, record in enumerate(tqdm(_records(loader, device_of(backbone)), total=total, desc="editing", disable=not progress)):
+    for position, record in enumerate(
+        tqdm(_records(loader, device_of(backbone)), total=total, desc="editing", disable=not progress)
+    ):
         state = editor.start(backbone)
         state.add(record["edit_inner"], f"the edit of {_origin(record, position)}", "evaluation stopped")
         metrics.update(backbone, record, state.model(), state.model_with)
@@ -339,7 +372,13 @@ def curve_points(n_edits: int) -> list[int]:
 
 
 def evaluate_sequential(
-    editor: Editor, backbone: Backbone, loader: Iterable[EditBatch], n_edits: int, hops: Sequence[str] = HOPS, probe: int = 10, progress: bool = True,
+    editor: Editor,
+    backbone: Backbone,
+    loader: Iterable[EditBatch],
+    n_edits: int,
+    hops: Sequence[str] = HOPS,
+    probe: int = 10,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Edit the first `n_edits` records one after another, each on top of the previous edits.
 
@@ -362,5 +401,10 @@ def evaluate_sequential(
             bar.update()
     if done < n_edits:
         raise ValueError(f"{n_edits} sequential edits asked for, but the data has only {done} records")
-    final = score_records(backbone, tqdm(_records(loader, device, n_edits), total=n_edits, desc="scoring", disable=not progress), state, hops)
+    final = score_records(
+        backbone,
+        tqdm(_records(loader, device, n_edits), total=n_edits, desc="scoring", disable=not progress),
+        state,
+        hops,
+    )
     return {**final, "sequential": {"probe_edits": len(earliest), "curve": curve}}

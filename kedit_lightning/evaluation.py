@@ -40,7 +40,13 @@ HOPS = ("1-hop", "2-hop", "3-hop", "4-hop")
 ACCURACY_KEYS = ("reliability", "t_generality", "i_generality")
 LOCALITY_KEYS = ("t_locality", "i_locality")
 HEADLINE = ACCURACY_KEYS + LOCALITY_KEYS
-_POST_SUB_BATCH = {"reliability": "edit_inner", "t_generality": "edit_outer", "i_generality": "edit_outer_image", "t_locality": "loc", "i_locality": "loc_image"}
+_POST_SUB_BATCH = {
+    "reliability": "edit_inner",
+    "t_generality": "edit_outer",
+    "i_generality": "edit_outer_image",
+    "t_locality": "loc",
+    "i_locality": "loc_image",
+}
 
 
 def _rows(sub_batch: SubBatch, index: torch.Tensor | slice) -> SubBatch:
@@ -84,7 +90,13 @@ class EditMetrics(nn.Module):
         self.portability_exact = PortabilityByHop(hops=tuple(hops), exact=True)
 
     @torch.no_grad()
-    def update(self, backbone: Backbone, record: Mapping[str, Any], edited: EditedModel, edit_further: EditFurther | None = None) -> dict[str, torch.Tensor]:
+    def update(
+        self,
+        backbone: Backbone,
+        record: Mapping[str, Any],
+        edited: EditedModel,
+        edit_further: EditFurther | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Score one edited record (`backbone` is the pre-edit model); returns its post-edit logits per sub-batch.
 
         `edit_further` is needed for records with one-hop edits (`port_edit`).
@@ -99,12 +111,16 @@ class EditMetrics(nn.Module):
             self._update_portability(record, edited, edit_further)
         return post
 
-    def _update_portability(self, record: Mapping[str, Any], edited: EditedModel, edit_further: EditFurther | None) -> None:
+    def _update_portability(
+        self, record: Mapping[str, Any], edited: EditedModel, edit_further: EditFurther | None
+    ) -> None:
         port, hops = record["port"], record["port_hops"]
         further: dict[int, int] = {}  # port row -> its port_edit row
         if "port_edit" in record:
             if edit_further is None:
-                raise ValueError("the data has one-hop edits (port_edit_q / port_edit_a) but no way to apply a further edit was given")
+                raise ValueError(
+                    "the data has one-hop edits (port_edit_q / port_edit_a) but no way to apply a further edit was given"
+                )
             further = {int(row): e for e, row in enumerate(record["port_edit_row"])}
         plain = [r for r in range(len(hops)) if r not in further]
         scored = [(plain, edited)] if plain else []
@@ -150,7 +166,9 @@ def flatten_report(report: Mapping[str, Any], prefix: str = "") -> dict[str, flo
     return flat
 
 
-def evaluate_records(backbone: Backbone, edit: EditFn, batches: Iterator[EditBatch], metrics: EditMetrics) -> dict[str, Any]:
+def evaluate_records(
+    backbone: Backbone, edit: EditFn, batches: Iterator[EditBatch], metrics: EditMetrics
+) -> dict[str, Any]:
     """Edit and score every record of `batches` (each from the unedited weights); the report."""
     for batch in batches:
         for record in record_batches(batch):

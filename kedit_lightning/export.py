@@ -87,7 +87,9 @@ def method_of_checkpoint(checkpoint: Mapping[str, Any], path: str | Path, method
         return method
     class_path = checkpoint.get("hyper_parameters", {}).get("_class_path")
     if class_path is None:
-        raise ValueError(f"{path}: the checkpoint does not record its LightningModule class (it was not trained through train.py); name the method, one of {sorted(METHODS)}")
+        raise ValueError(
+            f"{path}: the checkpoint does not record its LightningModule class (it was not trained through train.py); name the method, one of {sorted(METHODS)}"
+        )
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
     for name, module_class in METHODS.items():
@@ -122,16 +124,24 @@ def fingerprint_problems(expected: Mapping[str, Any], actual: Mapping[str, Any])
     """What differs between the fingerprint an editor was trained on and a backbone's, one line each."""
     problems = []
     if expected["family"] != actual["family"]:
-        problems.append(f"family: the editor was trained on {expected['family']!r}, the backbone is {actual['family']!r}")
+        problems.append(
+            f"family: the editor was trained on {expected['family']!r}, the backbone is {actual['family']!r}"
+        )
     if expected["config_hash"] != actual["config_hash"]:
-        problems.append(f"config hash: the editor was trained on a model with config hash {expected['config_hash']}, the backbone's is {actual['config_hash']} (another architecture or size)")
+        problems.append(
+            f"config hash: the editor was trained on a model with config hash {expected['config_hash']}, the backbone's is {actual['config_hash']} (another architecture or size)"
+        )
     want, have = expected["edit_params"], actual["edit_params"]
     for name, shape in want.items():
         if name not in have:
             problems.append(f"edited parameter {name}: the backbone does not edit it")
         elif list(have[name]) != list(shape):
             problems.append(f"shape of {name}: the editor expects {list(shape)}, the backbone has {list(have[name])}")
-    problems += [f"edited parameter {name}: the backbone edits it, the editor was not trained for it" for name in have if name not in want]
+    problems += [
+        f"edited parameter {name}: the backbone edits it, the editor was not trained for it"
+        for name in have
+        if name not in want
+    ]
     return problems
 
 
@@ -161,7 +171,9 @@ def read_card(path: str | Path) -> dict[str, Any]:
     if card["format"] != FORMAT:
         raise ArtifactError(f"{card_path}: format {card['format']!r} is not {FORMAT!r}")
     if not isinstance(card["format_version"], int) or card["format_version"] > FORMAT_VERSION:
-        raise ArtifactError(f"{card_path}: format version {card['format_version']!r}; this kedit-lightning ({kedit_lightning.__version__}) reads up to {FORMAT_VERSION}")
+        raise ArtifactError(
+            f"{card_path}: format version {card['format_version']!r}; this kedit-lightning ({kedit_lightning.__version__}) reads up to {FORMAT_VERSION}"
+        )
     if card["method"] not in METHODS:
         raise ArtifactError(f"{card_path}: unknown method {card['method']!r}; known: {sorted(METHODS)}")
     return card
@@ -179,7 +191,9 @@ def verify_weights(path: str | Path, card: Mapping[str, Any]) -> Path:
         raise ArtifactError(f"{weights}: not a readable safetensors file (truncated or corrupted): {err}") from err
     digest = sha256_of(weights)
     if digest != card["weights"]["sha256"]:
-        raise ArtifactError(f"{weights}: sha256 {digest} differs from {card['weights']['sha256']} recorded in {CARD_FILE}; the weights were changed or truncated after export")
+        raise ArtifactError(
+            f"{weights}: sha256 {digest} differs from {card['weights']['sha256']} recorded in {CARD_FILE}; the weights were changed or truncated after export"
+        )
     return weights
 
 
@@ -192,13 +206,17 @@ def rebuild_module(card: Mapping[str, Any], path: str | Path, backbone: Backbone
     try:
         module = instantiate_module(METHODS[method], card["hyper_parameters"])
     except (argparse.ArgumentError, TypeError, ValueError) as err:
-        raise ArtifactError(f"{path}: the hyper-parameters in {CARD_FILE} do not build a {method} module: {err}") from err
+        raise ArtifactError(
+            f"{path}: the hyper-parameters in {CARD_FILE} do not build a {method} module: {err}"
+        ) from err
     module.backbone = backbone
     module.build_editor(backbone)
     try:
         load_model(module.editor, str(Path(path) / card["weights"]["file"]), strict=True)
     except RuntimeError as err:
-        raise ArtifactError(f"{path}: the weights do not fit the {method} editor its hyper-parameters describe: {err}") from err
+        raise ArtifactError(
+            f"{path}: the weights do not fit the {method} editor its hyper-parameters describe: {err}"
+        ) from err
     module.editor.eval().requires_grad_(False)
     return module.to(next(backbone.parameters()).device)
 
@@ -220,14 +238,18 @@ def save_editor(
     """
     out = Path(out_dir)
     if (out / CARD_FILE).exists() and not overwrite:
-        raise FileExistsError(f"{out}: already holds an exported editor ({CARD_FILE}); choose another folder or allow overwriting")
+        raise FileExistsError(
+            f"{out}: already holds an exported editor ({CARD_FILE}); choose another folder or allow overwriting"
+        )
     method = method_of_module(module)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / WEIGHTS_FILE
     # Write beside and rename: a crash mid-write never leaves a half file under the final name.
     # One metadata entry: safetensors writes several in no fixed order, and the same editor should give the same bytes.
     partial = out / f".{WEIGHTS_FILE}.partial"
-    save_model(editor if editor is not None else module.editor, str(partial), metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"})
+    save_model(
+        editor if editor is not None else module.editor, str(partial), metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"}
+    )
     os.replace(partial, weights)
     card = {
         "format": FORMAT,
@@ -247,23 +269,42 @@ def save_editor(
     return out
 
 
-def training_config(config_file: Path | None, module: LightningModule | None = None, checkpoint: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def training_config(
+    config_file: Path | None, module: LightningModule | None = None, checkpoint: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """LightningCLI's saved config.yaml when there is one, else the model's and data's hyper-parameters."""
     if config_file is not None and config_file.is_file():
         return yaml.safe_load(config_file.read_text()) or {}
     if module is not None:
-        model = {"class_path": f"{type(module).__module__}.{type(module).__qualname__}", "init_args": dict(module.hparams)}
+        model = {
+            "class_path": f"{type(module).__module__}.{type(module).__qualname__}",
+            "init_args": dict(module.hparams),
+        }
         datamodule = module._trainer.datamodule if module._trainer is not None else None
-        data = {"class_path": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}", "init_args": dict(datamodule.hparams)} if datamodule is not None else None
+        data = (
+            {
+                "class_path": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
+                "init_args": dict(datamodule.hparams),
+            }
+            if datamodule is not None
+            else None
+        )
         return {"model": model, "data": data}
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     data = dict(checkpoint.get("datamodule_hyper_parameters", {}))
-    return {"model": {"class_path": hparams.pop("_class_path", None), "init_args": hparams}, "data": {"class_path": data.pop("_class_path", None), "init_args": data}}
+    return {
+        "model": {"class_path": hparams.pop("_class_path", None), "init_args": hparams},
+        "data": {"class_path": data.pop("_class_path", None), "init_args": data},
+    }
 
 
 def checkpoint_editor_state(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The `editor.*` entries of a Lightning checkpoint's state dict, prefix removed."""
-    return {key.removeprefix("editor."): value for key, value in checkpoint["state_dict"].items() if key.startswith("editor.")}
+    return {
+        key.removeprefix("editor."): value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith("editor.")
+    }
 
 
 def export_module(
@@ -281,10 +322,18 @@ def export_module(
         editor = copy.deepcopy(module.editor)
         editor.load_state_dict(editor_state, strict=True)
     config = config if config is not None else training_config(None, module)
-    return save_editor(out_dir, module, editor, metrics=metrics, training_config=config, source=source, overwrite=overwrite)
+    return save_editor(
+        out_dir, module, editor, metrics=metrics, training_config=config, source=source, overwrite=overwrite
+    )
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, method: str | None = None, backbone: str | None = None, overwrite: bool = False) -> Path:
+def export_checkpoint(
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    method: str | None = None,
+    backbone: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     """`kedit export`: a Lightning checkpoint -> an artifact.
 
     The training module is rebuilt from the checkpoint (which loads its backbone: `backbone`
@@ -301,17 +350,33 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, method: str | 
     if backbone is not None:
         spec = checkpoint["hyper_parameters"]["backbone"]
         spec = spec if isinstance(spec, BackboneSpec) else BackboneSpec(**spec)
-        overrides["backbone"] = BackboneSpec(**{**asdict(spec), "pretrained": backbone, "config": None, "bootstrap": None})
+        overrides["backbone"] = BackboneSpec(
+            **{**asdict(spec), "pretrained": backbone, "config": None, "bootstrap": None}
+        )
     with warnings.catch_warnings():
         # The backbone is rebuilt from its spec, never stored in checkpoints: its keys are missing on purpose.
-        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
+        warnings.filterwarnings(
+            "ignore", message="Found keys that are in the model state dict but not in the checkpoint"
+        )
         module = METHODS[method].load_from_checkpoint(path, map_location="cpu", weights_only=False, **overrides)
     if "backbone_fingerprint" in checkpoint:
-        check_fingerprint(checkpoint["backbone_fingerprint"], module.backbone.fingerprint(), f"{path} (trained on another backbone than its spec loads now)")
+        check_fingerprint(
+            checkpoint["backbone_fingerprint"],
+            module.backbone.fingerprint(),
+            f"{path} (trained on another backbone than its spec loads now)",
+        )
     return export_module(
-        module, out_dir, editor_state=checkpoint_editor_state(checkpoint), metrics=checkpoint.get(REPORT_KEY),
+        module,
+        out_dir,
+        editor_state=checkpoint_editor_state(checkpoint),
+        metrics=checkpoint.get(REPORT_KEY),
         config=training_config(path.parent.parent / "config.yaml", checkpoint=checkpoint),
-        source={"checkpoint": str(path), "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}, overwrite=overwrite,
+        source={
+            "checkpoint": str(path),
+            "epoch": checkpoint.get("epoch"),
+            "global_step": checkpoint.get("global_step"),
+        },
+        overwrite=overwrite,
     )
 
 
@@ -352,9 +417,23 @@ class ExportEditor(Callback):
         out = self.run_dir(trainer, pl_module)
         if best:
             checkpoint = torch.load(best, map_location="cpu", weights_only=False)
-            source = {"checkpoint": best, "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}
-            self.exported = export_module(pl_module, out, checkpoint_editor_state(checkpoint), checkpoint.get(REPORT_KEY), config, source, overwrite=True)
+            source = {
+                "checkpoint": best,
+                "epoch": checkpoint.get("epoch"),
+                "global_step": checkpoint.get("global_step"),
+            }
+            self.exported = export_module(
+                pl_module,
+                out,
+                checkpoint_editor_state(checkpoint),
+                checkpoint.get(REPORT_KEY),
+                config,
+                source,
+                overwrite=True,
+            )
         else:
             source = {"checkpoint": None, "epoch": trainer.current_epoch, "global_step": trainer.global_step}
-            self.exported = export_module(pl_module, out, None, pl_module.last_report.get("val"), config, source, overwrite=True)
+            self.exported = export_module(
+                pl_module, out, None, pl_module.last_report.get("val"), config, source, overwrite=True
+            )
         rank_zero_info(f"exported the editor to {self.exported}")

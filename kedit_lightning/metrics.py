@@ -81,7 +81,11 @@ class _PerExampleMean(Metric):
         self.count += scores.shape[0]
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return {"token_acc": (self.token_acc_sum / self.count).float(), "exact_match": (self.exact_match_sum / self.count).float(), "count": self.count.clone()}
+        return {
+            "token_acc": (self.token_acc_sum / self.count).float(),
+            "exact_match": (self.exact_match_sum / self.count).float(),
+            "count": self.count.clone(),
+        }
 
 
 class EditAccuracy(_PerExampleMean):
@@ -129,6 +133,8 @@ class PortabilityByHop(Metric):
         self.count.index_add_(0, index, torch.ones_like(index))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        result = {hop: (self.score_sum[i] / self.count[i]).float() for i, hop in enumerate(self.hops) if self.count[i] > 0}
+        result = {
+            hop: (self.score_sum[i] / self.count[i]).float() for i, hop in enumerate(self.hops) if self.count[i] > 0
+        }
         result["all"] = (self.score_sum.sum() / self.count.sum()).float()
         return result

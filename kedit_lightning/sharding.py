@@ -69,7 +69,9 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     except one sharing a parameter with a module outside it (a tied weight belongs to one unit)."""
     block_classes = set(getattr(model, "_no_split_modules", None) or ())
     if not block_classes:
-        raise ValueError(f"{type(model).__name__} declares no `_no_split_modules`: there is no transformer block to shard by")
+        raise ValueError(
+            f"{type(model).__name__} declares no `_no_split_modules`: there is no transformer block to shard by"
+        )
     names_of: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(name)
@@ -96,7 +98,9 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
     tensor parallelism, which nothing here implements (ranks of one TP group would see the same records)."""
     names = mesh.mesh_dim_names or ()
     if DATA_PARALLEL not in names:
-        raise ValueError(f"expected a device mesh with a {DATA_PARALLEL!r} dimension (Lightning's ModelParallelStrategy), got dimensions {names}")
+        raise ValueError(
+            f"expected a device mesh with a {DATA_PARALLEL!r} dimension (Lightning's ModelParallelStrategy), got dimensions {names}"
+        )
     tensor_parallel = mesh.size() // mesh[DATA_PARALLEL].size()
     if tensor_parallel != 1:
         raise ValueError(
@@ -120,4 +124,6 @@ def shard_editor_module(module: nn.Module, mesh: DeviceMesh) -> None:
     shard_backbone(backbone, dp_mesh)
     for child in module.children():
         if child is not backbone and any(p.requires_grad for p in child.parameters()):
-            replicate(child, process_group=dp_mesh.get_group(), forward_sync_buffers=False, gradient_as_bucket_view=True)
+            replicate(
+                child, process_group=dp_mesh.get_group(), forward_sync_buffers=False, gradient_as_bucket_view=True
+            )

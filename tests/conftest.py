@@ -58,7 +58,11 @@ def base_dir(world, tmp_path_factory) -> Path:
 
 
 def base_spec(base_dir: Path) -> BackboneSpec:
-    return BackboneSpec(family="blip2", pretrained=str(base_dir), edit_params=["language_model.model.decoder.layers.{1,2,3}.fc{1,2}.weight"])
+    return BackboneSpec(
+        family="blip2",
+        pretrained=str(base_dir),
+        edit_params=["language_model.model.decoder.layers.{1,2,3}.fc{1,2}.weight"],
+    )
 
 
 @pytest.fixture(scope="session")
@@ -71,15 +75,32 @@ def fitted(world, base_dir, tmp_path_factory) -> Fitted:
     export = ExportEditor(dirpath=str(runs / "checkpoints"), name="mend-tiny")
     best = ModelCheckpoint(dirpath=runs / "ckpt", monitor="val/score", mode="max")
     trainer = Trainer(
-        max_steps=2, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0, inference_mode=False, accelerator="cpu",
-        logger=False, callbacks=[export, best], enable_progress_bar=False, enable_model_summary=False, default_root_dir=runs,
+        max_steps=2,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        inference_mode=False,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[export, best],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=runs,
     )
     trainer.fit(module, data)
     return Fitted(module, export.exported, Path(best.best_model_path))
 
 
-TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-             "max_position_embeddings": 64, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+TINY_BERT = {
+    "model_type": "bert",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
 
 
 @pytest.fixture(scope="session")
@@ -89,12 +110,28 @@ def serac_fitted(world, base_dir, tmp_path_factory) -> Fitted:
     runs = tmp_path_factory.mktemp("serac-runs")
     tokenizer = str(world / "tokenizer")
     counterfactual = dataclasses.replace(load_backbone_spec(CONFIGS / "text-tiny.yaml"), processor=tokenizer)
-    module = SERACModule(base_spec(base_dir), counterfactual, ScopeEncoderSpec(config=TINY_BERT, tokenizer=tokenizer), lr=3e-3, classifier_lr=3e-3)
+    module = SERACModule(
+        base_spec(base_dir),
+        counterfactual,
+        ScopeEncoderSpec(config=TINY_BERT, tokenizer=tokenizer),
+        lr=3e-3,
+        classifier_lr=3e-3,
+    )
     data = VQADataModule(str(world), train_file="vqa/vqa_train.json", val_file=VAL_FILE, batch_size=VAL_RECORDS)
     export = ExportEditor(dirpath=str(runs / "checkpoints"), name="serac-tiny")
     trainer = Trainer(
-        max_steps=2, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0, inference_mode=False, accelerator="cpu",
-        logger=False, enable_checkpointing=False, callbacks=[export], enable_progress_bar=False, enable_model_summary=False, default_root_dir=runs,
+        max_steps=2,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        inference_mode=False,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[export],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=runs,
     )
     trainer.fit(module, data)
     return Fitted(module, export.exported, None)

@@ -27,7 +27,11 @@ def fact_batch(backbone) -> dict:
     images = [red, red, blue, blue]  # the red object lives in Velor, the blue one in Marun
     text_prompts, text_targets = zip(*TEXT_FACTS)
     first = backbone.processor(list(prompts), list(targets), None if backbone.family == "text" else images)
-    return {"with_image": first, "text_only": backbone.processor(list(text_prompts), list(text_targets), None), "meta": ["ignored"]}
+    return {
+        "with_image": first,
+        "text_only": backbone.processor(list(text_prompts), list(text_targets), None),
+        "meta": ["ignored"],
+    }
 
 
 def loader(batch: dict, copies: int) -> DataLoader:
@@ -36,8 +40,14 @@ def loader(batch: dict, copies: int) -> DataLoader:
 
 def trainer(steps: int, **kwargs) -> Trainer:
     return Trainer(
-        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kwargs,
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
     )
 
 
@@ -57,7 +67,9 @@ def tokenizer():
 @pytest.mark.parametrize("family", list(TINY))
 def test_loss_decreases_and_metrics_are_logged(tokenizer, family, tmp_path):
     torch.manual_seed(0)
-    module = BackboneModule(tiny_backbone(family, tokenizer), lr=3e-3, warmup_steps=2, export_dir=str(tmp_path / "export"))
+    module = BackboneModule(
+        tiny_backbone(family, tokenizer), lr=3e-3, warmup_steps=2, export_dir=str(tmp_path / "export")
+    )
     batch = fact_batch(module.backbone)
     before = batch_loss(module, batch)
     fit = trainer(20, limit_val_batches=1)
@@ -65,7 +77,9 @@ def test_loss_decreases_and_metrics_are_logged(tokenizer, family, tmp_path):
     after = batch_loss(module, batch)
     assert after < 0.5 * before, (before, after)
     metrics = fit.callback_metrics
-    assert {"train/loss", "train/acc", "val/loss", "val/acc", "val/loss_with_image", "val/loss_text_only"} <= set(metrics)
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "val/loss_with_image", "val/loss_text_only"} <= set(
+        metrics
+    )
     assert 0.0 <= float(metrics["val/acc"]) <= 1.0
     # on_train_end exported the fine-tuned backbone; loading it gives the same logits.
     loaded = FAMILIES[family].from_pretrained(str(tmp_path / "export"), edit_params=module.backbone.edit_param_names)

@@ -30,7 +30,12 @@ from kedit_lightning.backbones import (
 from kedit_lightning.backbones.word_tokenizer import build_word_tokenizer, corpus_from_records, family_template_texts
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "backbones"
-TINY = {"blip2": "blip2-tiny.yaml", "llava": "llava-tiny.yaml", "minigpt4": "minigpt4-tiny.yaml", "text": "text-tiny.yaml"}
+TINY = {
+    "blip2": "blip2-tiny.yaml",
+    "llava": "llava-tiny.yaml",
+    "minigpt4": "minigpt4-tiny.yaml",
+    "text": "text-tiny.yaml",
+}
 MULTIMODAL = ("blip2", "llava", "minigpt4")
 CORPUS = [
     "What colour is the object? red blue green yellow",
@@ -74,7 +79,12 @@ def encode(backbone, with_image: bool = True, prompts=PROMPTS, targets=TARGETS):
 
 def reference_loss(backbone, sub_batch) -> torch.Tensor:
     """The transformers model's own causal-LM loss on the same labels (it shifts internally)."""
-    ids, mask, labels, pixels = sub_batch["input_ids"], sub_batch["attention_mask"], sub_batch["labels"], sub_batch["pixel_values"]
+    ids, mask, labels, pixels = (
+        sub_batch["input_ids"],
+        sub_batch["attention_mask"],
+        sub_batch["labels"],
+        sub_batch["pixel_values"],
+    )
     model = backbone.model
     if backbone.family == "text":
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -105,7 +115,9 @@ def test_logits_align_with_labels(backbones, family, with_image):
     torch.testing.assert_close(ours, reference_loss(backbone, batch))
     # Shifting by one position more gives a different loss, so the comparison can catch misalignment.
     shifted = torch.cat([logits[:, 1:], logits[:, :1]], dim=1)
-    assert not torch.isclose(F.cross_entropy(shifted.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX), ours)
+    assert not torch.isclose(
+        F.cross_entropy(shifted.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX), ours
+    )
 
 
 @pytest.mark.parametrize("family", MULTIMODAL)
@@ -135,7 +147,9 @@ def test_text_backbone_rejects_images(backbones):
 
 def test_blip2_layout_matches_blip2_processor(backbones, tokenizer):
     backbone = backbones["blip2"]
-    processor = Blip2Processor(backbone.processor.image_processor, tokenizer, num_query_tokens=backbone.model.config.num_query_tokens)
+    processor = Blip2Processor(
+        backbone.processor.image_processor, tokenizer, num_query_tokens=backbone.model.config.num_query_tokens
+    )
     images = draw_images()
     for prompt, target, image in zip(PROMPTS, TARGETS, images):
         ours = backbone.processor([prompt], [target], [image])
@@ -150,8 +164,11 @@ def test_llava_layout_matches_llava_processor(backbones, tokenizer):
     backbone = backbones["llava"]
     config = backbone.model.config
     processor = LlavaProcessor(
-        backbone.processor.image_processor, tokenizer, patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy, num_additional_image_tokens=1,
+        backbone.processor.image_processor,
+        tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
     )
     image = draw_images()[0]
     ours = backbone.processor([PROMPTS[0]], [TARGETS[0]], [image])
@@ -217,7 +234,10 @@ def test_from_pretrained_bad_paths(family, tmp_path):
         cls.from_pretrained(str(tmp_path / "weights.bin"))
 
 
-@pytest.mark.parametrize("saved,loader", [("blip2", "llava"), ("llava", "minigpt4"), ("minigpt4", "blip2"), ("blip2", "text"), ("text", "blip2")])
+@pytest.mark.parametrize(
+    "saved,loader",
+    [("blip2", "llava"), ("llava", "minigpt4"), ("minigpt4", "blip2"), ("blip2", "text"), ("text", "blip2")],
+)
 def test_from_pretrained_rejects_another_familys_directory(backbones, tmp_path, saved, loader):
     backbones[saved].save_pretrained(tmp_path)
     model_type = json.loads((tmp_path / "config.json").read_text())["model_type"]
@@ -232,9 +252,13 @@ def test_mismatched_image_token_and_processor_fail_clearly(tokenizer):
 
     spec = load_backbone_spec(CONFIGS / TINY["blip2"])
     with pytest.raises(ValueError, match=r"yields \(64, 64\) pixels but the vision tower expects 32x32"):
-        Blip2Backbone.from_config(spec.config, tokenizer=tokenizer, image_processor=BlipImageProcessorPil(size={"height": 64, "width": 64}))
+        Blip2Backbone.from_config(
+            spec.config, tokenizer=tokenizer, image_processor=BlipImageProcessorPil(size={"height": 64, "width": 64})
+        )
     with pytest.raises(ValueError, match="emits id .* but the language model has only 10 embeddings"):
-        TextLMBackbone.from_config({**load_backbone_spec(CONFIGS / TINY["text"]).config, "vocab_size": 10}, tokenizer=tokenizer)
+        TextLMBackbone.from_config(
+            {**load_backbone_spec(CONFIGS / TINY["text"]).config, "vocab_size": 10}, tokenizer=tokenizer
+        )
     with pytest.raises(ValueError, match="needs `processor`"):
         TextLMBackbone.from_config(load_backbone_spec(CONFIGS / TINY["text"]).config)
 
@@ -247,7 +271,9 @@ def test_fingerprint_tracks_the_config(backbones, tokenizer, tmp_path):
     assert same.fingerprint() == before == Blip2Backbone.from_pretrained(str(tmp_path)).fingerprint()
     spec = load_backbone_spec(CONFIGS / TINY["blip2"])
     wider = Blip2Backbone.from_config(
-        {**spec.config, "text_config": {**spec.config["text_config"], "ffn_dim": 128}}, edit_params=spec.edit_params, tokenizer=tokenizer
+        {**spec.config, "text_config": {**spec.config["text_config"], "ffn_dim": 128}},
+        edit_params=spec.edit_params,
+        tokenizer=tokenizer,
     )
     print_a, print_b = backbones["blip2"].fingerprint(), wider.fingerprint()
     assert print_a["config_hash"] != print_b["config_hash"]
@@ -259,7 +285,9 @@ def test_processor_directory_gives_tokenizer_and_image_processor(backbones, tmp_
     backbones["llava"].processor.tokenizer.save_pretrained(tmp_path)
     backbones["llava"].processor.image_processor.save_pretrained(tmp_path)
     spec = load_backbone_spec(CONFIGS / TINY["llava"])
-    built = build_backbone(BackboneSpec(family="llava", config=spec.config, processor=str(tmp_path), edit_params=spec.edit_params))
+    built = build_backbone(
+        BackboneSpec(family="llava", config=spec.config, processor=str(tmp_path), edit_params=spec.edit_params)
+    )
     batch = encode(backbones["llava"])
     assert torch.equal(encode(built)["input_ids"], batch["input_ids"])
     assert built(batch).shape == backbones["llava"](batch).shape
@@ -268,11 +296,15 @@ def test_processor_directory_gives_tokenizer_and_image_processor(backbones, tmp_
 def write_tiny_blip2_and_llama(tmp_path: Path, tokenizer) -> tuple[Path, Path]:
     """A BLIP-2 checkpoint (vision + Q-Former donor) and a LLaMA checkpoint with its tokenizer."""
     blip2_spec = load_backbone_spec(CONFIGS / TINY["blip2"]).config
-    blip2 = Blip2ForConditionalGeneration(Blip2Config(**{**blip2_spec, "text_config": {**blip2_spec["text_config"], "vocab_size": len(tokenizer) + 1}}))
+    blip2 = Blip2ForConditionalGeneration(
+        Blip2Config(**{**blip2_spec, "text_config": {**blip2_spec["text_config"], "vocab_size": len(tokenizer) + 1}})
+    )
     blip2.save_pretrained(tmp_path / "blip2")
     llm_spec = load_backbone_spec(CONFIGS / TINY["minigpt4"]).config["text_config"]
     fields = {k: v for k, v in llm_spec.items() if k != "model_type"}
-    llama = LlamaForCausalLM(LlamaConfig(**fields, vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    llama = LlamaForCausalLM(
+        LlamaConfig(**fields, vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    )
     llama.save_pretrained(tmp_path / "llama")
     tokenizer.save_pretrained(tmp_path / "llama")
     return tmp_path / "blip2", tmp_path / "llama"
@@ -291,7 +323,11 @@ def test_minigpt4_from_components_loads_every_part(tmp_path, tokenizer):
     assert torch.equal(model.llama_proj.weight, projection["llama_proj.weight"])
     assert torch.equal(model.llama_proj.bias, projection["llama_proj.bias"])
     assert torch.equal(model.query_tokens, blip2.query_tokens)
-    for ours, theirs in [(model.vision_model, blip2.vision_model), (model.qformer, blip2.qformer), (model.language_model, llama)]:
+    for ours, theirs in [
+        (model.vision_model, blip2.vision_model),
+        (model.qformer, blip2.qformer),
+        (model.language_model, llama),
+    ]:
         theirs_state = theirs.state_dict()
         assert all(torch.equal(value, theirs_state[name]) for name, value in ours.state_dict().items())
     assert not any(p.is_meta for p in model.parameters())
@@ -305,8 +341,13 @@ def test_minigpt4_from_components_loads_every_part(tmp_path, tokenizer):
 
 def test_minigpt4_projection_errors_name_the_file(tmp_path, tokenizer):
     blip2_dir, llama_dir = write_tiny_blip2_and_llama(tmp_path, tokenizer)
-    torch.save({"model": {"llama_proj.weight": torch.zeros(64, 32), "llama_proj.bias": torch.zeros(64)}}, tmp_path / "narrow.pth")
-    with pytest.raises(ValueError, match=r"narrow.pth: llama_proj.weight has shape \(64, 32\), the model needs \(64, 64\)"):
+    torch.save(
+        {"model": {"llama_proj.weight": torch.zeros(64, 32), "llama_proj.bias": torch.zeros(64)}},
+        tmp_path / "narrow.pth",
+    )
+    with pytest.raises(
+        ValueError, match=r"narrow.pth: llama_proj.weight has shape \(64, 32\), the model needs \(64, 64\)"
+    ):
         MiniGPT4Backbone.from_components(str(blip2_dir), str(llama_dir), tmp_path / "narrow.pth")
     torch.save({"model": {"other.weight": torch.zeros(1)}}, tmp_path / "empty.pth")
     with pytest.raises(KeyError, match="empty.pth: no 'llama_proj.weight'"):
@@ -338,36 +379,73 @@ def test_word_tokenizer_is_deterministic_and_splits_punctuation():
     first = build_word_tokenizer(["Where is it? Velor.", "a b"])
     second = build_word_tokenizer(["a b", "where IS it ?velor ."])
     assert first.get_vocab() == second.get_vocab()
-    assert [first.convert_ids_to_tokens(i) for i in range(6)] == ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<ImageHere>"]
+    assert [first.convert_ids_to_tokens(i) for i in range(6)] == [
+        "<pad>",
+        "<s>",
+        "</s>",
+        "<unk>",
+        "<image>",
+        "<ImageHere>",
+    ]
     ids = first("Where is it? Velor.")["input_ids"]
     assert first.convert_ids_to_tokens(ids) == ["<s>", "where", "is", "it", "?", "velor", "."]
     assert first.convert_ids_to_tokens(first("unseen words")["input_ids"]) == ["<s>", "<unk>", "<unk>"]
 
 
 def test_word_tokenizer_round_trips_and_masks_targets(tmp_path):
-    from data_modules.encoding import PromptFormat, SubBatchEncoder
     from transformers import AutoTokenizer
+
+    from data_modules.encoding import PromptFormat, SubBatchEncoder
 
     tok = build_word_tokenizer(["Question: what colour is it? Short answer: deep blue"])
     tok.save_pretrained(tmp_path)
     back = AutoTokenizer.from_pretrained(tmp_path)
     assert back.get_vocab() == tok.get_vocab()
-    batch = SubBatchEncoder(back, prompt_format=PromptFormat())(["Question: what colour is it? Short answer:"], ["deep blue"])
-    supervised = [back.convert_ids_to_tokens(int(i)) for i, l in zip(batch["input_ids"][0], batch["labels"][0]) if l != IGNORE_INDEX]
+    batch = SubBatchEncoder(back, prompt_format=PromptFormat())(
+        ["Question: what colour is it? Short answer:"], ["deep blue"]
+    )
+    supervised = [
+        back.convert_ids_to_tokens(int(i))
+        for i, label in zip(batch["input_ids"][0], batch["labels"][0])
+        if label != IGNORE_INDEX
+    ]
     assert supervised == ["deep", "blue"]
 
 
 def test_corpus_from_records_reads_every_text_field(tmp_path):
     record = {
-        "src": "Where is Zorb?", "pred": "Velor", "alt": "Marun", "rephrase": "Zorb lives where?",
-        "image": "zorb/view0.png", "image_rephrase": "zorb/view1.png", "loc": "Capital of Zandia?", "loc_ans": "Velor",
-        "m_loc": "blip/view2.png", "m_loc_q": "What shape?", "m_loc_a": "circle",
+        "src": "Where is Zorb?",
+        "pred": "Velor",
+        "alt": "Marun",
+        "rephrase": "Zorb lives where?",
+        "image": "zorb/view0.png",
+        "image_rephrase": "zorb/view1.png",
+        "loc": "Capital of Zandia?",
+        "loc_ans": "Velor",
+        "m_loc": "blip/view2.png",
+        "m_loc_q": "What shape?",
+        "m_loc_a": "circle",
         "port_new": [{"port_type": "1-hop", "Q&A": {"Question": "Which country?", "Answer": "Morvel"}}],
     }
     (tmp_path / "train.json").write_text(json.dumps([record]))
     corpus = corpus_from_records([tmp_path / "train.json"])
     vocab = build_word_tokenizer(corpus).get_vocab()
-    for word in ["zorb", "velor", "marun", "lives", "zandia", "circle", "country", "morvel", "question", "short", "answer", "user", "assistant", "human"]:
+    for word in [
+        "zorb",
+        "velor",
+        "marun",
+        "lives",
+        "zandia",
+        "circle",
+        "country",
+        "morvel",
+        "question",
+        "short",
+        "answer",
+        "user",
+        "assistant",
+        "human",
+    ]:
         assert word in vocab, word
     assert "view0" not in vocab and "png" not in vocab
     (tmp_path / "bad.json").write_text(json.dumps({"src": "not a list"}))

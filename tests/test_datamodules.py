@@ -30,7 +30,14 @@ def encoder():
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>", additional_special_tokens=["<image>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=["<image>"],
+    )
     images = BlipImageProcessorPil(size={"height": 32, "width": 32})
     return SubBatchEncoder(fast, images, PromptFormat(with_image="{image} {prompt}", num_image_tokens=2))
 
@@ -57,7 +64,10 @@ def vqa_dir(tmp_path):
 
 
 def test_edit_batch_supervises_only_the_answers_of_each_sub_batch(vqa_dir, encoder):
-    records = [EditRecord.from_dict(make_record(i, port_new=port)) for i, port in enumerate([MULTIHOP_PORT, None, ONEHOP_EDIT_PORT])]
+    records = [
+        EditRecord.from_dict(make_record(i, port_new=port))
+        for i, port in enumerate([MULTIHOP_PORT, None, ONEHOP_EDIT_PORT])
+    ]
     dataset = EditDataset(records, vqa_dir / "images", "vqa")
     batch = EditCollator(encoder)([dataset[i] for i in range(3)])
     question = ["Question:", "what", "colour", "is", "it", "?", "Short", "answer:"]
@@ -102,17 +112,32 @@ def test_batch_without_port_questions_has_no_port_keys(vqa_dir, encoder):
 
 def test_caption_prompts_are_used_as_they_are_and_the_template_is_configurable(vqa_dir, encoder):
     record = EditRecord.from_dict(make_record(0, src="a photo of", rephrase="a picture of", alt="a red square"))
-    batch = EditCollator(encoder)([EditDataset([record], vqa_dir / "images", "caption", vqa_template="Question: {} answer:")[0]])
+    batch = EditCollator(encoder)(
+        [EditDataset([record], vqa_dir / "images", "caption", vqa_template="Question: {} answer:")[0]]
+    )
     assert split_tokens(encoder, batch["edit_inner"]) == [(IMAGE_PREFIX + ["a", "photo", "of"], ["a", "red", "square"])]
-    assert split_tokens(encoder, batch["edit_outer"]) == [(IMAGE_PREFIX + ["a", "picture", "of"], ["a", "red", "square"])]
+    assert split_tokens(encoder, batch["edit_outer"]) == [
+        (IMAGE_PREFIX + ["a", "picture", "of"], ["a", "red", "square"])
+    ]
     # The multimodal locality question is still a question.
-    assert split_tokens(encoder, batch["loc_image"])[0][0] == IMAGE_PREFIX + ["Question:", "what", "shape", "is", "it", "?", "answer:"]
+    assert split_tokens(encoder, batch["loc_image"])[0][0] == IMAGE_PREFIX + [
+        "Question:",
+        "what",
+        "shape",
+        "is",
+        "it",
+        "?",
+        "answer:",
+    ]
     with pytest.raises(ValueError, match="kind must be one of"):
         EditDataset([record], vqa_dir, "vqa-captions")
 
 
 def test_facts_are_the_pre_edit_truths_and_never_portability(vqa_dir, encoder):
-    records = [EditRecord.from_dict(make_record(0, port_new=MULTIHOP_PORT)), EditRecord.from_dict(make_record(1, pred=""))]
+    records = [
+        EditRecord.from_dict(make_record(0, port_new=MULTIHOP_PORT)),
+        EditRecord.from_dict(make_record(1, pred="")),
+    ]
     dataset = FactDataset(records, vqa_dir / "images", "vqa")
     assert len(dataset) == 5 + 2  # the second record has no pre-edit answer: only its locality facts
     batch = FactCollator(encoder)([dataset[i] for i in range(5)])
@@ -164,10 +189,15 @@ def test_workers_decode_images_lazily_and_match_the_main_process(vqa_dir, encode
     in_main.setup("fit")
     # What travels to a worker is the records, not pixels (18 decoded 48x48 images would be ~124 kB).
     assert len(pickle.dumps(dm.train_dataloader().dataset)) < 8_000
-    for worker_loader, main_loader in [(dm.train_dataloader(), in_main.train_dataloader()), (dm.val_dataloader(), in_main.val_dataloader())]:
+    for worker_loader, main_loader in [
+        (dm.train_dataloader(), in_main.train_dataloader()),
+        (dm.val_dataloader(), in_main.val_dataloader()),
+    ]:
         for from_workers, from_main in zip(worker_loader, main_loader, strict=True):
             assert from_workers["meta"] == from_main["meta"]
-            assert torch.equal(from_workers["edit_outer_image"]["pixel_values"], from_main["edit_outer_image"]["pixel_values"])
+            assert torch.equal(
+                from_workers["edit_outer_image"]["pixel_values"], from_main["edit_outer_image"]["pixel_values"]
+            )
             assert torch.equal(from_workers["loc_image"]["labels"], from_main["loc_image"]["labels"])
 
 
@@ -175,7 +205,9 @@ def test_an_image_broken_after_setup_fails_in_a_worker_naming_file_record_and_fi
     (vqa_dir / "images/img/1_view.png").write_bytes(b"garbage")
     broken = VQADataModule(str(vqa_dir), batch_size=2, num_workers=2, processor=encoder)
     broken.setup("validate")
-    with pytest.raises(DataError, match=r"vqa_eval.json: record 1: field 'image_rephrase': cannot load image") as caught:
+    with pytest.raises(
+        DataError, match=r"vqa_eval.json: record 1: field 'image_rephrase': cannot load image"
+    ) as caught:
         list(broken.val_dataloader())
     # PyTorch's re-raise leaves the loader iterator in a reference cycle (exception <-> frame) whose
     # garbage-collected shutdown waits 5 s per worker; clearing the frames frees it at once.
@@ -214,7 +246,9 @@ def test_facts_datamodule_trains_on_train_and_val_facts(vqa_dir, encoder):
 def test_datamodules_configure_from_yaml(tmp_path):
     parser = jsonargparse.ArgumentParser()
     parser.add_class_arguments(CaptionDataModule, "data")
-    config = parser.parse_string(f"data:\n  data_dir: {tmp_path}\n  image_root: /abs/images\n  batch_size: 3\n  num_workers: 2\n")
+    config = parser.parse_string(
+        f"data:\n  data_dir: {tmp_path}\n  image_root: /abs/images\n  batch_size: 3\n  num_workers: 2\n"
+    )
     dm = parser.instantiate(config).data
     assert isinstance(dm, CaptionDataModule) and dm.kind == "caption" and dm.processor is None
     assert dm.files == {"train": "caption_train_edit.json", "val": "caption_eval_edit.json", "test": None}

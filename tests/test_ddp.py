@@ -20,19 +20,28 @@ from pathlib import Path
 
 import torch
 from lightning import Callback, Trainer
+from test_mend_module import make_module
 from torch.utils.data import DataLoader
 
 from data_modules.datamodules import VQADataModule
 from data_modules.datasets import EditCollator, EditDataset
 from data_modules.records import read_records
 from data_modules.shards import write_shards
-from test_mend_module import make_module
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDS = 8  # 4 shards of 2: each of 2 ranks reads 2 shards, i.e. 2 full batches of 2 per epoch
 RECORDS_PER_RANK_BATCH = 2
 EPOCHS = 2
-DISTRIBUTED_VARIABLES = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"}
+DISTRIBUTED_VARIABLES = {
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "LOCAL_RANK",
+    "GROUP_RANK",
+    "NODE_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+}
 POISONED_BATCH = 1  # the second training batch: NaN images on rank 1 (rows 2..3 of the global batch)
 
 
@@ -59,21 +68,39 @@ class Recorder(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        result = {"batches": self.batches, "editor": pl_module.editor.state_dict(), "skipped_steps": int(pl_module.skipped_steps)}
+        result = {
+            "batches": self.batches,
+            "editor": pl_module.editor.state_dict(),
+            "skipped_steps": int(pl_module.skipped_steps),
+        }
         torch.save(result, self.out / f"rank{trainer.global_rank}.pt")
 
 
 def trainer(callbacks, **kwargs) -> Trainer:
     return Trainer(
-        accelerator="cpu", inference_mode=False, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks, **kwargs,
+        accelerator="cpu",
+        inference_mode=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+        **kwargs,
     )
 
 
 def ddp_main(world: Path, shards: Path, subset: Path, out: Path) -> None:
     torch.set_num_threads(1)
     module = make_module(world)
-    data = VQADataModule(str(world), train_file=str(subset), val_file="vqa/vqa_eval.json", batch_size=RECORDS_PER_RANK_BATCH, train_shards=str(shards))
+    data = VQADataModule(
+        str(world),
+        train_file=str(subset),
+        val_file="vqa/vqa_eval.json",
+        batch_size=RECORDS_PER_RANK_BATCH,
+        train_shards=str(shards),
+    )
     callbacks = [Poison(POISONED_BATCH, rank=1, rows=slice(None)), Recorder(out)]
     trainer(callbacks, devices=2, strategy="ddp", max_epochs=EPOCHS).fit(module, datamodule=data)
 
@@ -81,7 +108,11 @@ def ddp_main(world: Path, shards: Path, subset: Path, out: Path) -> None:
 def launch_environment() -> dict[str, str]:
     """This process's environment without cluster or torchrun variables (Lightning would join
     that cluster instead of launching its own two processes), on one thread per process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in DISTRIBUTED_VARIABLES}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in DISTRIBUTED_VARIABLES
+    }
     return {**env, "OMP_NUM_THREADS": "1"}
 
 
@@ -92,7 +123,11 @@ def test_ddp_training_equals_single_process_training_on_the_global_batch(world, 
     out = tmp_path / "ddp"
     run = subprocess.run(
         [sys.executable, __file__, str(world), str(shards), str(subset), str(out)],
-        cwd=REPO, env=launch_environment(), capture_output=True, text=True, timeout=180,
+        cwd=REPO,
+        env=launch_environment(),
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]

@@ -12,7 +12,7 @@ from data_modules.datasets import VQA_TEMPLATE
 from data_modules.encoding import IGNORE_INDEX
 from data_modules.records import EditRecord
 from kedit_lightning.cli import main
-from kedit_lightning.editor import EditRequest, Editor, NonFiniteEdit, curve_points, evaluate, evaluate_sequential
+from kedit_lightning.editor import Editor, EditRequest, NonFiniteEdit, curve_points, evaluate, evaluate_sequential
 from kedit_lightning.editors.serac import Router
 from kedit_lightning.evaluation import HEADLINE
 from kedit_lightning.metrics import answer_token_accuracy
@@ -122,16 +122,39 @@ def test_edited_model_saves_as_plain_transformers_and_gives_the_new_answer(edito
     edited.save_pretrained(tmp_path / "edited")
     plain = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "edited").eval()
     with torch.no_grad():
-        logits = plain(input_ids=sub_batch["input_ids"], attention_mask=sub_batch["attention_mask"], pixel_values=sub_batch["pixel_values"]).logits
+        logits = plain(
+            input_ids=sub_batch["input_ids"],
+            attention_mask=sub_batch["attention_mask"],
+            pixel_values=sub_batch["pixel_values"],
+        ).logits
     shifted = torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)
     assert answer_ids(shifted, sub_batch["labels"]) == target
-    assert all(torch.equal(plain.get_parameter(n), backbone.model.get_parameter(n)) for n in editor.fingerprint["edit_params"])
+    assert all(
+        torch.equal(plain.get_parameter(n), backbone.model.get_parameter(n)) for n in editor.fingerprint["edit_params"]
+    )
 
 
-def test_kedit_edit_applies_a_data_file_and_saves_the_model(editor, backbone, fitted, world, base_dir, tmp_path, capsys):
+def test_kedit_edit_applies_a_data_file_and_saves_the_model(
+    editor, backbone, fitted, world, base_dir, tmp_path, capsys
+):
     out = tmp_path / "edited"
-    args = ["edit", "--editor", str(fitted.artifact), "--backbone", str(base_dir), "--data", str(world / VAL_FILE),
-            "--images", str(world / "images"), "--out", str(out), "--batch-size", "2", "--device", "cpu"]
+    args = [
+        "edit",
+        "--editor",
+        str(fitted.artifact),
+        "--backbone",
+        str(base_dir),
+        "--data",
+        str(world / VAL_FILE),
+        "--images",
+        str(world / "images"),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     assert "applied 4 edits" in capsys.readouterr().out
     plain = Blip2ForConditionalGeneration.from_pretrained(out)
@@ -145,8 +168,26 @@ def test_kedit_edit_applies_a_data_file_and_saves_the_model(editor, backbone, fi
 
 def test_kedit_eval_sequential_reports_the_earliest_edits_as_edits_accumulate(fitted, world, base_dir, tmp_path):
     out = tmp_path / "sequential.json"
-    args = ["eval", "--editor", str(fitted.artifact), "--backbone", str(base_dir), "--data", str(world / "vqa" / "vqa_eval.json"),
-            "--images", str(world / "images"), "--sequential", "6", "--probe", "2", "--json", str(out), "--no-progress", "--device", "cpu"]
+    args = [
+        "eval",
+        "--editor",
+        str(fitted.artifact),
+        "--backbone",
+        str(base_dir),
+        "--data",
+        str(world / "vqa" / "vqa_eval.json"),
+        "--images",
+        str(world / "images"),
+        "--sequential",
+        "6",
+        "--probe",
+        "2",
+        "--json",
+        str(out),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     report = json.loads(out.read_text())
     assert report["n_edits"] == 6 and report["sequential"]["probe_edits"] == 2
@@ -180,8 +221,22 @@ def test_kedit_eval_scores_one_hop_edits_per_hop(fitted, world, base_dir, tmp_pa
     onehop = json.loads((world / "vlkeb/eval_edit_onehop.json").read_text())[:3]
     (tmp_path / "onehop.json").write_text(json.dumps(onehop))
     out = tmp_path / "onehop-report.json"
-    args = ["eval", "--editor", str(fitted.artifact), "--backbone", str(base_dir), "--data", str(tmp_path / "onehop.json"),
-            "--images", str(world / "images"), "--json", str(out), "--no-progress", "--device", "cpu"]
+    args = [
+        "eval",
+        "--editor",
+        str(fitted.artifact),
+        "--backbone",
+        str(base_dir),
+        "--data",
+        str(tmp_path / "onehop.json"),
+        "--images",
+        str(world / "images"),
+        "--json",
+        str(out),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     report = json.loads(out.read_text())
     assert report["n_edits"] == 3 and set(report["portability"]) == {"1-hop", "all"}
@@ -190,7 +245,10 @@ def test_kedit_eval_scores_one_hop_edits_per_hop(fitted, world, base_dir, tmp_pa
     without, after = [], []  # the question's accuracy after the main edit alone / after both edits
     for record in onehop:
         item, image = record["port_new"][0], world / "images" / record["image"]
-        ask = [{"prompt": VQA_TEMPLATE.format(item[f"{field}_q"]), "target": item[f"{field}_a"], "image": image} for field in ("port_edit", "port")]
+        ask = [
+            {"prompt": VQA_TEMPLATE.format(item[f"{field}_q"]), "target": item[f"{field}_a"], "image": image}
+            for field in ("port_edit", "port")
+        ]
         edit, port_edit, question = editor.encode(backbone, [record, *ask], batch_size=1, image_root=world / "images")
         state = editor.start(backbone)
         state.add(edit, "the edit", "stopped")
@@ -209,11 +267,15 @@ def test_sequential_evaluation_stops_at_a_non_finite_edit(editor, backbone, worl
         evaluate_sequential(editor, backbone, data.val_dataloader(), 3, progress=False)
 
 
-def test_serac_artifact_edits_through_its_memory_and_reproduces_validation(serac_fitted, world, base_dir, records, tmp_path, capsys):
+def test_serac_artifact_edits_through_its_memory_and_reproduces_validation(
+    serac_fitted, world, base_dir, records, tmp_path, capsys
+):
     editor = Editor.from_pretrained(serac_fitted.artifact)
     assert editor.method == "serac" and not editor.edits_weights
     backbone = editor.load_backbone(str(base_dir))
-    data = VQADataModule(str(world), train_file=VAL_FILE, val_file=VAL_FILE, batch_size=4, processor=editor.processor(backbone))
+    data = VQADataModule(
+        str(world), train_file=VAL_FILE, val_file=VAL_FILE, batch_size=4, processor=editor.processor(backbone)
+    )
     data.setup("validate")
     report = evaluate(editor, backbone, data.val_dataloader(), progress=False)
     validation = serac_fitted.module.last_report["val"]
@@ -226,12 +288,27 @@ def test_serac_artifact_edits_through_its_memory_and_reproduces_validation(serac
     query = editor.encode(backbone, records[:2], image_root=world / "images")[0]
     serac = editor.attach(backbone).editor
     assert torch.equal(edited(query), Router(serac, backbone, serac.memory(backbone, query))(query))
-    assert not torch.equal(edited(query), backbone(query))  # the edits' own prompts are routed to the counterfactual model
+    assert not torch.equal(
+        edited(query), backbone(query)
+    )  # the edits' own prompts are routed to the counterfactual model
     with pytest.raises(TypeError, match="no edited weights to save"):
         edited.save_pretrained(world / "never")
     edited.restore()
     assert edited.memory is None and torch.equal(edited(query), backbone(query))
-    args = ["edit", "--editor", str(serac_fitted.artifact), "--backbone", str(base_dir), "--data", str(world / VAL_FILE),
-            "--images", str(world / "images"), "--out", str(tmp_path / "edited"), "--device", "cpu"]
+    args = [
+        "edit",
+        "--editor",
+        str(serac_fitted.artifact),
+        "--backbone",
+        str(base_dir),
+        "--data",
+        str(world / VAL_FILE),
+        "--images",
+        str(world / "images"),
+        "--out",
+        str(tmp_path / "edited"),
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 2
     assert "keeps edits in a memory" in capsys.readouterr().err

@@ -10,19 +10,47 @@ from data_modules.encoding import IGNORE_INDEX, PromptFormat, SubBatchEncoder
 
 @pytest.fixture()
 def word_tokenizer():
-    words = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "what", "colour", "is", "it", "?", "red", "deep", "blue", "question:", "answer:"]
+    words = [
+        "<pad>",
+        "<s>",
+        "</s>",
+        "<unk>",
+        "<image>",
+        "what",
+        "colour",
+        "is",
+        "it",
+        "?",
+        "red",
+        "deep",
+        "blue",
+        "question:",
+        "answer:",
+    ]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit()])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>", additional_special_tokens=["<image>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=["<image>"],
+    )
 
 
 def test_labels_cover_exactly_the_target_tokens(word_tokenizer):
-    encoder = SubBatchEncoder(word_tokenizer, prompt_format=PromptFormat(with_image="{image} {prompt}", num_image_tokens=2))
+    encoder = SubBatchEncoder(
+        word_tokenizer, prompt_format=PromptFormat(with_image="{image} {prompt}", num_image_tokens=2)
+    )
     batch = encoder(["what colour is it ?", "what is it ?"], ["red", "deep blue"])
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     assert batch["pixel_values"] is None
-    supervised = [[word_tokenizer.convert_ids_to_tokens(int(i)) for i, l in zip(row, lab) if l != IGNORE_INDEX] for row, lab in zip(ids, labels)]
+    supervised = [
+        [word_tokenizer.convert_ids_to_tokens(int(i)) for i, label in zip(row, lab) if label != IGNORE_INDEX]
+        for row, lab in zip(ids, labels)
+    ]
     assert supervised == [["red"], ["deep", "blue"]]
     # Padding is masked out of attention and labels alike.
     assert mask[0].sum() == 7 and mask[1].sum() == 7
@@ -36,7 +64,9 @@ def test_image_placeholders_are_never_supervised(word_tokenizer):
 
     from PIL import Image
 
-    encoder = SubBatchEncoder(word_tokenizer, OnesProcessor(), PromptFormat(with_image="{image} {prompt}", num_image_tokens=3))
+    encoder = SubBatchEncoder(
+        word_tokenizer, OnesProcessor(), PromptFormat(with_image="{image} {prompt}", num_image_tokens=3)
+    )
     batch = encoder(["what is it ?"], ["red"], [Image.new("RGB", (4, 4))])
     image_id = word_tokenizer.convert_tokens_to_ids("<image>")
     assert (batch["input_ids"] == image_id).sum() == 3
@@ -54,5 +84,9 @@ def test_sentencepiece_style_offsets_still_mark_the_target():
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="<unk>")
     batch = SubBatchEncoder(fast)(["what is it"], ["red"])
-    supervised = [fast.convert_ids_to_tokens(int(i)) for i, l in zip(batch["input_ids"][0], batch["labels"][0]) if l != IGNORE_INDEX]
+    supervised = [
+        fast.convert_ids_to_tokens(int(i))
+        for i, label in zip(batch["input_ids"][0], batch["labels"][0])
+        if label != IGNORE_INDEX
+    ]
     assert supervised == ["▁red"]

@@ -70,7 +70,10 @@ def test_run_folder_follows_the_logger_and_never_reuses_a_version(fitted, tmp_pa
     module = fitted.module
     logged = ExportEditor(dirpath=str(tmp_path))
     logger = TensorBoardLogger(save_dir=str(tmp_path / "runs"), name="mend-blip2-tiny-synthetic-vqa", version=3)
-    assert logged.run_dir(SimpleNamespace(logger=logger), module) == tmp_path / "mend-blip2-tiny-synthetic-vqa" / "version_3"
+    assert (
+        logged.run_dir(SimpleNamespace(logger=logger), module)
+        == tmp_path / "mend-blip2-tiny-synthetic-vqa" / "version_3"
+    )
     unlogged = ExportEditor(dirpath=str(tmp_path))
     assert unlogged.run_dir(SimpleNamespace(logger=None), module) == tmp_path / "mend-blip2" / "version_0"
     (tmp_path / "mend-blip2" / "version_0").mkdir(parents=True)
@@ -93,7 +96,10 @@ def test_kedit_export_of_the_checkpoint_matches_the_fit_end_export(fitted, tmp_p
 
 
 def test_method_comes_from_the_class_path_lightning_cli_records():
-    assert method_of_checkpoint({"hyper_parameters": {"_class_path": "kedit_lightning.modules.MENDModule"}}, "x.ckpt") == "mend"
+    assert (
+        method_of_checkpoint({"hyper_parameters": {"_class_path": "kedit_lightning.modules.MENDModule"}}, "x.ckpt")
+        == "mend"
+    )
     with pytest.raises(ValueError, match="does not train a known editing method"):
         method_of_checkpoint({"hyper_parameters": {"_class_path": "kedit_lightning.modules.BackboneModule"}}, "x.ckpt")
 
@@ -101,10 +107,28 @@ def test_method_comes_from_the_class_path_lightning_cli_records():
 def test_round_trip_in_a_fresh_process_reproduces_validation(fitted, world, base_dir, tmp_path):
     out = tmp_path / "eval.json"
     command = [
-        sys.executable, "-m", "kedit_lightning.cli", "eval", "--editor", str(fitted.artifact), "--backbone", str(base_dir),
-        "--data", str(world / VAL_FILE), "--images", str(world / "images"), "--batch-size", str(VAL_RECORDS), "--json", str(out), "--device", "cpu",
+        sys.executable,
+        "-m",
+        "kedit_lightning.cli",
+        "eval",
+        "--editor",
+        str(fitted.artifact),
+        "--backbone",
+        str(base_dir),
+        "--data",
+        str(world / VAL_FILE),
+        "--images",
+        str(world / "images"),
+        "--batch-size",
+        str(VAL_RECORDS),
+        "--json",
+        str(out),
+        "--device",
+        "cpu",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "| reliability |" in done.stdout
     report = json.loads(out.read_text())
@@ -150,7 +174,10 @@ def test_an_inconsistent_editor_json_is_refused_on_load(artifact_copy, change, m
 
 @pytest.mark.parametrize(
     "rank,message",
-    [(8, "the weights do not fit the mend editor its hyper-parameters describe"), ("wide", "do not build a mend module")],
+    [
+        (8, "the weights do not fit the mend editor its hyper-parameters describe"),
+        ("wide", "do not build a mend module"),
+    ],
 )
 def test_hyper_parameters_that_do_not_match_the_weights_are_refused(artifact_copy, base_dir, rank, message):
     card = card_of(artifact_copy)
@@ -178,16 +205,33 @@ def test_a_backbone_of_another_size_is_refused_naming_shape_and_config_hash(fitt
         editor.attach(wider)
     message = str(refused.value)
     assert "config hash" in message
-    assert "shape of language_model.model.decoder.layers.1.fc1.weight: the editor expects [256, 64], the backbone has [128, 64]" in message
+    assert (
+        "shape of language_model.model.decoder.layers.1.fc1.weight: the editor expects [256, 64], the backbone has [128, 64]"
+        in message
+    )
     expected = editor.fingerprint
-    assert fingerprint_problems(expected, {**expected, "family": "llava"}) == ["family: the editor was trained on 'blip2', the backbone is 'llava'"]
+    assert fingerprint_problems(expected, {**expected, "family": "llava"}) == [
+        "family: the editor was trained on 'blip2', the backbone is 'llava'"
+    ]
 
 
 def test_kedit_eval_refuses_a_mismatched_backbone(fitted, world, tmp_path, capsys):
     spec = load_backbone_spec(CONFIGS / "blip2-tiny.yaml")
     config = {**spec.config, "text_config": {**spec.config["text_config"], "num_hidden_layers": 5}}
-    Blip2Backbone.from_config(config, edit_params=spec.edit_params, tokenizer=make_tokenizer()).save_pretrained(tmp_path / "deeper")
-    args = ["eval", "--editor", str(fitted.artifact), "--backbone", str(tmp_path / "deeper"), "--data", str(world / VAL_FILE), "--images", str(world / "images")]
+    Blip2Backbone.from_config(config, edit_params=spec.edit_params, tokenizer=make_tokenizer()).save_pretrained(
+        tmp_path / "deeper"
+    )
+    args = [
+        "eval",
+        "--editor",
+        str(fitted.artifact),
+        "--backbone",
+        str(tmp_path / "deeper"),
+        "--data",
+        str(world / VAL_FILE),
+        "--images",
+        str(world / "images"),
+    ]
     assert main(args) == 2
     assert "FingerprintMismatch" in capsys.readouterr().err
 

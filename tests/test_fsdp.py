@@ -26,6 +26,8 @@ import torch
 import yaml
 from lightning import Callback, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
+from test_ddp import Poison, Recorder, launch_environment, trainer
+from test_mend_module import make_module
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
@@ -36,8 +38,6 @@ from kedit_lightning.callbacks import CompareWithFineTuning
 from kedit_lightning.evaluation import flatten_report
 from kedit_lightning.export import ExportEditor
 from kedit_lightning.modules import MENDModule
-from test_ddp import Poison, Recorder, launch_environment, trainer
-from test_mend_module import make_module
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDS_PER_RANK_BATCH = 2
@@ -71,7 +71,11 @@ def edit_probe(module: MENDModule, record: dict, bf16: bool) -> dict[str, dict[s
             post = module.backbone(record["edit_outer"], params)
             image = module.backbone.image_features(record["edit_inner"]["pixel_values"])
     module.train(was_training)
-    return {"edit": {name: w.detach().float() for name, w in params.items()}, "post_logits": post.float(), "image_features": image.float()}
+    return {
+        "edit": {name: w.detach().float() for name, w in params.items()},
+        "post_logits": post.float(),
+        "image_features": image.float(),
+    }
 
 
 class Probe(Callback):
@@ -85,7 +89,11 @@ class Probe(Callback):
         pl_module.configure_model()  # Lightning called it once (sharding the module); again must change nothing
         params = dict(pl_module.backbone.model.named_parameters())
         held = {
-            name: {"sharded": isinstance(p, DTensor), "local": (p.to_local() if isinstance(p, DTensor) else p).numel(), "full": p.numel()}
+            name: {
+                "sharded": isinstance(p, DTensor),
+                "local": (p.to_local() if isinstance(p, DTensor) else p).numel(),
+                "full": p.numel(),
+            }
             for name, p in params.items()
         }
         edited = {name: params[name].detach().float().clone() for name in pl_module.backbone.edit_param_names}
@@ -104,7 +112,9 @@ def sharded_main(world: Path, out: Path) -> None:
         if family == "blip2":
             callbacks.append(Poison(POISONED_BATCH, rank=1, rows=slice(None)))
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-        trainer(callbacks, devices=2, strategy=strategy, precision=PRECISION[family], max_steps=STEPS[family]).fit(module, datamodule=data)
+        trainer(callbacks, devices=2, strategy=strategy, precision=PRECISION[family], max_steps=STEPS[family]).fit(
+            module, datamodule=data
+        )
     module = make_module(world)
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     validator(devices=2, strategy=strategy).validate(module, datamodule=vqa_data(world))
@@ -112,24 +122,46 @@ def sharded_main(world: Path, out: Path) -> None:
     # The end-of-fit callbacks of the real configs (each reads the log folder, a collective).
     callbacks = [ExportEditor(dirpath=str(out / "exported"), name="mend"), CompareWithFineTuning()]
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    finisher = validator(devices=2, strategy=strategy, max_steps=1, limit_val_batches=1, num_sanity_val_steps=0, enable_checkpointing=False,
-                         default_root_dir=out / "root", callbacks=callbacks)
+    finisher = validator(
+        devices=2,
+        strategy=strategy,
+        max_steps=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        default_root_dir=out / "root",
+        callbacks=callbacks,
+    )
     finisher.fit(make_module(world), datamodule=vqa_data(world))
 
 
 def validator(**kwargs) -> Trainer:
-    return Trainer(accelerator="cpu", inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    return Trainer(
+        accelerator="cpu",
+        inference_mode=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 def vqa_data(world: Path) -> VQADataModule:
-    return VQADataModule(str(world), train_file="vqa/vqa_train.json", val_file="vqa/vqa_eval.json", batch_size=RECORDS_PER_RANK_BATCH)
+    return VQADataModule(
+        str(world), train_file="vqa/vqa_train.json", val_file="vqa/vqa_eval.json", batch_size=RECORDS_PER_RANK_BATCH
+    )
 
 
 @pytest.fixture(scope="module")
 def sharded(world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
     run = subprocess.run(
-        [sys.executable, __file__, str(world), str(out)], cwd=REPO, env=launch_environment(), capture_output=True, text=True, timeout=240
+        [sys.executable, __file__, str(world), str(out)],
+        cwd=REPO,
+        env=launch_environment(),
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     return out
@@ -158,7 +190,9 @@ def test_each_rank_holds_half_the_backbone_and_the_whole_edited_weights(sharded,
         assert abs(sum(rank_held[name]["local"] for name in frozen) / total - 0.5) < 0.05
     for probe in probes:
         for name in edited:
-            assert torch.equal(probe["edited"][name], unsharded.backbone.model.get_parameter(name).detach().float()), name
+            assert torch.equal(probe["edited"][name], unsharded.backbone.model.get_parameter(name).detach().float()), (
+                name
+            )
 
 
 # The same operations on the same (all-gathered) weights: observed bitwise equal in float32 and
@@ -171,7 +205,10 @@ EDIT_TOLERANCE = {"rtol": 0.0, "atol": 1e-6}
 def test_an_edit_under_sharding_is_the_unsharded_edit(sharded, world, family):
     unsharded = MODULES[family](world)
     expected = edit_probe(unsharded, probe_record(world, unsharded), bf16=PRECISION[family] == "bf16-mixed")
-    initial = {name: unsharded.backbone.model.get_parameter(name).detach().float() for name in unsharded.backbone.edit_param_names}
+    initial = {
+        name: unsharded.backbone.model.get_parameter(name).detach().float()
+        for name in unsharded.backbone.edit_param_names
+    }
     assert all(not torch.equal(expected["edit"][name], w) for name, w in initial.items())
     for probe in load_ranks(sharded / family, "probe"):
         for name, weight in expected["edit"].items():
@@ -235,7 +272,19 @@ def test_bf16_sharded_training_is_finite_and_the_ranks_agree(sharded, world):
 
 @pytest.mark.parametrize("config", ["mend/llava-1.5-7b-vqa", "mend/minigpt4-vqa", "serac/llava-1.5-7b-vqa"])
 def test_the_fsdp_overlay_shards_the_7b_configs(config, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["train.py", "fit", "--config", f"configs/{config}.yaml", "--config", "configs/strategies/fsdp.yaml", "--print_config"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "train.py",
+            "fit",
+            "--config",
+            f"configs/{config}.yaml",
+            "--config",
+            "configs/strategies/fsdp.yaml",
+            "--print_config",
+        ],
+    )
     monkeypatch.chdir(REPO)
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(REPO / "train.py"), run_name="__main__")
@@ -243,8 +292,13 @@ def test_the_fsdp_overlay_shards_the_7b_configs(config, capsys, monkeypatch):
     printed = yaml.safe_load(capsys.readouterr().out)
     trainer_config, strategy = printed["trainer"], printed["trainer"]["strategy"]
     assert strategy["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
-    assert strategy["init_args"]["data_parallel_size"] == trainer_config["devices"] and strategy["init_args"]["tensor_parallel_size"] == 1
-    assert trainer_config["precision"] == "bf16-mixed" and printed["model"]["init_args"]["backbone"]["dtype"] == "bfloat16"
+    assert (
+        strategy["init_args"]["data_parallel_size"] == trainer_config["devices"]
+        and strategy["init_args"]["tensor_parallel_size"] == 1
+    )
+    assert (
+        trainer_config["precision"] == "bf16-mixed" and printed["model"]["init_args"]["backbone"]["dtype"] == "bfloat16"
+    )
 
 
 if __name__ == "__main__":

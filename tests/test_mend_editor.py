@@ -10,25 +10,72 @@ from kedit_lightning.backbones import TextLMBackbone
 from kedit_lightning.editors.losses import masked_kl, masked_nll
 from kedit_lightning.editors.mend import MEND, RunningMoments, capture_factors, edit_gradients, merge_moments
 
-WORDS = ["<pad>", "<s>", "</s>", "<unk>", "the", "capital", "of", "france", "italy", "spain", "is", "paris", "rome", "madrid", "city", "big", "a", "who", "leads", "it"]
+WORDS = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "the",
+    "capital",
+    "of",
+    "france",
+    "italy",
+    "spain",
+    "is",
+    "paris",
+    "rome",
+    "madrid",
+    "city",
+    "big",
+    "a",
+    "who",
+    "leads",
+    "it",
+]
 
 
 def word_tokenizer():
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def make_backbone(kind: str = "opt") -> TextLMBackbone:
     torch.manual_seed(0)
     if kind == "opt":
-        config = OPTConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2, max_position_embeddings=32,
-                           word_embed_proj_dim=16, init_std=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=2, dropout=0.0, attention_dropout=0.0)
+        config = OPTConfig(
+            vocab_size=len(WORDS),
+            hidden_size=16,
+            num_hidden_layers=2,
+            ffn_dim=32,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            word_embed_proj_dim=16,
+            init_std=0.3,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            dropout=0.0,
+            attention_dropout=0.0,
+        )
         model, edit = OPTForCausalLM(config), ["model.decoder.layers.{0,1}.fc{1,2}.weight"]
     else:
-        config = GPT2Config(vocab_size=len(WORDS), n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=2,
-                            initializer_range=0.3, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        config = GPT2Config(
+            vocab_size=len(WORDS),
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            n_positions=32,
+            bos_token_id=1,
+            eos_token_id=2,
+            initializer_range=0.3,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         model, edit = GPT2LMHeadModel(config), ["transformer.h.{0,1}.mlp.c_{fc,proj}.weight"]
     return TextLMBackbone(model.eval(), word_tokenizer(), edit)
 
@@ -190,7 +237,9 @@ def test_the_edit_is_differentiable_in_every_editor_parameter(opt):
         assert first.mode_shift.grad.abs().sum() > 0 and first.bias.grad.abs().sum() > 0
     assert all(p.grad is None for p in opt.parameters())
     assert {id(p) for p in editor.editor_parameters()} | {id(editor.edit_lrs)} == {id(p) for p in editor.parameters()}
-    assert editor.lr_parameters() == [editor.edit_lrs] and all(p is not editor.edit_lrs for p in editor.editor_parameters())
+    assert editor.lr_parameters() == [editor.edit_lrs] and all(
+        p is not editor.edit_lrs for p in editor.editor_parameters()
+    )
 
 
 def test_a_batched_edit_is_one_update_over_all_rows(opt):
@@ -199,7 +248,9 @@ def test_a_batched_edit_is_one_update_over_all_rows(opt):
     singles = [updates(editor, opt, encode(opt, [pair])) for pair in EDIT]
     for name, update in together.items():
         # The edit loss averages over the two examples, so the identity editor's update is the mean.
-        torch.testing.assert_close(update, (singles[0][name] + singles[1][name]) / 2, rtol=1e-4, atol=1e-4 * update.abs().max().item())
+        torch.testing.assert_close(
+            update, (singles[0][name] + singles[1][name]) / 2, rtol=1e-4, atol=1e-4 * update.abs().max().item()
+        )
 
     # A non-identity transform acts row by row: the batched update is the sum over the rows of both
     # examples (each example's delta halved by the mean over examples).
@@ -215,7 +266,9 @@ def test_a_batched_edit_is_one_update_over_all_rows(opt):
         x = torch.cat([f[name][0] for f in per_example])
         delta = torch.cat([f[name][1] / 2 for f in per_example])
         x_t, delta_t = editor.transforms[key](x, delta, mode)
-        torch.testing.assert_close(update, -editor.edit_lrs[i] * delta_t.T @ x_t, rtol=1e-4, atol=1e-4 * update.abs().max().item())
+        torch.testing.assert_close(
+            update, -editor.edit_lrs[i] * delta_t.T @ x_t, rtol=1e-4, atol=1e-4 * update.abs().max().item()
+        )
 
 
 def test_sequential_edits_compose(opt):
@@ -225,7 +278,12 @@ def test_sequential_edits_compose(opt):
     second = editor(opt, second_batch, first)
     grads_at_first = edit_gradients(opt, second_batch, first)
     for name in editor.param_names:
-        torch.testing.assert_close(second[name] - first[name], -1e-2 * grads_at_first[name], rtol=1e-4, atol=1e-6 * grads_at_first[name].abs().max().item())
+        torch.testing.assert_close(
+            second[name] - first[name],
+            -1e-2 * grads_at_first[name],
+            rtol=1e-4,
+            atol=1e-6 * grads_at_first[name].abs().max().item(),
+        )
     # The outer loss after two edits reaches the step sizes through both edits.
     loss = masked_nll(opt(second_batch, second), second_batch["labels"])
     (lr_grad,) = torch.autograd.grad(loss, [editor.edit_lrs])

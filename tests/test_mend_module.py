@@ -28,7 +28,9 @@ def make_module(world: Path, backbone: str = "blip2-tiny.yaml", dtype: str = "fl
 
 
 def make_data(world: Path, module: MENDModule, batch_size: int = 2) -> VQADataModule:
-    data = VQADataModule(str(world), train_file="vqa/vqa_train.json", val_file="vqa/vqa_eval.json", batch_size=batch_size)
+    data = VQADataModule(
+        str(world), train_file="vqa/vqa_train.json", val_file="vqa/vqa_eval.json", batch_size=batch_size
+    )
     data.processor = module.backbone.processor
     data.setup("fit")
     return data
@@ -36,8 +38,16 @@ def make_data(world: Path, module: MENDModule, batch_size: int = 2) -> VQADataMo
 
 def trainer(root: Path, steps: int, **kwargs) -> Trainer:
     return Trainer(
-        max_steps=steps, accelerator="cpu", inference_mode=False, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root, **kwargs,
+        max_steps=steps,
+        accelerator="cpu",
+        inference_mode=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=root,
+        **kwargs,
     )
 
 
@@ -98,14 +108,24 @@ def test_edits_of_one_record_never_leak_into_the_next(world):
 
 def test_validation_scores_one_hop_edits_after_both_edits(world):
     module = make_module(world).eval()
-    data = VLKEBDataModule(str(world), train_file="vlkeb/train.json", val_file="vlkeb/eval_edit_onehop.json", batch_size=2, processor=module.backbone.processor)
+    data = VLKEBDataModule(
+        str(world),
+        train_file="vlkeb/train.json",
+        val_file="vlkeb/eval_edit_onehop.json",
+        batch_size=2,
+        processor=module.backbone.processor,
+    )
     data.setup("validate")
     batch = next(iter(data.val_dataloader()))
     edited_model, edits = module.edited_model, []
-    module.edited_model = lambda sub_batches: edits.append([b["input_ids"] for b in sub_batches]) or edited_model(sub_batches)
+    module.edited_model = lambda sub_batches: (
+        edits.append([b["input_ids"] for b in sub_batches]) or edited_model(sub_batches)
+    )
     module.validation_step(batch, 1)
     records = list(record_batches(batch))
-    expected = [[r["edit_inner"]["input_ids"]] + further for r in records for further in ([], [r["port_edit"]["input_ids"]])]
+    expected = [
+        [r["edit_inner"]["input_ids"]] + further for r in records for further in ([], [r["port_edit"]["input_ids"]])
+    ]
     assert len(edits) == len(expected) == 4  # per record: its edit, then its edit and the one-hop edit
     assert all(len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b)) for a, b in zip(edits, expected))
     first = records[0]
@@ -121,7 +141,13 @@ def test_sharded_validation_refuses_ranks_whose_records_need_different_forwards(
     module._device_mesh = object()  # as under ModelParallelStrategy (two ranks, all_gather faked below)
 
     def first_batch(val_file):
-        data = VLKEBDataModule(str(world), train_file="vlkeb/train.json", val_file=val_file, batch_size=2, processor=module.backbone.processor)
+        data = VLKEBDataModule(
+            str(world),
+            train_file="vlkeb/train.json",
+            val_file=val_file,
+            batch_size=2,
+            processor=module.backbone.processor,
+        )
         data.setup("validate")
         return next(iter(data.val_dataloader()))
 
@@ -131,7 +157,9 @@ def test_sharded_validation_refuses_ranks_whose_records_need_different_forwards(
     assert int(module.val_metrics.portability.count.sum()) == 2
     module.all_gather = lambda digest: torch.stack([digest, digests[0]])
     with pytest.raises(RuntimeError, match="needs every rank's batch to have the same shape"):
-        module.validation_step(first_batch("vlkeb/eval_multihop.json"), 1)  # 4 port rows per record here, one-hop edits there
+        module.validation_step(
+            first_batch("vlkeb/eval_multihop.json"), 1
+        )  # 4 port rows per record here, one-hop edits there
 
 
 def test_a_non_finite_step_is_skipped_and_counted(world, tmp_path):

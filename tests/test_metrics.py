@@ -78,7 +78,11 @@ def test_portability_by_hop():
     torch.testing.assert_close(result["all"], torch.tensor(5 / 9))
     exact = PortabilityByHop(hops=("1-hop", "2-hop", "3-hop"), exact=True)
     exact.update(logits, LABELS, ["1-hop", "2-hop", "2-hop"])
-    assert {k: v.item() for k, v in exact.compute().items()} == {"1-hop": 0.0, "2-hop": 0.5, "all": pytest.approx(1 / 3)}
+    assert {k: v.item() for k, v in exact.compute().items()} == {
+        "1-hop": 0.0,
+        "2-hop": 0.5,
+        "all": pytest.approx(1 / 3),
+    }
     with pytest.raises(ValueError, match="unknown hop"):
         metric.update(logits[:1], LABELS[:1], ["5-hop"])
     with pytest.raises(ValueError, match="2 hop names for 1"):
@@ -90,7 +94,11 @@ def test_states_merged_from_two_ranks_give_the_single_process_result():
     logits = logits_predicting(PREDICTED)
     hops = ["1-hop", "2-hop", "1-hop"]
     post = logits_predicting([[0, 1, 2, 0], [0, 0, 4, 0], [1, 1, 5, 0]])
-    for make, args in [(EditAccuracy, (logits, LABELS)), (EditLocality, (logits, post, LABELS)), (PortabilityByHop, (logits, LABELS, hops))]:
+    for make, args in [
+        (EditAccuracy, (logits, LABELS)),
+        (EditLocality, (logits, post, LABELS)),
+        (PortabilityByHop, (logits, LABELS, hops)),
+    ]:
         whole, rank0, rank1 = make(), make(), make()
         whole.update(*args)
         rank0.update(*(a[:1] for a in args))

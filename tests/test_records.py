@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from data_modules.records import DataError, EditRecord, PortQuestion, Problem, SkippedRecordsWarning, check_images, read_records
+from data_modules.records import (
+    DataError,
+    EditRecord,
+    PortQuestion,
+    Problem,
+    SkippedRecordsWarning,
+    check_images,
+    read_records,
+)
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 40)}
 
@@ -56,10 +64,14 @@ MULTIHOP_PORT = [
     {"port_type": "1-hop", "Q&A": {"Question": "where does it live ?", "Answer": "sea"}},
     {"port_type": "2-hop", "Q&A": {"Question": "what colour is the sea ?", "Answer": "blue"}},
 ]
-ONEHOP_EDIT_PORT = [{"port_q": "where does it live ?", "port_a": "desert", "port_edit_q": "what does it eat ?", "port_edit_a": "sand"}]
+ONEHOP_EDIT_PORT = [
+    {"port_q": "where does it live ?", "port_a": "desert", "port_edit_q": "what does it eat ?", "port_edit_a": "sand"}
+]
 
 
-@pytest.mark.parametrize("port", [None, MULTIHOP_PORT, ONEHOP_EDIT_PORT], ids=["e-vqa", "vlkeb-multihop", "vlkeb-onehop-edit"])
+@pytest.mark.parametrize(
+    "port", [None, MULTIHOP_PORT, ONEHOP_EDIT_PORT], ids=["e-vqa", "vlkeb-multihop", "vlkeb-onehop-edit"]
+)
 def test_public_layouts_round_trip(tmp_path, port):
     raw = [make_record(0), make_record(1)]
     if port is not None:
@@ -72,7 +84,10 @@ def test_public_layouts_round_trip(tmp_path, port):
 
 def test_port_forms_parse_to_port_questions():
     multihop = EditRecord.from_dict(make_record(0, port_new=MULTIHOP_PORT))
-    assert multihop.port == (PortQuestion("1-hop", "where does it live ?", "sea"), PortQuestion("2-hop", "what colour is the sea ?", "blue"))
+    assert multihop.port == (
+        PortQuestion("1-hop", "where does it live ?", "sea"),
+        PortQuestion("2-hop", "what colour is the sea ?", "blue"),
+    )
     onehop = EditRecord.from_dict(make_record(0, port_new=ONEHOP_EDIT_PORT))
     assert onehop.port == (PortQuestion("1-hop", "where does it live ?", "desert", "what does it eat ?", "sand"),)
     typed = EditRecord.from_dict(make_record(0, port_new=[{"port_type": "2-hop", **ONEHOP_EDIT_PORT[0]}]))
@@ -118,7 +133,14 @@ def test_every_record_problem_is_collected_with_file_record_and_field(tmp_path):
         make_record(3, alt=7),
         make_record(4, loc_ans=" "),
         make_record(5, image=""),
-        make_record(6, port_new=[{"port_type": "1-hop", "Q&A": {"Question": "q ?"}}, {"question": "q"}, {"port_type": "2-hop", "Q&A": {"Question": "q", "Answer": ""}}]),
+        make_record(
+            6,
+            port_new=[
+                {"port_type": "1-hop", "Q&A": {"Question": "q ?"}},
+                {"question": "q"},
+                {"port_type": "2-hop", "Q&A": {"Question": "q", "Answer": ""}},
+            ],
+        ),
         make_record(7, port_new={"port_type": "1-hop"}),
         make_record(8, port_new=[{**ONEHOP_EDIT_PORT[0], "port_edit_a": ""}]),
     ]
@@ -152,7 +174,9 @@ def test_data_error_message_lists_the_first_ten():
 def test_empty_alt_is_skipped_with_one_counted_warning_and_indices_are_kept(tmp_path):
     raw = [make_record(0), make_record(1, alt=""), make_record(2), make_record(3, alt="  ")]
     path = write_split(tmp_path, "data.json", raw)
-    with pytest.warns(SkippedRecordsWarning, match=r"skipped 2 of 4 record\(s\) with an empty 'alt' \(records 1, 3\)") as caught:
+    with pytest.warns(
+        SkippedRecordsWarning, match=r"skipped 2 of 4 record\(s\) with an empty 'alt' \(records 1, 3\)"
+    ) as caught:
         records = read_records(path)
     assert len(caught) == 1
     assert [r.origin.index for r in records] == [0, 2]
@@ -166,7 +190,9 @@ def test_check_images_names_missing_and_unreadable_images(tmp_path):
     records = read_records(path)
     f = str(path)
     problems = [str(p) for p in check_images(records, images)]
-    assert problems[0].startswith(f"{f}: record 0: field 'm_loc': unreadable image {images / 'img/other0.png'}: UnidentifiedImageError")
+    assert problems[0].startswith(
+        f"{f}: record 0: field 'm_loc': unreadable image {images / 'img/other0.png'}: UnidentifiedImageError"
+    )
     assert problems[1] == f"{f}: record 1: field 'image_rephrase': missing image {images / 'img/1_view.png'}"
     assert problems[2].startswith(f"{f}: record 2: field 'm_loc': unreadable image")
     assert len(problems) == 3

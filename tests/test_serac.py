@@ -15,14 +15,54 @@ from kedit_lightning.backbones.word_tokenizer import build_word_tokenizer, famil
 from kedit_lightning.editors.serac import EditMemory, Router, SERACEncoder, Tokens
 from kedit_lightning.modules.serac import ScopeEncoderSpec, SERACModule, balanced_bce
 
-TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-             "max_position_embeddings": 64, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+TINY_BERT = {
+    "model_type": "bert",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
 # (prompt, new answer, rephrase, text-only locality prompt and answer, image locality question and answer)
 EDITS = [
-    ("Where is this object located?", "Velor", "Which city is this object in?", "The capital of Zandia is", "Marun", "What colour is the object?", "red"),
-    ("What colour is the object?", "blue", "Which colour is this object?", "Where is Zandia?", "Velor", "Where is this object located?", "Marun"),
-    ("Which city is this object in?", "Marun", "Where is this object located?", "The capital of Zandia is", "Velor", "What colour is the object?", "blue"),
-    ("Which colour is this object?", "green", "What colour is the object?", "Where is Zandia?", "Marun", "Which city is this object in?", "Velor"),
+    (
+        "Where is this object located?",
+        "Velor",
+        "Which city is this object in?",
+        "The capital of Zandia is",
+        "Marun",
+        "What colour is the object?",
+        "red",
+    ),
+    (
+        "What colour is the object?",
+        "blue",
+        "Which colour is this object?",
+        "Where is Zandia?",
+        "Velor",
+        "Where is this object located?",
+        "Marun",
+    ),
+    (
+        "Which city is this object in?",
+        "Marun",
+        "Where is this object located?",
+        "The capital of Zandia is",
+        "Velor",
+        "What colour is the object?",
+        "blue",
+    ),
+    (
+        "Which colour is this object?",
+        "green",
+        "What colour is the object?",
+        "Where is Zandia?",
+        "Marun",
+        "Which city is this object in?",
+        "Velor",
+    ),
 ]
 
 
@@ -46,9 +86,20 @@ def make_module(tokenizer_dir: str, **kwargs) -> SERACModule:
 def edit_batch(module: SERACModule, edits=EDITS) -> dict:
     red, blue = draw_images()
     examples = [
-        EditExample(prompt=p, rephrase=r, target=t, image=red if i % 2 else blue, image_rephrase=red if i % 2 else blue,
-                    loc_prompt=lp, loc_target=la, m_loc_prompt=mq, m_loc_target=ma, m_loc_image=blue if i % 2 else red,
-                    port=[], meta={"prompt": p, "pred": "", "alt": t, "image": f"view{i}.png", "index": i})
+        EditExample(
+            prompt=p,
+            rephrase=r,
+            target=t,
+            image=red if i % 2 else blue,
+            image_rephrase=red if i % 2 else blue,
+            loc_prompt=lp,
+            loc_target=la,
+            m_loc_prompt=mq,
+            m_loc_target=ma,
+            m_loc_image=blue if i % 2 else red,
+            port=[],
+            meta={"prompt": p, "pred": "", "alt": t, "image": f"view{i}.png", "index": i},
+        )
         for i, (p, t, r, lp, la, mq, ma) in enumerate(edits)
     ]
     return EditCollator(module.input_processor())(examples)
@@ -90,8 +141,12 @@ def test_in_scope_goes_to_the_counterfactual_and_the_rest_to_the_base(module, ba
     assert torch.equal(logits[~in_scope], base[~in_scope])
     rows = in_scope.nonzero().flatten()
     with torch.no_grad():
-        cf_logits, cf_labels = serac.counterfactual(Tokens.of(edit, "cf").rows(torch.zeros_like(rows)), inputs.counterfactual.rows(rows),
-                                                    inputs.counterfactual_labels[rows], inputs.image_tokens[rows])
+        cf_logits, cf_labels = serac.counterfactual(
+            Tokens.of(edit, "cf").rows(torch.zeros_like(rows)),
+            inputs.counterfactual.rows(rows),
+            inputs.counterfactual_labels[rows],
+            inputs.image_tokens[rows],
+        )
     answer = queries["labels"][rows] != IGNORE_INDEX
     torch.testing.assert_close(logits[rows][answer], cf_logits[cf_labels != IGNORE_INDEX])
     assert not torch.equal(logits[rows][answer], base[rows][answer])
@@ -122,7 +177,10 @@ def test_cross_encoder_scores_every_pair_as_it_scores_one(tokenizer_dir):
     module = make_module(tokenizer_dir, classifier="cross")
     batch = edit_batch(module)
     serac = module.editor
-    edits, queries = serac.read(module.backbone, batch["edit_inner"]).descriptor, serac.read(module.backbone, batch["loc_image"]).query
+    edits, queries = (
+        serac.read(module.backbone, batch["edit_inner"]).descriptor,
+        serac.read(module.backbone, batch["loc_image"]).query,
+    )
     every = serac.classifier.score_all(edits, queries)
     n = queries.has_image.shape[0]
     for e in range(n):
@@ -144,20 +202,45 @@ def test_classifier_loss_falls_and_the_base_stays_untouched(tokenizer_dir, tmp_p
             return float(module._classifier_loss(inputs, batch)[0])
 
     before = classifier_loss()
-    trainer = Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, inference_mode=False, default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_steps=40,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        inference_mode=False,
+        default_root_dir=tmp_path,
+    )
     loader = DataLoader([batch] * 40, batch_size=None, collate_fn=lambda item: item)
-    trainer.fit(module, train_dataloaders=loader, val_dataloaders=DataLoader([batch], batch_size=None, collate_fn=lambda item: item))
+    trainer.fit(
+        module,
+        train_dataloaders=loader,
+        val_dataloaders=DataLoader([batch], batch_size=None, collate_fn=lambda item: item),
+    )
     after = classifier_loss()
     assert after < 0.5 * before, (before, after)
-    assert {"train/loss_classifier", "train/loss_counterfactual", "val/reliability", "val/i_locality", "val/score"} <= set(trainer.callback_metrics)
+    assert {
+        "train/loss_classifier",
+        "train/loss_counterfactual",
+        "val/reliability",
+        "val/i_locality",
+        "val/score",
+    } <= set(trainer.callback_metrics)
     assert all(torch.equal(v, base_before[k]) for k, v in module.backbone.state_dict().items())
     # The counterfactual model's image projection learns (the public multimodal SERAC leaves it at random init).
-    assert not all(torch.equal(v, projection_before[k]) for k, v in module.editor.counterfactual.image_projection.state_dict().items())
+    assert not all(
+        torch.equal(v, projection_before[k])
+        for k, v in module.editor.counterfactual.image_projection.state_dict().items()
+    )
     trainer.save_checkpoint(tmp_path / "serac.ckpt")
     saved = torch.load(tmp_path / "serac.ckpt", weights_only=False)["state_dict"]
     assert not any(k.startswith("backbone.") for k in saved)
-    assert any(k.startswith("editor.classifier.") for k in saved) and any(k.startswith("editor.counterfactual.") for k in saved)
+    assert any(k.startswith("editor.classifier.") for k in saved) and any(
+        k.startswith("editor.counterfactual.") for k in saved
+    )
 
 
 def test_balanced_bce_weighs_both_sides_equally():

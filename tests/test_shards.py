@@ -40,8 +40,19 @@ def word_encoder(records) -> SubBatchEncoder:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>", additional_special_tokens=["<image>"])
-    return SubBatchEncoder(fast, BlipImageProcessorPil(size={"height": 32, "width": 32}), PromptFormat(with_image="{image} {prompt}", num_image_tokens=2))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=["<image>"],
+    )
+    return SubBatchEncoder(
+        fast,
+        BlipImageProcessorPil(size={"height": 32, "width": 32}),
+        PromptFormat(with_image="{image} {prompt}", num_image_tokens=2),
+    )
 
 
 def dataset(root: Path, count: int, name: str = "vqa_eval.json", image: str = "img/{i}.png") -> list[dict]:
@@ -76,7 +87,22 @@ def ten(tmp_path_factory):
     root = tmp_path_factory.mktemp("ten")
     records = dataset(root, 10)
     write_split(root, "vqa_train.json", [make_record(i, image=f"train/{i}.png") for i in range(8)])
-    assert main(["shard", "--data", str(root / "vqa_eval.json"), "--images", str(root / "images"), "--out", str(root / "shards"), "--shard-size", "3"]) == 0
+    assert (
+        main(
+            [
+                "shard",
+                "--data",
+                str(root / "vqa_eval.json"),
+                "--images",
+                str(root / "images"),
+                "--out",
+                str(root / "shards"),
+                "--shard-size",
+                "3",
+            ]
+        )
+        == 0
+    )
     return root, word_encoder(records)
 
 
@@ -84,21 +110,63 @@ def test_kedit_shard_writes_self_contained_reproducible_shards_and_an_index(ten,
     root, _ = ten
     index = json.loads((root / "shards/vqa_eval.shards.json").read_text())
     assert index["samples"] == 10 and index["source"] == str(root / "vqa_eval.json")
-    assert [(s["url"], s["nsamples"]) for s in index["shardlist"]] == [(f"vqa_eval-{i:06d}.tar", n) for i, n in enumerate([3, 3, 3, 1])]
+    assert [(s["url"], s["nsamples"]) for s in index["shardlist"]] == [
+        (f"vqa_eval-{i:06d}.tar", n) for i, n in enumerate([3, 3, 3, 1])
+    ]
     with tarfile.open(root / "shards/vqa_eval-000003.tar") as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-    assert set(members) == {"000000009.json", "000000009.image.png", "000000009.image_rephrase.png", "000000009.m_loc.png"}
-    assert members["000000009.image_rephrase.png"] == (root / "images/img/9_view.png").read_bytes()  # the file's bytes, not re-encoded
+    assert set(members) == {
+        "000000009.json",
+        "000000009.image.png",
+        "000000009.image_rephrase.png",
+        "000000009.m_loc.png",
+    }
+    assert (
+        members["000000009.image_rephrase.png"] == (root / "images/img/9_view.png").read_bytes()
+    )  # the file's bytes, not re-encoded
     assert json.loads(members["000000009.json"])["origin"] == {"file": str(root / "vqa_eval.json"), "index": 9}
     write_shards(root / "vqa_eval.json", root / "images", tmp_path / "again", 3)
     assert (tmp_path / "again/vqa_eval-000001.tar").read_bytes() == (root / "shards/vqa_eval-000001.tar").read_bytes()
     # Validation first, as `kedit validate`: nothing is written for bad data; existing shards are kept.
     (tmp_path / "bad.json").write_text(json.dumps([make_record(0), make_record(1, alt="", m_loc="img/none.png")]))
-    assert main(["shard", "--data", str(tmp_path / "bad.json"), "--images", str(root / "images"), "--out", str(tmp_path / "bad"), "--shard-size", "2"]) == 1
+    assert (
+        main(
+            [
+                "shard",
+                "--data",
+                str(tmp_path / "bad.json"),
+                "--images",
+                str(root / "images"),
+                "--out",
+                str(tmp_path / "bad"),
+                "--shard-size",
+                "2",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
-    assert "bad.json: record 1: field 'alt': empty target" in err and "bad.json: record 1: field 'm_loc': missing image" in err
+    assert (
+        "bad.json: record 1: field 'alt': empty target" in err
+        and "bad.json: record 1: field 'm_loc': missing image" in err
+    )
     assert not (tmp_path / "bad").exists()
-    assert main(["shard", "--data", str(root / "vqa_eval.json"), "--images", str(root / "images"), "--out", str(tmp_path / "again"), "--shard-size", "3"]) == 1
+    assert (
+        main(
+            [
+                "shard",
+                "--data",
+                str(root / "vqa_eval.json"),
+                "--images",
+                str(root / "images"),
+                "--out",
+                str(tmp_path / "again"),
+                "--shard-size",
+                "3",
+            ]
+        )
+        == 1
+    )
     assert "already holds shards named 'vqa_eval'" in capsys.readouterr().err
 
 
@@ -142,7 +210,16 @@ def read_all(shards, *, even, world_size=2, num_workers=2, batch=3, shuffle=Fals
     """Per rank: (reported length, batches of record indices)."""
     out = []
     for rank in range(world_size):
-        stream = ShardStream(shards, IndexOf(), batch, even=even, rank=rank, world_size=world_size, num_workers=num_workers, shuffle=shuffle)
+        stream = ShardStream(
+            shards,
+            IndexOf(),
+            batch,
+            even=even,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+            shuffle=shuffle,
+        )
         loader = StreamLoader(stream, list)
         out.append((len(loader), list(loader)))
     return out
@@ -170,7 +247,9 @@ def test_uneven_shards_give_equal_batch_counts_in_training_and_every_record_in_v
     assert Counter(i for _, batches in val for batch in batches for i in batch) == Counter(str(i) for i in range(24))
     with pytest.raises(DataError, match="rank 0 cannot fill one batch of 10"):
         read_all(shards, even=True, batch=10)
-    with pytest.raises(DataError, match="rank 5 gets no record \\(shards are never split\\); write at least 8 non-empty shards"):
+    with pytest.raises(
+        DataError, match="rank 5 gets no record \\(shards are never split\\); write at least 8 non-empty shards"
+    ):
         read_all(shards, even=False, world_size=8)
 
 
@@ -178,7 +257,9 @@ def test_training_reshuffles_each_epoch_reproducibly(twenty_four):
     shards = resolve_shards(twenty_four / "by3")
 
     def epochs(seed, count=2):
-        loader = StreamLoader(ShardStream(shards, IndexOf(), 4, even=True, shuffle=True, seed=seed, shuffle_buffer=6), list)
+        loader = StreamLoader(
+            ShardStream(shards, IndexOf(), 4, even=True, shuffle=True, seed=seed, shuffle_buffer=6), list
+        )
         return [[i for batch in loader for i in batch] for _ in range(count)]
 
     first, second = epochs(seed=0)
@@ -186,7 +267,9 @@ def test_training_reshuffles_each_epoch_reproducibly(twenty_four):
     assert first != second and first != sorted(first, key=int)
     assert epochs(seed=0) == [first, second] and epochs(seed=1)[0] != first
     # The epoch can come from the Trainer instead of counting passes.
-    by_epoch = StreamLoader(ShardStream(shards, IndexOf(), 4, even=True, shuffle=True, shuffle_buffer=6), list, epoch=lambda: 1)
+    by_epoch = StreamLoader(
+        ShardStream(shards, IndexOf(), 4, even=True, shuffle=True, shuffle_buffer=6), list, epoch=lambda: 1
+    )
     assert [i for batch in by_epoch for i in batch] == second
 
 
@@ -194,7 +277,13 @@ def test_facts_stream_from_train_and_val_shards(ten, tmp_path):
     root, encoder = ten
     write_shards(root / "vqa_train.json", root / "images", tmp_path / "train", 3)
     write_shards(root / "vqa_eval.json", root / "images", tmp_path / "val", 4)
-    dm = FactsDataModule(str(root), batch_size=10, processor=encoder, train_shards=str(tmp_path / "train"), val_shards=str(tmp_path / "val"))
+    dm = FactsDataModule(
+        str(root),
+        batch_size=10,
+        processor=encoder,
+        train_shards=str(tmp_path / "train"),
+        val_shards=str(tmp_path / "val"),
+    )
     dm.setup("fit")
     train = list(dm.train_dataloader())
     facts = sum(b[kind]["input_ids"].shape[0] for b in train for kind in b)
@@ -210,7 +299,10 @@ def test_finding_shards_names_what_is_wrong(ten, tmp_path):
     assert [s.samples for s in resolve_shards(root / "shards/vqa_eval-{000001..000003}.tar")] == [3, 3, 1]
     write_shards(root / "vqa_train.json", root / "images", tmp_path, 4)
     write_shards(root / "vqa_eval.json", root / "images", tmp_path, 4)
-    with pytest.raises(DataError, match="expected exactly one \\*.shards.json shard index, found vqa_eval.shards.json, vqa_train.shards.json"):
+    with pytest.raises(
+        DataError,
+        match="expected exactly one \\*.shards.json shard index, found vqa_eval.shards.json, vqa_train.shards.json",
+    ):
         resolve_shards(tmp_path)
     (tmp_path / "stray-000000.tar").write_bytes(b"")
     with pytest.raises(DataError, match="stray-000000.tar: not listed in any \\*.shards.json index"):
@@ -239,14 +331,26 @@ def test_a_broken_shard_names_the_shard_and_sample(ten, tmp_path):
     def stream(index):
         return list(StreamLoader(ShardStream([shards[index]], IndexOf(), 2, even=False), list))
 
-    _rewrite_shard(Path(shards[1].url), lambda s: {k: v for k, v in s.items() if not (s["__key__"] == "000000004" and k == "json")})
-    with pytest.raises(DataError, match=r"vqa_eval-000001.tar: sample 000000004: no 000000004.json member \(members: image.png, image_rephrase.png, m_loc.png\)"):
+    _rewrite_shard(
+        Path(shards[1].url), lambda s: {k: v for k, v in s.items() if not (s["__key__"] == "000000004" and k == "json")}
+    )
+    with pytest.raises(
+        DataError,
+        match=r"vqa_eval-000001.tar: sample 000000004: no 000000004.json member \(members: image.png, image_rephrase.png, m_loc.png\)",
+    ):
         stream(1)
-    _rewrite_shard(Path(shards[2].url), lambda s: {**s, "image_rephrase.png": b"not a png"} if s["__key__"] == "000000007" else s)
-    with pytest.raises(DataError, match=r"vqa_eval-000002.tar: sample 000000007: field 'image_rephrase': cannot decode image 000000007.image_rephrase.png \(img/7_view.png\)"):
+    _rewrite_shard(
+        Path(shards[2].url), lambda s: {**s, "image_rephrase.png": b"not a png"} if s["__key__"] == "000000007" else s
+    )
+    with pytest.raises(
+        DataError,
+        match=r"vqa_eval-000002.tar: sample 000000007: field 'image_rephrase': cannot decode image 000000007.image_rephrase.png \(img/7_view.png\)",
+    ):
         stream(2)
     _rewrite_shard(Path(shards[0].url), lambda s: {**s, "json": s["json"].replace(b'"alt": "blue"', b'"alt": 3')})
-    with pytest.raises(DataError, match=r"vqa_eval-000000.tar: sample 000000000: record 0: field 'alt': expected a string, got int"):
+    with pytest.raises(
+        DataError, match=r"vqa_eval-000000.tar: sample 000000000: record 0: field 'alt': expected a string, got int"
+    ):
         stream(0)
     Path(shards[3].url).write_bytes(b"\0" * 100 + b"garbage")
     with pytest.raises(DataError, match=r"vqa_eval-000003.tar: not a readable shard"):
@@ -258,7 +362,13 @@ def test_a_broken_shard_names_the_shard_and_sample(ten, tmp_path):
     with pytest.raises(DataError, match=r"vqa_eval-000003.tar: holds 1 sample\(s\) but its index says 2"):
         list(StreamLoader(ShardStream(resolve_shards(tmp_path)[3:], IndexOf(), 2, even=False), list))
     # Through a DataModule with workers: the worker's error reaches the main process, still naming shard and sample.
-    dm = VQADataModule(str(root), batch_size=2, num_workers=2, processor=encoder, val_shards=str(tmp_path / "vqa_eval-{000001..000002}.tar"))
+    dm = VQADataModule(
+        str(root),
+        batch_size=2,
+        num_workers=2,
+        processor=encoder,
+        val_shards=str(tmp_path / "vqa_eval-{000001..000002}.tar"),
+    )
     dm.setup("validate")
     with pytest.raises(DataError, match=r"vqa_eval-000001.tar: sample 000000004: no 000000004.json member") as caught:
         list(dm.val_dataloader())
@@ -308,10 +418,19 @@ def test_streaming_ten_times_the_data_keeps_host_ram_flat(tmp_path):
             name = f"big-{copy * 8 + n:06d}.tar"
             os.link(shard.url, ten / name)
             entries.append({"url": name, "nsamples": shard.samples})
-    (ten / "big.shards.json").write_text(json.dumps({**json.loads(one.read_text()), "samples": 320, "shardlist": entries}))
+    (ten / "big.shards.json").write_text(
+        json.dumps({**json.loads(one.read_text()), "samples": 320, "shardlist": entries})
+    )
     assert sum(Path(s.url).stat().st_size for s in resolve_shards(ten)) > 8 * RSS_BOUND_KB * 1024
-    run = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path / "x1"), str(ten), str(Path(__file__).parent)],
-                         capture_output=True, text=True, cwd=REPO, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(tmp_path / "x1"), str(ten), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
     small, large, after_small, after_large = map(int, run.stdout.split())
     assert (small, large) == (4, 40)
-    assert after_large - after_small <= RSS_BOUND_KB, f"peak RSS grew {(after_large - after_small) / 1024:.1f} MB streaming 10x the data"
+    assert after_large - after_small <= RSS_BOUND_KB, (
+        f"peak RSS grew {(after_large - after_small) / 1024:.1f} MB streaming 10x the data"
+    )

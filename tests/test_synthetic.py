@@ -82,7 +82,12 @@ def test_train_and_eval_edits_are_about_disjoint_entities(world):
             assert split_of[world["by_view"][record["m_loc"]]["name"]] == wanted
     # Held-out entities still state their pre-edit facts somewhere, so a base model can learn them all.
     for kind, field in (("vqa", "city"), ("caption", "caption")):
-        told = {(world["by_view"][r["image"]]["name"], r["pred"]) for name, rs in world["files_read"].items() if name.startswith(kind) for r in rs}
+        told = {
+            (world["by_view"][r["image"]]["name"], r["pred"])
+            for name, rs in world["files_read"].items()
+            if name.startswith(kind)
+            for r in rs
+        }
         assert told == {(e["name"], e[field]) for e in world["entities"]}
 
 
@@ -112,7 +117,11 @@ def test_answers_agree_with_the_world(world):
                 changed = [a != b for a, b in zip(record["pred"].split(), record["alt"].split())]
                 assert len(record["alt"].split()) == 4 and sum(changed) == 1
             else:
-                assert record["pred"] == entity["city"] and record["alt"] in geo["cities"] and record["alt"] != record["pred"]
+                assert (
+                    record["pred"] == entity["city"]
+                    and record["alt"] in geo["cities"]
+                    and record["alt"] != record["pred"]
+                )
                 assert record["src"] in WHERE_QUESTIONS and record["rephrase"] in WHERE_QUESTIONS
             assert record["src"] != record["rephrase"]
             subject = [word.rstrip("?") for word in record["loc"].split() if word.rstrip("?") in facts]
@@ -158,7 +167,9 @@ def test_one_hop_edits_move_the_new_citys_country_and_ask_the_1_hop_question(wor
 def test_kedit_validate_accepts_every_file(world_dir, capsys):
     out, _ = world_dir
     for path in FILES.values():
-        assert main(["validate", "--data", str(out / path), "--images", str(out / "images")]) == 0, capsys.readouterr().out
+        assert main(["validate", "--data", str(out / path), "--images", str(out / "images")]) == 0, (
+            capsys.readouterr().out
+        )
 
 
 def test_looks_are_unique_and_drawn_in_their_colour(world_dir):

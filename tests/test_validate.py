@@ -18,7 +18,14 @@ def test_clean_file_exits_zero(tmp_path, capsys):
 def test_every_problem_is_listed_and_the_exit_status_is_one(tmp_path, capsys):
     missing_field = make_record(3)
     del missing_field["rephrase"]
-    raw = [make_record(0), make_record(1, alt=""), make_record(2, pred=["blue"]), missing_field, make_record(4), make_record(5)]
+    raw = [
+        make_record(0),
+        make_record(1, alt=""),
+        make_record(2, pred=["blue"]),
+        missing_field,
+        make_record(4),
+        make_record(5),
+    ]
     path = write_split(tmp_path, "vqa_eval.json", raw)
     images = tmp_path / "images"
     (images / "img/4.png").unlink()

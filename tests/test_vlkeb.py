@@ -21,7 +21,10 @@ SYNTHETIC = {"train_file": "vlkeb/train.json", "val_file": "vlkeb/eval_multihop.
 
 def supervised(encoder, sub_batch):
     """Per row, the supervised (answer) tokens."""
-    return [encoder.tokenizer.convert_ids_to_tokens(ids[labels != IGNORE_INDEX].tolist()) for ids, labels in zip(sub_batch["input_ids"], sub_batch["labels"])]
+    return [
+        encoder.tokenizer.convert_ids_to_tokens(ids[labels != IGNORE_INDEX].tolist())
+        for ids, labels in zip(sub_batch["input_ids"], sub_batch["labels"])
+    ]
 
 
 def prompts(encoder, sub_batch):
@@ -29,7 +32,9 @@ def prompts(encoder, sub_batch):
     rows = []
     for ids, labels, mask in zip(sub_batch["input_ids"], sub_batch["labels"], sub_batch["attention_mask"]):
         keep = (labels == IGNORE_INDEX) & (mask == 1)
-        rows.append([t for t in encoder.tokenizer.convert_ids_to_tokens(ids[keep].tolist()) if t not in ("<s>", "<image>")])
+        rows.append(
+            [t for t in encoder.tokenizer.convert_ids_to_tokens(ids[keep].tolist()) if t not in ("<s>", "<image>")]
+        )
     return rows
 
 
@@ -62,7 +67,11 @@ def test_synthetic_vlkeb_batches_carry_every_hop_with_its_answer(world):
 def mixed(tmp_path):
     """Eval records: 0, 3: 1- and 2-hop; 1: none; 2: 2-hop only; 4: one-hop edit. Train: none."""
     port = {0: MULTIHOP_PORT, 2: MULTIHOP_PORT[1:], 3: MULTIHOP_PORT, 4: ONEHOP_EDIT_PORT}
-    write_split(tmp_path, "eval_multihop.json", [make_record(i, **({"port_new": port[i]} if i in port else {})) for i in range(5)])
+    write_split(
+        tmp_path,
+        "eval_multihop.json",
+        [make_record(i, **({"port_new": port[i]} if i in port else {})) for i in range(5)],
+    )
     write_split(tmp_path, "train.json", [make_record(i, image=f"train/{i}.png") for i in range(3)])
     return tmp_path
 
@@ -88,7 +97,9 @@ def test_records_without_the_chosen_hops_are_kept_or_left_out_as_vlkeb_does(mixe
     assert [m["index"] for m in batch["meta"]] == [0, 2, 3] and batch["port_record"].tolist() == [0, 1, 2]
     assert len(only.split_records("train")) == 3  # train is never filtered
     assert [r.origin.index for r in loaded(mixed, encoder, require_port=True).split_records("val")] == [0, 2, 3, 4]
-    with pytest.raises(DataError, match=r"eval_multihop.json: no record has a portability question at \('3-hop', '4-hop'\)"):
+    with pytest.raises(
+        DataError, match=r"eval_multihop.json: no record has a portability question at \('3-hop', '4-hop'\)"
+    ):
         loaded(mixed, encoder, hops=[4, 3], require_port=True)
     with pytest.raises(ValueError, match=r"hops must be 'all' or a non-empty list of \[1, 2, 3, 4\], got \[0, 2\]"):
         VLKEBDataModule(str(mixed), hops=[0, 2])
@@ -157,6 +168,8 @@ def test_shards_give_the_same_vlkeb_batches(mixed, options):
 def test_vlkeb_datamodule_configures_from_yaml(mixed):
     parser = jsonargparse.ArgumentParser()
     parser.add_class_arguments(VLKEBDataModule, "data")
-    dm = parser.instantiate(parser.parse_string(f"data:\n  data_dir: {mixed}\n  hops: [3, 1]\n  require_port: true\n")).data
+    dm = parser.instantiate(
+        parser.parse_string(f"data:\n  data_dir: {mixed}\n  hops: [3, 1]\n  require_port: true\n")
+    ).data
     assert dm.hops == ("1-hop", "3-hop") and dm.require_port and dm.files["val"] == "eval_multihop.json"
     assert parser.instantiate(parser.parse_string(f"data:\n  data_dir: {mixed}\n  hops: all\n")).data.hops is None

@@ -10,10 +10,17 @@ import yaml
 from kedit_lightning.backbones.base import Backbone, BackboneSpec, build_backbone, expand_braces, register
 from kedit_lightning.backbones.blip2 import Blip2Backbone
 from kedit_lightning.backbones.llava import LlavaBackbone
-from kedit_lightning.backbones.minigpt4 import MiniGPT4Backbone, MiniGPT4Config, MiniGPT4ForConditionalGeneration, load_minigpt4_projection
+from kedit_lightning.backbones.minigpt4 import (
+    MiniGPT4Backbone,
+    MiniGPT4Config,
+    MiniGPT4ForConditionalGeneration,
+    load_minigpt4_projection,
+)
 from kedit_lightning.backbones.text_lm import TextLMBackbone
 
-FAMILIES: dict[str, type[Backbone]] = {cls.family: cls for cls in (Blip2Backbone, LlavaBackbone, MiniGPT4Backbone, TextLMBackbone)}
+FAMILIES: dict[str, type[Backbone]] = {
+    cls.family: cls for cls in (Blip2Backbone, LlavaBackbone, MiniGPT4Backbone, TextLMBackbone)
+}
 
 
 def load_backbone_spec(path: str | Path) -> BackboneSpec:
@@ -23,7 +30,9 @@ def load_backbone_spec(path: str | Path) -> BackboneSpec:
         raise ValueError(f"{path}: expected a mapping of BackboneSpec fields, got {type(data).__name__}")
     unknown = set(data) - set(BackboneSpec.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"{path}: unknown BackboneSpec fields {sorted(unknown)}; known: {sorted(BackboneSpec.__dataclass_fields__)}")
+        raise ValueError(
+            f"{path}: unknown BackboneSpec fields {sorted(unknown)}; known: {sorted(BackboneSpec.__dataclass_fields__)}"
+        )
     if data.get("family") not in FAMILIES:
         raise ValueError(f"{path}: family {data.get('family')!r} is not one of {sorted(FAMILIES)}")
     return BackboneSpec(**data)

@@ -22,7 +22,15 @@ from torch.func import functional_call
 from data_modules.encoding import SubBatch, SubBatchEncoder
 
 # Config keys that say where or how a model was stored, not what it computes.
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "architectures", "torch_dtype", "dtype", "transformers_version", "_commit_hash", "_attn_implementation_autoset"}
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "architectures",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "_commit_hash",
+    "_attn_implementation_autoset",
+}
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -57,12 +65,18 @@ class Backbone(nn.Module, ABC):
 
     @classmethod
     @abstractmethod
-    def from_pretrained(cls, path: str, edit_params: Sequence[str], dtype: torch.dtype = torch.float32) -> "Backbone":
+    def from_pretrained(cls, path: str, edit_params: Sequence[str], dtype: torch.dtype = torch.float32) -> Backbone:
         """Real weights and processor from a hub id or a local directory; a clear error otherwise."""
 
     @classmethod
     @abstractmethod
-    def from_config(cls, config: dict[str, Any], processor: str | None, edit_params: Sequence[str], dtype: torch.dtype = torch.float32) -> "Backbone":
+    def from_config(
+        cls,
+        config: dict[str, Any],
+        processor: str | None,
+        edit_params: Sequence[str],
+        dtype: torch.dtype = torch.float32,
+    ) -> Backbone:
         """Random weights of any size from transformers config kwargs."""
 
     def __init__(self, model: nn.Module, processor: SubBatchEncoder, edit_params: Sequence[str]) -> None:
@@ -73,7 +87,9 @@ class Backbone(nn.Module, ABC):
         self.edit_param_names = self.resolve_param_names(edit_params)
 
     @abstractmethod
-    def model_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def model_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None
+    ) -> torch.Tensor:
         """Unshifted logits [B, T, V] for every position of `input_ids` (image placeholders included)."""
 
     def forward(self, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -93,7 +109,9 @@ class Backbone(nn.Module, ABC):
         """
         get_image_features = getattr(self.model, "get_image_features", None)
         if get_image_features is None:
-            raise TypeError(f"{self.family} backbone: {type(self.model).__name__} has no vision side to read image features from")
+            raise TypeError(
+                f"{self.family} backbone: {type(self.model).__name__} has no vision side to read image features from"
+            )
         features = get_image_features(pixel_values=pixel_values)
         features = getattr(features, "pooler_output", features)
         return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
@@ -106,7 +124,9 @@ class Backbone(nn.Module, ABC):
             for name in expand_braces(pattern):
                 if name not in available:
                     close = [n for n in available if n.rsplit(".", 2)[-1] == name.rsplit(".", 2)[-1]][:5]
-                    raise KeyError(f"{type(self).__name__}: no parameter named {name!r} (from pattern {pattern!r}); similar: {close}")
+                    raise KeyError(
+                        f"{type(self).__name__}: no parameter named {name!r} (from pattern {pattern!r}); similar: {close}"
+                    )
                 if name not in names:
                     names.append(name)
         return names

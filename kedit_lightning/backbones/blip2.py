@@ -55,7 +55,9 @@ class Blip2Backbone(ImageTextBackbone):
     language_model_prefix = "language_model."
     causal_lm_wrapper = True
     default_image_processor = staticmethod(blip_image_processor)
-    prompt_template: ClassVar[PromptFormat] = PromptFormat(with_image="{image}{prompt}", text_only="{prompt}", image_token=IMAGE_TOKEN)
+    prompt_template: ClassVar[PromptFormat] = PromptFormat(
+        with_image="{image}{prompt}", text_only="{prompt}", image_token=IMAGE_TOKEN
+    )
 
     def __init__(
         self,
@@ -68,7 +70,9 @@ class Blip2Backbone(ImageTextBackbone):
         config = model.config
         source = config.name_or_path or "blip2 config"
         if not config.use_decoder_only_language_model:
-            raise ValueError(f"{source}: BLIP-2 with an encoder-decoder language model ({config.text_config.model_type}) is not supported; logits must align with input_ids")
+            raise ValueError(
+                f"{source}: BLIP-2 with an encoder-decoder language model ({config.text_config.model_type}) is not supported; logits must align with input_ids"
+            )
         tokenizer = with_special_token(tokenizer, IMAGE_TOKEN)
         if config.image_token_index is None:
             # Checkpoints from before transformers placed image tokens in the text: add the slot as Blip2Processor does.
@@ -85,15 +89,28 @@ class Blip2Backbone(ImageTextBackbone):
             image_token=IMAGE_TOKEN,
             num_image_tokens=config.num_query_tokens,
         )
-        super().__init__(model, tokenizer, image_processor, edit_params, max_length, prompt_format=prompt_format, image_token_id=image_token_id, source=source)
+        super().__init__(
+            model,
+            tokenizer,
+            image_processor,
+            edit_params,
+            max_length,
+            prompt_format=prompt_format,
+            image_token_id=image_token_id,
+            source=source,
+        )
 
     @classmethod
-    def build_model(cls, config: Mapping[str, Any], dtype: torch.dtype | str = torch.float32) -> Blip2ForConditionalGeneration:
+    def build_model(
+        cls, config: Mapping[str, Any], dtype: torch.dtype | str = torch.float32
+    ) -> Blip2ForConditionalGeneration:
         model = super().build_model(config, dtype)
         init_query_tokens(model)
         return model
 
-    def model_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def model_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None
+    ) -> torch.Tensor:
         if pixel_values is None:
             # Text-only sub-batches (locality) run the language model alone.
             reject_placeholders(input_ids, self.image_token_id, self.family)

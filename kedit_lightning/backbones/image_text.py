@@ -46,15 +46,25 @@ class ImageTextBackbone(Backbone):
         """The family's own image transform, used when a directory or caller gives none."""
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: Any, image_processor: Any | None, edit_params: Sequence[str], max_length: int | None,
-        *, prompt_format: PromptFormat, image_token_id: int, source: str,
+        self,
+        model: PreTrainedModel,
+        tokenizer: Any,
+        image_processor: Any | None,
+        edit_params: Sequence[str],
+        max_length: int | None,
+        *,
+        prompt_format: PromptFormat,
+        image_token_id: int,
+        source: str,
     ) -> None:
         """Called by the families' `__init__` once their tokenizer checks and prompt layout are done."""
         config = model.config
         image_size = config.vision_config.image_size
         image_processor = image_processor if image_processor is not None else self.default_image_processor(image_size)
         check_image_size(image_processor, image_size, source)
-        edit_params = list(edit_params) or default_edit_params(config.text_config, self.language_model_prefix, causal_wrapper=self.causal_lm_wrapper)
+        edit_params = list(edit_params) or default_edit_params(
+            config.text_config, self.language_model_prefix, causal_wrapper=self.causal_lm_wrapper
+        )
         super().__init__(model, SubBatchEncoder(tokenizer, image_processor, prompt_format, max_length), edit_params)
         self.image_token_id = image_token_id
 
@@ -74,7 +84,7 @@ class ImageTextBackbone(Backbone):
         tokenizer: Any | None = None,
         image_processor: Any | None = None,
         max_length: int | None = None,
-    ) -> "ImageTextBackbone":
+    ) -> ImageTextBackbone:
         tokenizer, image_processor = resolve_processor(processor, tokenizer, image_processor, cls.family)
         tokenizer = with_special_token(tokenizer, cls.image_token)
         config = {**config, "text_config": fill_text_config(config.get("text_config"), tokenizer)}
@@ -82,7 +92,14 @@ class ImageTextBackbone(Backbone):
         return cls(cls.build_model(config, dtype), tokenizer, image_processor, edit_params, max_length)
 
     @classmethod
-    def from_pretrained(cls, path: str, edit_params: Sequence[str] = (), dtype: torch.dtype = torch.float32, *, max_length: int | None = None) -> "ImageTextBackbone":
+    def from_pretrained(
+        cls,
+        path: str,
+        edit_params: Sequence[str] = (),
+        dtype: torch.dtype = torch.float32,
+        *,
+        max_length: int | None = None,
+    ) -> ImageTextBackbone:
         read_config_dict(path, cls.family, cls.model_types)
         model = cls.model_class.from_pretrained(path, dtype=as_dtype(dtype))
         return cls(model, load_tokenizer(path), load_image_processor(path), edit_params, max_length)

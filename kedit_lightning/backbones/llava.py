@@ -29,7 +29,9 @@ IMAGE_TOKEN = "<image>"
 
 def clip_image_processor(image_size: int) -> CLIPImageProcessorPil:
     """LLaVA-1.5's CLIP transform: shortest edge to `image_size`, centre crop, CLIP mean/std."""
-    return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
 
 
 def num_image_features(model: LlavaForConditionalGeneration) -> int:
@@ -68,9 +70,20 @@ class LlavaBackbone(ImageTextBackbone):
         image_token_id = check_image_token(tokenizer, IMAGE_TOKEN, config.image_token_index, source)
         check_vocab(tokenizer, config.text_config.vocab_size, source)
         prompt_format = dataclasses.replace(self.prompt_template, num_image_tokens=num_image_features(model))
-        super().__init__(model, tokenizer, image_processor, edit_params, max_length, prompt_format=prompt_format, image_token_id=image_token_id, source=source)
+        super().__init__(
+            model,
+            tokenizer,
+            image_processor,
+            edit_params,
+            max_length,
+            prompt_format=prompt_format,
+            image_token_id=image_token_id,
+            source=source,
+        )
 
-    def model_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def model_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None
+    ) -> torch.Tensor:
         if pixel_values is None:
             reject_placeholders(input_ids, self.image_token_id, self.family)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits

@@ -37,7 +37,9 @@ def check_source(path: str | Path) -> str:
     local = Path(text).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise NotADirectoryError(f"{text}: is a file; expected a model directory (config.json, weights, tokenizer) or a hub id")
+            raise NotADirectoryError(
+                f"{text}: is a file; expected a model directory (config.json, weights, tokenizer) or a hub id"
+            )
         if not (local / "config.json").is_file():
             raise FileNotFoundError(f"{text}: no config.json in this directory, so it holds no saved model")
         return str(local)
@@ -56,7 +58,9 @@ def read_config_dict(path: str | Path, family: str, model_types: Collection[str]
     model_type = config.get("model_type")
     if model_type not in model_types:
         wanted = " or ".join(repr(t) for t in sorted(model_types)[:6])
-        raise ValueError(f"{path}: config.json describes a {model_type!r} model; the {family!r} backbone needs model_type {wanted}")
+        raise ValueError(
+            f"{path}: config.json describes a {model_type!r} model; the {family!r} backbone needs model_type {wanted}"
+        )
     return config
 
 
@@ -66,7 +70,9 @@ def load_tokenizer(path: str) -> Any:
     except (OSError, ValueError) as err:
         raise OSError(f"{path}: cannot load a tokenizer ({err})") from err
     if not getattr(tokenizer, "is_fast", False):
-        raise TypeError(f"{path}: {type(tokenizer).__name__} is not a fast tokenizer; prompt masking needs character offsets")
+        raise TypeError(
+            f"{path}: {type(tokenizer).__name__} is not a fast tokenizer; prompt masking needs character offsets"
+        )
     return tokenizer
 
 
@@ -84,11 +90,15 @@ def resolve_tokenizer(processor: str | None, tokenizer: Any | None, family: str)
     if tokenizer is not None:
         return tokenizer
     if processor is None:
-        raise ValueError(f"{family} from_config needs `processor` (a directory or hub id with a tokenizer) or a `tokenizer` object")
+        raise ValueError(
+            f"{family} from_config needs `processor` (a directory or hub id with a tokenizer) or a `tokenizer` object"
+        )
     return load_tokenizer(processor)
 
 
-def resolve_processor(processor: str | None, tokenizer: Any | None, image_processor: Any | None, family: str) -> tuple[Any, Any | None]:
+def resolve_processor(
+    processor: str | None, tokenizer: Any | None, image_processor: Any | None, family: str
+) -> tuple[Any, Any | None]:
     """Tokenizer and image processor for `from_config`; the image processor may stay None (families build a default)."""
     tokenizer = resolve_tokenizer(processor, tokenizer, family)
     if image_processor is None and processor is not None:
@@ -108,7 +118,11 @@ def fill_text_config(text_config: Mapping[str, Any] | None, tokenizer: Any) -> d
     """Language-model config kwargs with vocabulary size and special-token ids taken from the tokenizer where absent."""
     filled = dict(text_config or {})
     filled.setdefault("vocab_size", len(tokenizer))
-    for key, token_id in (("pad_token_id", tokenizer.pad_token_id), ("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id)):
+    for key, token_id in (
+        ("pad_token_id", tokenizer.pad_token_id),
+        ("bos_token_id", tokenizer.bos_token_id),
+        ("eos_token_id", tokenizer.eos_token_id),
+    ):
         if token_id is not None:
             filled.setdefault(key, token_id)
     return filled
@@ -118,7 +132,9 @@ def check_vocab(tokenizer: Any, vocab_size: int, source: str, outside: Collectio
     """Every token id the tokenizer can emit (but the `outside` placeholders) must have an embedding row."""
     largest = max((i for token, i in tokenizer.get_vocab().items() if token not in outside), default=-1)
     if largest >= vocab_size:
-        raise ValueError(f"{source}: the tokenizer emits id {largest} but the language model has only {vocab_size} embeddings")
+        raise ValueError(
+            f"{source}: the tokenizer emits id {largest} but the language model has only {vocab_size} embeddings"
+        )
 
 
 def check_image_token(tokenizer: Any, token: str, config_id: int | None, source: str) -> int:
@@ -126,7 +142,9 @@ def check_image_token(tokenizer: Any, token: str, config_id: int | None, source:
     if token_id is None:
         raise ValueError(f"{source}: the tokenizer has no {token!r} token for image placeholders")
     if config_id != token_id:
-        raise ValueError(f"{source}: config.image_token_index is {config_id} but the tokenizer maps {token!r} to {token_id}")
+        raise ValueError(
+            f"{source}: config.image_token_index is {config_id} but the tokenizer maps {token!r} to {token_id}"
+        )
     return token_id
 
 
@@ -134,7 +152,9 @@ def check_image_size(image_processor: Any, image_size: int, source: str) -> None
     """The image processor must produce exactly the resolution the vision tower was built for."""
     pixels = image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")["pixel_values"]
     if tuple(pixels.shape[-2:]) != (image_size, image_size):
-        raise ValueError(f"{source}: the image processor yields {tuple(pixels.shape[-2:])} pixels but the vision tower expects {image_size}x{image_size}")
+        raise ValueError(
+            f"{source}: the image processor yields {tuple(pixels.shape[-2:])} pixels but the vision tower expects {image_size}x{image_size}"
+        )
 
 
 def reject_placeholders(input_ids: torch.Tensor, image_token_id: int, family: str) -> None:
@@ -142,7 +162,9 @@ def reject_placeholders(input_ids: torch.Tensor, image_token_id: int, family: st
         raise ValueError(f"{family}: the sub-batch has image placeholder tokens but no pixel_values")
 
 
-def default_edit_params(text_config: Any, prefix: str, causal_wrapper: bool, count: int = DEFAULT_EDITED_LAYERS) -> list[str]:
+def default_edit_params(
+    text_config: Any, prefix: str, causal_wrapper: bool, count: int = DEFAULT_EDITED_LAYERS
+) -> list[str]:
     """The MLP weights of the last `count` decoder layers (MEND's default edit set).
 
     `prefix` is where the language model sits in the full model; `causal_wrapper` says whether it

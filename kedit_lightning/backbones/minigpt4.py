@@ -43,8 +43,8 @@ from transformers.utils import cached_file
 
 from data_modules.encoding import PromptFormat
 from kedit_lightning.backbones.base import register
-from kedit_lightning.backbones.image_text import ImageTextBackbone
 from kedit_lightning.backbones.blip2 import blip_image_processor
+from kedit_lightning.backbones.image_text import ImageTextBackbone
 from kedit_lightning.backbones.loading import (
     as_dtype,
     check_image_token,
@@ -125,7 +125,9 @@ class MiniGPT4ForConditionalGeneration(PreTrainedModel):
         image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        query_output = self.qformer(query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask).last_hidden_state
+        query_output = self.qformer(
+            query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask
+        ).last_hidden_state
         return self.llama_proj(query_output.to(self.llama_proj.weight.dtype))
 
     def forward(
@@ -142,7 +144,9 @@ class MiniGPT4ForConditionalGeneration(PreTrainedModel):
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
             if int(placeholders.sum()) != image_features.shape[0] * image_features.shape[1]:
-                raise ValueError(f"{int(placeholders.sum())} image placeholders for {image_features.shape[0]}x{image_features.shape[1]} image embeddings")
+                raise ValueError(
+                    f"{int(placeholders.sum())} image placeholders for {image_features.shape[0]}x{image_features.shape[1]} image embeddings"
+                )
             inputs_embeds = inputs_embeds.masked_scatter(placeholders.unsqueeze(-1), image_features)
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
@@ -171,13 +175,17 @@ def load_minigpt4_projection(model: MiniGPT4ForConditionalGeneration, path: str 
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a dict (with the state dict under 'model'), got {type(checkpoint).__name__}")
+        raise ValueError(
+            f"{path}: expected a dict (with the state dict under 'model'), got {type(checkpoint).__name__}"
+        )
     expected = {name: tuple(p.shape) for name, p in model.llama_proj.named_parameters(prefix="llama_proj")}
     for name, shape in expected.items():
         if name not in state:
             raise KeyError(f"{path}: no {name!r} in the checkpoint; keys: {sorted(state)[:8]}")
         if tuple(state[name].shape) != shape:
-            raise ValueError(f"{path}: {name} has shape {tuple(state[name].shape)}, the model needs {shape} (Q-Former width -> LLM width)")
+            raise ValueError(
+                f"{path}: {name} has shape {tuple(state[name].shape)}, the model needs {shape} (Q-Former width -> LLM width)"
+            )
     dtype = model.language_model.get_input_embeddings().weight.dtype
     model.load_state_dict({name: state[name].to(dtype) for name in expected}, strict=False, assign=True)
 
@@ -193,7 +201,9 @@ class MiniGPT4Backbone(ImageTextBackbone):
     causal_lm_wrapper = True
     default_image_processor = staticmethod(blip_image_processor)
     prompt_template: ClassVar[PromptFormat] = PromptFormat(
-        with_image="###Human: <Img>{image}</Img> {prompt}###Assistant:", text_only="###Human: {prompt}###Assistant:", image_token=IMAGE_TOKEN
+        with_image="###Human: <Img>{image}</Img> {prompt}###Assistant:",
+        text_only="###Human: {prompt}###Assistant:",
+        image_token=IMAGE_TOKEN,
     )
 
     def __init__(
@@ -210,7 +220,16 @@ class MiniGPT4Backbone(ImageTextBackbone):
         # The placeholder never reaches the embedding table, so it may lie outside the LLM vocabulary.
         check_vocab(tokenizer, config.text_config.vocab_size, source, outside={IMAGE_TOKEN})
         prompt_format = dataclasses.replace(self.prompt_template, num_image_tokens=config.num_query_tokens)
-        super().__init__(model, tokenizer, image_processor, edit_params, max_length, prompt_format=prompt_format, image_token_id=image_token_id, source=source)
+        super().__init__(
+            model,
+            tokenizer,
+            image_processor,
+            edit_params,
+            max_length,
+            prompt_format=prompt_format,
+            image_token_id=image_token_id,
+            source=source,
+        )
 
     @classmethod
     def from_components(
@@ -222,7 +241,7 @@ class MiniGPT4Backbone(ImageTextBackbone):
         dtype: torch.dtype = torch.float32,
         *,
         max_length: int | None = None,
-    ) -> "MiniGPT4Backbone":
+    ) -> MiniGPT4Backbone:
         """Assemble MiniGPT-4 from a BLIP-2 checkpoint, a Vicuna (LLaMA) checkpoint and the projection `.pth`.
 
         Only the BLIP-2 vision tower, Q-Former and queries are read (not its language model). The
@@ -253,7 +272,9 @@ class MiniGPT4Backbone(ImageTextBackbone):
         image_processor = load_image_processor(blip2, required=False)
         return cls(model, tokenizer, image_processor, edit_params, max_length)
 
-    def model_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def model_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None
+    ) -> torch.Tensor:
         if pixel_values is None:
             reject_placeholders(input_ids, self.image_token_id, self.family)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits

@@ -31,7 +31,9 @@ class TextLMBackbone(Backbone):
     family: ClassVar[str] = "text"
     prompt_template: ClassVar[PromptFormat] = PromptFormat(with_image="{prompt}", text_only="{prompt}")
 
-    def __init__(self, model: PreTrainedModel, tokenizer: Any, edit_params: Sequence[str] = (), max_length: int | None = None) -> None:
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: Any, edit_params: Sequence[str] = (), max_length: int | None = None
+    ) -> None:
         config = model.config
         check_vocab(tokenizer, config.vocab_size, config.name_or_path or f"{config.model_type} config")
         edit_params = list(edit_params) or default_edit_params(config, "", causal_wrapper=True)
@@ -43,7 +45,9 @@ class TextLMBackbone(Backbone):
         config = dict(config)
         model_type = config.pop("model_type", None)
         if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            raise ValueError(f"text backbone config needs `model_type` naming a causal LM (e.g. 'opt', 'llama', 'gpt2'); got {model_type!r}")
+            raise ValueError(
+                f"text backbone config needs `model_type` naming a causal LM (e.g. 'opt', 'llama', 'gpt2'); got {model_type!r}"
+            )
         return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), dtype=as_dtype(dtype))
 
     @classmethod
@@ -56,17 +60,26 @@ class TextLMBackbone(Backbone):
         *,
         tokenizer: Any | None = None,
         max_length: int | None = None,
-    ) -> "TextLMBackbone":
+    ) -> TextLMBackbone:
         tokenizer = resolve_tokenizer(processor, tokenizer, cls.family)
         return cls(cls.build_model(fill_text_config(config, tokenizer), dtype), tokenizer, edit_params, max_length)
 
     @classmethod
-    def from_pretrained(cls, path: str, edit_params: Sequence[str] = (), dtype: torch.dtype = torch.float32, *, max_length: int | None = None) -> "TextLMBackbone":
+    def from_pretrained(
+        cls,
+        path: str,
+        edit_params: Sequence[str] = (),
+        dtype: torch.dtype = torch.float32,
+        *,
+        max_length: int | None = None,
+    ) -> TextLMBackbone:
         read_config_dict(path, cls.family, set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
         model = AutoModelForCausalLM.from_pretrained(path, dtype=as_dtype(dtype))
         return cls(model, load_tokenizer(path), edit_params, max_length)
 
-    def model_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def model_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None
+    ) -> torch.Tensor:
         if pixel_values is not None:
             raise ValueError("text backbone: the sub-batch has pixel_values, but a text LM reads text only")
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits

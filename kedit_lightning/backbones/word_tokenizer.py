@@ -31,7 +31,9 @@ def _splitter() -> Tokenizer:
     """Lowercase, split on whitespace, then isolate every punctuation mark."""
     tok = Tokenizer(models.WordLevel({UNK: 0}, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")]
+    )
     return tok
 
 
@@ -42,12 +44,16 @@ def build_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     <image>=4, <ImageHere>=5), then the words in sorted order. Encoding prepends <s>.
     """
     tok = _splitter()
-    words = sorted({word for text in texts for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))})
+    words = sorted(
+        {word for text in texts for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))}
+    )
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for word in words:
         vocab.setdefault(word, len(vocab))
     tok.model = models.WordLevel(vocab, unk_token=UNK)
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD,

@@ -18,7 +18,12 @@ from pathlib import Path
 from data_modules.datamodules import EditDataModule
 from data_modules.vlkeb import VLKEBDataModule
 from kedit_lightning.callbacks import metrics_table
-from kedit_lightning.commands.shared import add_data_arguments, add_editor_arguments, load_editor_and_backbone, reports_errors
+from kedit_lightning.commands.shared import (
+    add_data_arguments,
+    add_editor_arguments,
+    load_editor_and_backbone,
+    reports_errors,
+)
 from kedit_lightning.editor import evaluate, evaluate_sequential
 from kedit_lightning.evaluation import HEADLINE, HOPS
 
@@ -26,11 +31,23 @@ from kedit_lightning.evaluation import HEADLINE, HOPS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_editor_arguments(parser)
     add_data_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=8, help="records per loaded batch (each record is still edited on its own)")
-    parser.add_argument("--sequential", type=int, default=None, metavar="N", help="edit the first N records one after another")
-    parser.add_argument("--probe", type=int, default=10, help="with --sequential: how many of the earliest edits to track")
-    parser.add_argument("--hops", type=hop_list, default="all", help="portability hops to score: all (default) or e.g. 1,3 (VQA layout)")
-    parser.add_argument("--require-port", action="store_true", help="score only records with a portability question at --hops (VLKEB's multi-hop runs)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="records per loaded batch (each record is still edited on its own)"
+    )
+    parser.add_argument(
+        "--sequential", type=int, default=None, metavar="N", help="edit the first N records one after another"
+    )
+    parser.add_argument(
+        "--probe", type=int, default=10, help="with --sequential: how many of the earliest edits to track"
+    )
+    parser.add_argument(
+        "--hops", type=hop_list, default="all", help="portability hops to score: all (default) or e.g. 1,3 (VQA layout)"
+    )
+    parser.add_argument(
+        "--require-port",
+        action="store_true",
+        help="score only records with a portability question at --hops (VLKEB's multi-hop runs)",
+    )
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -47,7 +64,9 @@ def hop_list(text: str) -> list[int] | str:
 
 def sequential_table(curve: list[dict]) -> str:
     lines = ["| edits so far | " + " | ".join(HEADLINE) + " |", "|---|" + "---|" * len(HEADLINE)]
-    lines += [f"| {point['n_edits']} | " + " | ".join(f"{point[key]:.3f}" for key in HEADLINE) + " |" for point in curve]
+    lines += [
+        f"| {point['n_edits']} | " + " | ".join(f"{point[key]:.3f}" for key in HEADLINE) + " |" for point in curve
+    ]
     return "\n".join(lines)
 
 
@@ -56,11 +75,17 @@ def run(args: argparse.Namespace) -> int:
     editor, backbone = load_editor_and_backbone(args)
     data = Path(args.data)
     options = dict(
-        train_file=data.name, val_file=data.name, image_root=str(Path(args.images).resolve()),
-        batch_size=args.batch_size, vqa_template=args.vqa_template, processor=editor.processor(backbone),
+        train_file=data.name,
+        val_file=data.name,
+        image_root=str(Path(args.images).resolve()),
+        batch_size=args.batch_size,
+        vqa_template=args.vqa_template,
+        processor=editor.processor(backbone),
     )
     if args.kind == "vqa":
-        datamodule: EditDataModule = VLKEBDataModule(str(data.parent), hops=args.hops, require_port=args.require_port, **options)
+        datamodule: EditDataModule = VLKEBDataModule(
+            str(data.parent), hops=args.hops, require_port=args.require_port, **options
+        )
     else:
         datamodule = EditDataModule(str(data.parent), kind=args.kind, **options)
     datamodule.setup("validate")
@@ -77,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
     exact = {**report["exact_match"], "n_edits": report["n_edits"]}
     print(metrics_table({"token accuracy": token, "exact match": exact}))
     if "sequential" in report:
-        print(f"\nThe first {report['sequential']['probe_edits']} edits as more edits accumulate:\n" + sequential_table(report["sequential"]["curve"]))
+        print(
+            f"\nThe first {report['sequential']['probe_edits']} edits as more edits accumulate:\n"
+            + sequential_table(report["sequential"]["curve"])
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -32,16 +32,33 @@ def reports_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argpar
 
 
 def add_editor_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--editor", required=True, help="an exported editor directory (editor.json + editor.safetensors)")
-    parser.add_argument("--backbone", required=True, help="hub id or directory of the model to edit (the family the editor was trained on)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, help="backbone dtype, e.g. bfloat16 (default: the one used in training)")
+    parser.add_argument(
+        "--editor", required=True, help="an exported editor directory (editor.json + editor.safetensors)"
+    )
+    parser.add_argument(
+        "--backbone",
+        required=True,
+        help="hub id or directory of the model to edit (the family the editor was trained on)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where to run (default: cuda when available)",
+    )
+    parser.add_argument(
+        "--dtype", default=None, help="backbone dtype, e.g. bfloat16 (default: the one used in training)"
+    )
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="a JSON file of edit records (E-VQA / E-IC / VLKEB layout)")
     parser.add_argument("--images", required=True, help="the folder the records' image paths are relative to")
-    parser.add_argument("--kind", choices=KINDS, default="vqa", help="vqa: prompts go through the VQA template; caption: used as they are")
+    parser.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="vqa",
+        help="vqa: prompts go through the VQA template; caption: used as they are",
+    )
     parser.add_argument("--vqa-template", default=VQA_TEMPLATE, help="the question template ('{}' is the question)")
 
 

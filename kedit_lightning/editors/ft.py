@@ -25,8 +25,12 @@ class FineTune(nn.Module):
         self.lr = lr
         self.steps = steps
 
-    def forward(self, backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        current = dict(params) if params is not None else {n: p.detach() for n, p in backbone.editable_parameters().items()}
+    def forward(
+        self, backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        current = (
+            dict(params) if params is not None else {n: p.detach() for n, p in backbone.editable_parameters().items()}
+        )
         with torch.enable_grad():
             for _ in range(self.steps):
                 leaves = {n: w.detach().requires_grad_() for n, w in current.items()}

@@ -22,7 +22,9 @@ def _answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return mask, example_of_token, mask.sum(-1)
 
 
-def _mean_per_example(token_values: torch.Tensor, example_of_token: torch.Tensor, tokens_per_example: torch.Tensor) -> torch.Tensor:
+def _mean_per_example(
+    token_values: torch.Tensor, example_of_token: torch.Tensor, tokens_per_example: torch.Tensor
+) -> torch.Tensor:
     """Mean over each example's tokens, then over examples (an example without tokens counts as 0)."""
     sums = token_values.new_zeros(tokens_per_example.shape[0]).index_add(0, example_of_token, token_values)
     return (sums / tokens_per_example.clamp(min=1)).mean()

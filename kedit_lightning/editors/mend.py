@@ -107,7 +107,9 @@ class RunningMoments(nn.Module):
 
     def take_pending(self) -> torch.Tensor:
         """The pending moments packed as (count, mean, M2) [1 + 2D] (zeros when none); clears them."""
-        pending = self.pending if self.pending is not None else self.mean.new_zeros(self.packed_size(), dtype=torch.float32)
+        pending = (
+            self.pending if self.pending is not None else self.mean.new_zeros(self.packed_size(), dtype=torch.float32)
+        )
         self.pending = None
         return pending
 
@@ -165,7 +167,9 @@ class ResidualMLP(nn.Module):
     def __init__(self, dim: int, rank: int, n_hidden: int, n_modes: int, init: str) -> None:
         super().__init__()
         rank = min(rank, dim)
-        self.layers = nn.ModuleList(LowRankResidual(dim, rank, n_modes, activate=i < n_hidden, init=init) for i in range(n_hidden + 1))
+        self.layers = nn.ModuleList(
+            LowRankResidual(dim, rank, n_modes, activate=i < n_hidden, init=init) for i in range(n_hidden + 1)
+        )
 
     def forward(self, z: torch.Tensor, mode: int) -> torch.Tensor:
         for layer in self.layers:
@@ -180,7 +184,9 @@ class GradientTransform(nn.Module):
     delta get one MLP each.
     """
 
-    def __init__(self, x_dim: int, delta_dim: int, n_modes: int, rank: int, n_hidden: int, combine: bool, init: str, norm: bool) -> None:
+    def __init__(
+        self, x_dim: int, delta_dim: int, n_modes: int, rank: int, n_hidden: int, combine: bool, init: str, norm: bool
+    ) -> None:
         super().__init__()
         self.x_dim, self.delta_dim = x_dim, delta_dim
         self.norm = norm
@@ -210,7 +216,9 @@ def _edited_module(backbone: Backbone, name: str) -> nn.Module:
     module_name, _, attr = name.rpartition(".")
     module = backbone.model.get_submodule(module_name)
     if attr != "weight" or not isinstance(module, (nn.Linear, Conv1D)):
-        raise TypeError(f"MEND edits the weight of a Linear or Conv1D; {name!r} is {attr!r} of a {type(module).__name__}")
+        raise TypeError(
+            f"MEND edits the weight of a Linear or Conv1D; {name!r} is {attr!r} of a {type(module).__name__}"
+        )
     return module
 
 
@@ -259,7 +267,9 @@ def capture_factors(
     return factors
 
 
-def edit_gradients(backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def edit_gradients(
+    backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Plain gradient of the edit loss w.r.t. the edited weights (autograd on the weights themselves).
 
     The reference MEND's identity-initialised transform reproduces, and the fine-tuning baseline's
@@ -308,8 +318,14 @@ class MEND(nn.Module):
         self.transposed = sorted(transposed)
         # Constructor arguments as plain data: `MEND(**editor.config)` rebuilds it (for artifacts).
         self.config = {
-            "param_shapes": {n: list(s) for n, s in self.param_shapes.items()}, "rank": rank, "n_hidden": n_hidden,
-            "combine": combine, "init": init, "edit_lr": edit_lr, "norm": norm, "transposed": self.transposed,
+            "param_shapes": {n: list(s) for n, s in self.param_shapes.items()},
+            "rank": rank,
+            "n_hidden": n_hidden,
+            "combine": combine,
+            "init": init,
+            "edit_lr": edit_lr,
+            "norm": norm,
+            "transposed": self.transposed,
         }
 
         # Group by (out, in): layers of one shape share a transform; their index in the group is their mode.
@@ -321,8 +337,14 @@ class MEND(nn.Module):
         self.transforms = nn.ModuleDict(
             {
                 key: GradientTransform(
-                    x_dim=int(key.split("x")[1]), delta_dim=int(key.split("x")[0]), n_modes=len(members),
-                    rank=rank, n_hidden=n_hidden, combine=combine, init=init, norm=norm,
+                    x_dim=int(key.split("x")[1]),
+                    delta_dim=int(key.split("x")[0]),
+                    n_modes=len(members),
+                    rank=rank,
+                    n_hidden=n_hidden,
+                    combine=combine,
+                    init=init,
+                    norm=norm,
                 )
                 for key, members in groups.items()
             }
@@ -330,7 +352,7 @@ class MEND(nn.Module):
         self.edit_lrs = nn.Parameter(torch.full((len(self.param_names),), float(edit_lr)))
 
     @classmethod
-    def for_backbone(cls, backbone: Backbone, **hparams: Any) -> "MEND":
+    def for_backbone(cls, backbone: Backbone, **hparams: Any) -> MEND:
         """An editor for `backbone.edit_param_names`, with shapes and layouts read from the model."""
         weights = backbone.editable_parameters()
         transposed = [name for name in weights if isinstance(_edited_module(backbone, name), Conv1D)]
@@ -363,15 +385,23 @@ class MEND(nn.Module):
         for m, part in zip(moments, pending.split([m.packed_size() for m in moments], dim=1)):
             m.commit(part)
 
-    def forward(self, backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Edit on `sub_batch`; returns `params` (or {}) updated with the new weight of every edited name."""
         params = dict(params or {})
-        weights = {name: params[name] if name in params else backbone.model.get_parameter(name) for name in self.param_names}
+        weights = {
+            name: params[name] if name in params else backbone.model.get_parameter(name) for name in self.param_names
+        }
         for name, w in weights.items():
             if tuple(w.shape) != self.param_shapes[name]:
-                raise ValueError(f"MEND was built for {name!r} of shape {self.param_shapes[name]}, the backbone's is {tuple(w.shape)}")
+                raise ValueError(
+                    f"MEND was built for {name!r} of shape {self.param_shapes[name]}, the backbone's is {tuple(w.shape)}"
+                )
             if (name in self.transposed) != isinstance(_edited_module(backbone, name), Conv1D):
-                raise ValueError(f"MEND's layout for {name!r} (transposed={name in self.transposed}) does not match the backbone's module")
+                raise ValueError(
+                    f"MEND's layout for {name!r} (transposed={name in self.transposed}) does not match the backbone's module"
+                )
         factors = capture_factors(backbone, sub_batch, {**params, **weights}, self.param_names)
         for i, name in enumerate(self.param_names):
             key, mode = self.route[name]

@@ -54,16 +54,18 @@ class Tokens:
     mask: torch.Tensor
 
     @classmethod
-    def of(cls, sub_batch: SubBatch, name: str) -> "Tokens":
+    def of(cls, sub_batch: SubBatch, name: str) -> Tokens:
         if f"{name}_ids" not in sub_batch:
-            raise KeyError(f"the sub-batch has no {name}_ids: SERAC reads data encoded by SERACEncoder (SERACModule makes it the DataModule's processor)")
+            raise KeyError(
+                f"the sub-batch has no {name}_ids: SERAC reads data encoded by SERACEncoder (SERACModule makes it the DataModule's processor)"
+            )
         return cls(sub_batch[f"{name}_ids"], sub_batch[f"{name}_mask"])
 
-    def rows(self, index: torch.Tensor) -> "Tokens":
+    def rows(self, index: torch.Tensor) -> Tokens:
         return Tokens(self.ids[index], self.mask[index])
 
     @staticmethod
-    def cat(parts: Sequence["Tokens"]) -> "Tokens":
+    def cat(parts: Sequence[Tokens]) -> Tokens:
         """Stack the rows of several paddings (padding id 0: masked out anyway)."""
         width = max(part.ids.shape[1] for part in parts)
         ids = torch.cat([F.pad(part.ids, (0, width - part.ids.shape[1])) for part in parts])
@@ -79,13 +81,17 @@ class ScopeInput:
     image: torch.Tensor | None  # [B, D]: mean of the base model's image features; zero where has_image is False
     has_image: torch.Tensor  # [B] bool
 
-    def rows(self, index: torch.Tensor) -> "ScopeInput":
-        return ScopeInput(self.text.rows(index), None if self.image is None else self.image[index], self.has_image[index])
+    def rows(self, index: torch.Tensor) -> ScopeInput:
+        return ScopeInput(
+            self.text.rows(index), None if self.image is None else self.image[index], self.has_image[index]
+        )
 
     @staticmethod
-    def cat(parts: Sequence["ScopeInput"]) -> "ScopeInput":
+    def cat(parts: Sequence[ScopeInput]) -> ScopeInput:
         image = None if parts[0].image is None else torch.cat([part.image for part in parts])
-        return ScopeInput(Tokens.cat([part.text for part in parts]), image, torch.cat([part.has_image for part in parts]))
+        return ScopeInput(
+            Tokens.cat([part.text for part in parts]), image, torch.cat([part.has_image for part in parts])
+        )
 
 
 @dataclass
@@ -160,7 +166,11 @@ class ScopeClassifier(nn.Module):
         self.image_dim = image_dim
         hidden = encoder.config.hidden_size
         # Two layers: "same object, another photo" is not a linear function of the pooled features.
-        self.image_projection = nn.Sequential(image_projection(image_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)) if image_dim else None
+        self.image_projection = (
+            nn.Sequential(image_projection(image_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+            if image_dim
+            else None
+        )
         if kind == "embedding":
             # At first an input is in scope when its text cosine passes 0.5 (10 * 0.5 - 5 = 0).
             self.text_scale = nn.Parameter(torch.tensor(10.0))
@@ -211,13 +221,17 @@ class ScopeClassifier(nn.Module):
     def forward(self, edits: ScopeInput, inputs: ScopeInput, edit_keys: ScopeKeys | None = None) -> torch.Tensor:
         """[P] scores of aligned pairs, edit p against input p (`edit_keys`: the edits' embeddings, if known)."""
         if self.kind == "embedding":
-            return self.similarity(edit_keys if edit_keys is not None else self.embed(edits), self.embed(inputs), pairwise=True)
+            return self.similarity(
+                edit_keys if edit_keys is not None else self.embed(edits), self.embed(inputs), pairwise=True
+            )
         return self._cross(edits, inputs)
 
     def score_all(self, edits: ScopeInput, inputs: ScopeInput, edit_keys: ScopeKeys | None = None) -> torch.Tensor:
         """[X, E] scores of every input against every edit (`edit_keys`: the edits' embeddings, if known)."""
         if self.kind == "embedding":
-            return self.similarity(edit_keys if edit_keys is not None else self.embed(edits), self.embed(inputs), pairwise=False)
+            return self.similarity(
+                edit_keys if edit_keys is not None else self.embed(edits), self.embed(inputs), pairwise=False
+            )
         n_inputs, n_edits = inputs.has_image.shape[0], edits.has_image.shape[0]
         input_rows = torch.arange(n_inputs, device=inputs.has_image.device).repeat_interleave(n_edits)
         edit_rows = torch.arange(n_edits, device=edits.has_image.device).repeat(n_inputs)
@@ -244,9 +258,13 @@ class EditMemory:
     def add(self, scope: ScopeInput, counterfactual: Tokens) -> None:
         """Add edits: their classifier descriptors and counterfactual descriptors, row for row."""
         if scope.has_image.shape[0] != counterfactual.ids.shape[0]:
-            raise ValueError(f"{scope.has_image.shape[0]} scope descriptors for {counterfactual.ids.shape[0]} counterfactual descriptors")
+            raise ValueError(
+                f"{scope.has_image.shape[0]} scope descriptors for {counterfactual.ids.shape[0]} counterfactual descriptors"
+            )
         self.scope = scope if self.scope is None else ScopeInput.cat([self.scope, scope])
-        self.counterfactual = counterfactual if self.counterfactual is None else Tokens.cat([self.counterfactual, counterfactual])
+        self.counterfactual = (
+            counterfactual if self.counterfactual is None else Tokens.cat([self.counterfactual, counterfactual])
+        )
         if self.classifier.kind == "embedding":
             keys = self.classifier.embed(scope)
             if self.keys is not None:
@@ -287,7 +305,9 @@ class CounterfactualModel(nn.Module):
             image_tokens = F.adaptive_avg_pool1d(image_tokens.transpose(1, 2), self.image_tokens).transpose(1, 2)
         return self.image_projection(image_tokens)
 
-    def forward(self, edits: Tokens, inputs: Tokens, labels: torch.Tensor, image_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, edits: Tokens, inputs: Tokens, labels: torch.Tensor, image_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         embed = self.model.get_input_embeddings()
         ignore = torch.full_like(edits.ids, IGNORE_INDEX)
         masks, pieces, label_pieces = [edits.mask], [embed(edits.ids)], [ignore]
@@ -317,7 +337,9 @@ class SERACEncoder(SubBatchEncoder):
     def __init__(self, base: SubBatchEncoder, scope_tokenizer: Any, counterfactual: SubBatchEncoder) -> None:
         super().__init__(base.tokenizer, base.image_processor, base.prompt_format, base.max_length)
         if scope_tokenizer.pad_token is None:
-            raise ValueError(f"the scope classifier's tokenizer ({type(scope_tokenizer).__name__}) has no padding token")
+            raise ValueError(
+                f"the scope classifier's tokenizer ({type(scope_tokenizer).__name__}) has no padding token"
+            )
         self.scope_tokenizer = scope_tokenizer
         self.counterfactual = counterfactual
 
@@ -325,7 +347,9 @@ class SERACEncoder(SubBatchEncoder):
         encoded = self.scope_tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         return {f"{name}_ids": encoded["input_ids"], f"{name}_mask": encoded["attention_mask"]}
 
-    def __call__(self, prompts: Sequence[str], targets: Sequence[str], images: Sequence[Image.Image] | None = None) -> SubBatch:
+    def __call__(
+        self, prompts: Sequence[str], targets: Sequence[str], images: Sequence[Image.Image] | None = None
+    ) -> SubBatch:
         sub_batch = super().__call__(prompts, targets, images)
         cf = self.counterfactual(prompts, targets, None)
         for row, (base_labels, cf_labels) in enumerate(zip(sub_batch["labels"], cf["labels"])):
@@ -348,7 +372,13 @@ class SERACEncoder(SubBatchEncoder):
 class SERAC(nn.Module):
     """The trained parts of SERAC (classifier, counterfactual model) and how they read sub-batches."""
 
-    def __init__(self, classifier: ScopeClassifier, counterfactual: CounterfactualModel, image_dim: int | None, threshold: float = 0.5) -> None:
+    def __init__(
+        self,
+        classifier: ScopeClassifier,
+        counterfactual: CounterfactualModel,
+        image_dim: int | None,
+        threshold: float = 0.5,
+    ) -> None:
         super().__init__()
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be a probability strictly between 0 and 1, got {threshold}")
@@ -427,7 +457,10 @@ class Router:
         rows = in_scope.nonzero().flatten()
         image_tokens = None if inputs.image_tokens is None else inputs.image_tokens[rows]
         cf_logits, cf_labels = self.serac.counterfactual(
-            self.memory.counterfactual.rows(entry[rows]), inputs.counterfactual.rows(rows), inputs.counterfactual_labels[rows], image_tokens
+            self.memory.counterfactual.rows(entry[rows]),
+            inputs.counterfactual.rows(rows),
+            inputs.counterfactual_labels[rows],
+            image_tokens,
         )
         answers = cf_logits[cf_labels != IGNORE_INDEX]
         if bool((~in_scope).any()):

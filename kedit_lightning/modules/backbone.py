@@ -22,7 +22,11 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torchmetrics import MeanMetric
 
 from data_modules.encoding import IGNORE_INDEX, SubBatch, SubBatchEncoder
-from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone  # the package import registers every family
+from kedit_lightning.backbones import (
+    Backbone,
+    BackboneSpec,
+    build_backbone,
+)  # the package import registers every family
 from kedit_lightning.metrics import answer_token_accuracy
 
 
@@ -103,7 +107,9 @@ class BackboneModule(LightningModule):
             chosen = {name for name in named if any(fnmatch(name, p) for p in patterns)}
             unmatched = [p for p in patterns if not any(fnmatch(name, p) for name in named)]
             if unmatched:
-                raise ValueError(f"trainable patterns {unmatched} match no parameter of the {self.backbone.family} backbone")
+                raise ValueError(
+                    f"trainable patterns {unmatched} match no parameter of the {self.backbone.family} backbone"
+                )
         for name, param in named.items():
             param.requires_grad_(name in chosen)
 
@@ -176,7 +182,14 @@ def bootstrap_backbone(config: str | Path, export_dir: str | Path, overrides: Se
     from lightning.pytorch.cli import LightningCLI
 
     args = ["fit", "--config", str(config), *overrides, f"--model.init_args.export_dir={export_dir}"]
-    LightningCLI(BackboneModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, save_config_callback=None, args=args)
+    LightningCLI(
+        BackboneModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=None,
+        args=args,
+    )
     if not (Path(export_dir) / "config.json").is_file():
         raise RuntimeError(f"{config}: training finished but wrote no model to {export_dir}")
     return Path(export_dir)

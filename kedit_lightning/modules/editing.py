@@ -24,9 +24,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from data_modules.encoding import IGNORE_INDEX, SubBatch, SubBatchEncoder
 from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
-from kedit_lightning.evaluation import HEADLINE, HOPS, EditedModel, EditMetrics, flatten_report, record_batches, with_weights
+from kedit_lightning.evaluation import (
+    HEADLINE,
+    HOPS,
+    EditedModel,
+    EditMetrics,
+    flatten_report,
+    record_batches,
+    with_weights,
+)
 from kedit_lightning.sharding import shard_editor_module
-
 
 REPORT_KEY = "kedit_val_report"
 """Where a Lightning checkpoint keeps the validation report of its weights (export and reports read it)."""
@@ -67,7 +74,7 @@ class EditorModule(LightningModule, ABC):
         return self.backbone.processor
 
     # -- model lifecycle --------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "EditorModule":
+    def train(self, mode: bool = True) -> EditorModule:
         """Lightning's train/eval switch, with the frozen backbone always in eval mode: dropout
         would make the pre-edit targets of the locality loss noisy (and ranks disagree)."""
         super().train(mode)
@@ -76,7 +83,11 @@ class EditorModule(LightningModule, ABC):
         return self
 
     def prepare_data(self) -> None:
-        if self.backbone_spec.pretrained and self.backbone_spec.bootstrap and not Path(self.backbone_spec.pretrained).exists():
+        if (
+            self.backbone_spec.pretrained
+            and self.backbone_spec.bootstrap
+            and not Path(self.backbone_spec.pretrained).exists()
+        ):
             from kedit_lightning.modules.backbone import bootstrap_backbone
 
             bootstrap_backbone(self.backbone_spec.bootstrap, self.backbone_spec.pretrained)
@@ -100,7 +111,9 @@ class EditorModule(LightningModule, ABC):
     # -- evaluation -------------------------------------------------------------------------
     def _check_grad_mode(self) -> None:
         if torch.is_inference_mode_enabled():
-            raise RuntimeError("editing needs gradients during evaluation: create the Trainer with inference_mode=False")
+            raise RuntimeError(
+                "editing needs gradients during evaluation: create the Trainer with inference_mode=False"
+            )
 
     def on_validation_start(self) -> None:
         self._check_grad_mode()
@@ -112,7 +125,10 @@ class EditorModule(LightningModule, ABC):
         """With a sharded backbone every forward gathers weights together with every other rank, so
         all ranks must run the same forwards in the same order. Records differ only in their
         portability rows (scored in one forward) and one-hop edits (an edit and a forward each)."""
-        plan = tuple((len(r.get("port_hops", ())) > len(r.get("port_edit_row", ())), len(r.get("port_edit_row", ()))) for r in records)
+        plan = tuple(
+            (len(r.get("port_hops", ())) > len(r.get("port_edit_row", ())), len(r.get("port_edit_row", ())))
+            for r in records
+        )
         # hash() of a tuple of ints and bools is the same in every process (no string salt).
         gathered = self.all_gather(torch.tensor([len(records), hash(plan)], device=self.device))
         if not bool((gathered == gathered[0]).all()):
@@ -128,7 +144,9 @@ class EditorModule(LightningModule, ABC):
             self._check_ranks_run_the_same_forwards(records)
         for index, record in enumerate(records):
             edit = record["edit_inner"]
-            post = metrics.update(self.backbone, record, self.edited_model([edit]), lambda further: self.edited_model([edit, further]))
+            post = metrics.update(
+                self.backbone, record, self.edited_model([edit]), lambda further: self.edited_model([edit, further])
+            )
             if log_examples and index < self.logged_edits and "meta" in record:
                 self._log_example(record, post["edit_inner"])
 

@@ -18,7 +18,14 @@ from kedit_lightning.modules.editing import WeightEditorModule
 
 
 class FTModule(WeightEditorModule):
-    def __init__(self, backbone: BackboneSpec, lr: float = 1e-2, steps: int = 1, hops: Sequence[str] = HOPS, logged_edits: int = 4) -> None:
+    def __init__(
+        self,
+        backbone: BackboneSpec,
+        lr: float = 1e-2,
+        steps: int = 1,
+        hops: Sequence[str] = HOPS,
+        logged_edits: int = 4,
+    ) -> None:
         super().__init__(backbone, hops, logged_edits)
         self.save_hyperparameters()
         self.editor = FineTune(lr=lr, steps=steps)

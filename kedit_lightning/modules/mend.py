@@ -61,7 +61,9 @@ class MENDModule(WeightEditorModule):
 
     def build_editor(self, backbone: Backbone) -> None:
         hp = self.hparams
-        self.editor = MEND.for_backbone(backbone, rank=hp.rank, n_hidden=hp.n_hidden, combine=hp.combine, norm=hp.norm, edit_lr=hp.edit_lr)
+        self.editor = MEND.for_backbone(
+            backbone, rank=hp.rank, n_hidden=hp.n_hidden, combine=hp.combine, norm=hp.norm, edit_lr=hp.edit_lr
+        )
 
     def edit(self, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         return self.editor(self.backbone, sub_batch, params)
@@ -73,7 +75,9 @@ class MENDModule(WeightEditorModule):
             pre_loc, pre_loc_image = backbone(record["loc"]), backbone(record["loc_image"])
         return {
             "edit": masked_nll(backbone(record["edit_outer"], params), record["edit_outer"]["labels"]),
-            "image_edit": masked_nll(backbone(record["edit_outer_image"], params), record["edit_outer_image"]["labels"]),
+            "image_edit": masked_nll(
+                backbone(record["edit_outer_image"], params), record["edit_outer_image"]["labels"]
+            ),
             "loc": masked_kl(pre_loc, backbone(record["loc"], params), record["loc"]["labels"])
             + masked_kl(pre_loc_image, backbone(record["loc_image"], params), record["loc_image"]["labels"]),
         }

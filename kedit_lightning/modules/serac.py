@@ -26,7 +26,15 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 from data_modules.encoding import SubBatch, SubBatchEncoder
 from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
 from kedit_lightning.editors.losses import masked_nll
-from kedit_lightning.editors.serac import SERAC, ClassifierKind, CounterfactualModel, Router, ScopeClassifier, SERACEncoder, SERACInputs
+from kedit_lightning.editors.serac import (
+    SERAC,
+    ClassifierKind,
+    CounterfactualModel,
+    Router,
+    ScopeClassifier,
+    SERACEncoder,
+    SERACInputs,
+)
 from kedit_lightning.evaluation import HOPS, EditedModel
 from kedit_lightning.modules.editing import EditorModule
 
@@ -85,8 +93,10 @@ def minilm_path() -> str:
 
 def balanced_bce(positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
     """The mean BCE of the positive scores and that of the negative scores, weighted equally."""
-    return 0.5 * (F.binary_cross_entropy_with_logits(positives, torch.ones_like(positives))
-                  + F.binary_cross_entropy_with_logits(negatives, torch.zeros_like(negatives)))
+    return 0.5 * (
+        F.binary_cross_entropy_with_logits(positives, torch.ones_like(positives))
+        + F.binary_cross_entropy_with_logits(negatives, torch.zeros_like(negatives))
+    )
 
 
 class SERACModule(EditorModule):
@@ -127,7 +137,9 @@ class SERACModule(EditorModule):
     ) -> None:
         super().__init__(backbone, hops, logged_edits)
         if counterfactual.family != "text":
-            raise ValueError(f"the counterfactual model must be a `text` backbone (a causal LM), got family {counterfactual.family!r}")
+            raise ValueError(
+                f"the counterfactual model must be a `text` backbone (a causal LM), got family {counterfactual.family!r}"
+            )
         self.save_hyperparameters()
         self.counterfactual_spec = counterfactual
         self.scope_encoder_spec = scope_encoder if scope_encoder is not None else ScopeEncoderSpec()
@@ -152,7 +164,7 @@ class SERACModule(EditorModule):
     def input_processor(self) -> SubBatchEncoder:
         return self.encoder
 
-    def train(self, mode: bool = True) -> "SERACModule":
+    def train(self, mode: bool = True) -> SERACModule:
         super().train(mode)
         if self.backbone is not None:
             self.backbone.eval()  # frozen: no dropout in the features it gives
@@ -162,7 +174,9 @@ class SERACModule(EditorModule):
         return Router(self.editor, self.backbone, self.editor.memory(self.backbone, *edits))
 
     # -- training -----------------------------------------------------------------------------
-    def _classifier_loss(self, inputs: dict[str, SERACInputs], batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _classifier_loss(
+        self, inputs: dict[str, SERACInputs], batch: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(balanced BCE, fraction of pairs on the right side of the threshold)."""
         classifier = self.editor.classifier
         edits = inputs["edit_inner"].descriptor
@@ -188,15 +202,22 @@ class SERACModule(EditorModule):
         view of one object has the same old answer), so their pairs are left out rather than risk
         calling an in-scope input a negative.
         """
-        subjects = [(meta["image"], meta["pred"]) for meta in batch["meta"]] if "meta" in batch else [(x, x) for x in range(n)]
-        differ = [[x != e and subjects[x][0] != subjects[e][0] and subjects[x][1] != subjects[e][1] for e in range(n)] for x in range(n)]
+        subjects = (
+            [(meta["image"], meta["pred"]) for meta in batch["meta"]] if "meta" in batch else [(x, x) for x in range(n)]
+        )
+        differ = [
+            [x != e and subjects[x][0] != subjects[e][0] and subjects[x][1] != subjects[e][1] for e in range(n)]
+            for x in range(n)
+        ]
         return torch.tensor(differ, device=self.device)
 
     def _counterfactual_loss(self, inputs: dict[str, SERACInputs]) -> torch.Tensor:
         edits = inputs["edit_inner"].counterfactual
         losses = []
         for key in IN_SCOPE:
-            logits, labels = self.editor.counterfactual(edits, inputs[key].counterfactual, inputs[key].counterfactual_labels, inputs[key].image_tokens)
+            logits, labels = self.editor.counterfactual(
+                edits, inputs[key].counterfactual, inputs[key].counterfactual_labels, inputs[key].image_tokens
+            )
             losses.append(masked_nll(logits, labels))
         return torch.stack(losses).mean()
 
@@ -208,7 +229,11 @@ class SERACModule(EditorModule):
         batch_size = inputs["edit_inner"].labels.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict(
-            {"train/loss_classifier": classifier_loss, "train/loss_counterfactual": counterfactual_loss, "train/classifier_accuracy": classifier_accuracy},
+            {
+                "train/loss_classifier": classifier_loss,
+                "train/loss_counterfactual": counterfactual_loss,
+                "train/classifier_accuracy": classifier_accuracy,
+            },
             batch_size=batch_size,
         )
         return loss
