@@ -27,6 +27,7 @@ from kedit_lightning.backbones import (
     expand_braces,
     load_backbone_spec,
 )
+from kedit_lightning.backbones.base import answer_read_mask
 from kedit_lightning.backbones.word_tokenizer import build_word_tokenizer, corpus_from_records, family_template_texts
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "backbones"
@@ -460,3 +461,64 @@ def test_load_backbone_spec_rejects_unknown_fields_and_families(tmp_path):
     (tmp_path / "b.yaml").write_text("family: flamingo\nconfig: {}\n")
     with pytest.raises(ValueError, match="b.yaml: family 'flamingo'"):
         load_backbone_spec(tmp_path / "b.yaml")
+
+
+def mixed_rows(backbone) -> dict:
+    """Rows with and without images, of different lengths, padded into one batch (as a step stacks them)."""
+    with_image = encode(backbone, True) if backbone.family != "text" else encode(backbone, False)
+    text_only = encode(backbone, False, prompts=["The capital of Zandia is"], targets=["Velor"])
+    width = max(with_image["input_ids"].shape[1], text_only["input_ids"].shape[1])
+
+    def pad(t, value):
+        return F.pad(t, (0, width - t.shape[1]), value=value)
+
+    return {
+        "input_ids": torch.cat([pad(with_image["input_ids"], 0), pad(text_only["input_ids"], 0)]),
+        "attention_mask": torch.cat([pad(with_image["attention_mask"], 0), pad(text_only["attention_mask"], 0)]),
+        "labels": torch.cat([pad(with_image["labels"], IGNORE_INDEX), pad(text_only["labels"], IGNORE_INDEX)]),
+        "pixel_values": with_image["pixel_values"],
+        "n_image_rows": 0 if with_image["pixel_values"] is None else with_image["pixel_values"].shape[0],
+    }
+
+
+@pytest.mark.parametrize("family", [*TINY, "gpt2"])
+def test_prefix_then_resume_equals_the_full_forward(backbones, tokenizer, family):
+    """The forward split at the first edited layer gives the full forward's logits at every answer
+    position, for any subset of the rows (text-only rows and image rows of other lengths mixed)."""
+    if family == "gpt2":
+        config = {"model_type": "gpt2", "n_embd": 32, "n_layer": 4, "n_head": 4, "n_positions": 128}
+        backbone = TextLMBackbone.from_config(config, tokenizer=tokenizer).eval()  # GPT-2 has dropout
+    else:
+        backbone = backbones[family]
+    assert backbone.split.first == 1
+    rows = mixed_rows(backbone)
+    images = rows["pixel_values"]
+    features = None if images is None else backbone.encode_images(images)
+    state = backbone.prefix(rows["input_ids"], rows["attention_mask"], features)
+    for subset in ([0, 1, 2], [2, 0], [1]):
+        index = torch.tensor(subset)
+        labels = rows["labels"][index]
+        expected = []
+        for r in subset:  # each row alone through the whole model, as the oracle does it
+            sub_batch = {k: rows[k][r : r + 1] for k in ("input_ids", "attention_mask", "labels")}
+            sub_batch["pixel_values"] = images[r : r + 1] if images is not None and r < rows["n_image_rows"] else None
+            logits = backbone(sub_batch)
+            expected.append(logits[sub_batch["labels"] != IGNORE_INDEX])
+        got = backbone.resume(state.rows(index), answer_read_mask(labels))
+        torch.testing.assert_close(got, torch.cat(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_each_distinct_image_is_encoded_once(backbones):
+    backbone = backbones["blip2"]
+    pixels = encode(backbone, True)["pixel_values"]
+    calls = []
+    handle = backbone.model.vision_model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
+    )
+    try:
+        features = backbone.encode_images(torch.cat([pixels, pixels, pixels[:1]]))
+    finally:
+        handle.remove()
+    assert calls == [2]
+    torch.testing.assert_close(features[:2], features[2:4])
+    torch.testing.assert_close(features[4], features[0])

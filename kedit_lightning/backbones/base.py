@@ -12,6 +12,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,7 +20,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from data_modules.encoding import SubBatch, SubBatchEncoder
+from data_modules.encoding import IGNORE_INDEX, SubBatch, SubBatchEncoder
+from kedit_lightning.backbones.loading import bare_model_prefix, decoder_layout
 
 # Config keys that say where or how a model was stored, not what it computes.
 _VOLATILE_CONFIG_KEYS = {
@@ -51,6 +53,87 @@ def _stable_config_dict(config: Any) -> dict:
     return clean(config.to_dict())
 
 
+class _PrefixDone(Exception):
+    """Raised by the pre-hook that ends a prefix forward at the first edited layer."""
+
+
+def answer_read_mask(labels: torch.Tensor) -> torch.Tensor:
+    """[N, T]: the positions whose next-token logits score an answer token (position t - 1 for label t)."""
+    answers = labels != IGNORE_INDEX
+    return torch.cat([answers[:, 1:], torch.zeros_like(answers[:, :1])], dim=1)
+
+
+def _select_rows(value: Any, rows: torch.Tensor, n: int) -> Any:
+    """`value` with its batch dimension indexed by `rows`: tensors of two or more dimensions whose first
+    is the batch (size `n`) or broadcast over it (size 1, kept); tuples and lists element-wise."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == n:
+        return value.index_select(0, rows)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_select_rows(v, rows, n) for v in value)
+    return value
+
+
+@dataclass
+class PrefixState:
+    """Hidden states [N, T, H] entering the first edited layer, and the other arguments the decoder
+    passes its layers there (attention mask, positions, rotary embeddings), as the model made them."""
+
+    hidden: torch.Tensor
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def rows(self, rows: torch.Tensor) -> PrefixState:
+        n = self.hidden.shape[0]
+        return PrefixState(
+            self.hidden.index_select(0, rows),
+            _select_rows(self.args, rows, n),
+            {k: _select_rows(v, rows, n) for k, v in self.kwargs.items()},
+        )
+
+
+@dataclass(frozen=True)
+class DecoderSplit:
+    """The language model cut at the first edited layer: the bare decoder stack (run up to there by
+    `Backbone.prefix`), its layers, the first edited one, the modules after the last layer and the head."""
+
+    decoder: nn.Module
+    layers: nn.ModuleList
+    first: int
+    tail: tuple[nn.Module, ...]
+    head: nn.Module
+
+    @classmethod
+    def of(cls, backbone: Backbone) -> DecoderSplit:
+        config = backbone.language_config
+        layout = decoder_layout(config.model_type)
+        bare = bare_model_prefix(config.model_type, backbone.language_model_prefix, backbone.causal_lm_wrapper)
+        decoder = backbone.model.get_submodule(bare.rstrip("."))
+        layers_prefix = f"{bare}{layout.layers}."
+        indices = set()
+        for name in backbone.edit_param_names:
+            if not name.startswith(layers_prefix):
+                raise ValueError(
+                    f"{backbone.family}: edited parameter {name!r} is not inside a decoder layer ({layers_prefix}N...); "
+                    "editing splits the forward at the first edited decoder layer"
+                )
+            indices.add(int(name[len(layers_prefix) :].split(".")[0]))
+        tail = tuple(
+            m
+            for m in (decoder.get_submodule(path) if _has(decoder, path) else None for path in layout.tail)
+            if m is not None
+        )
+        return cls(
+            decoder, decoder.get_submodule(layout.layers), min(indices), tail, backbone.model.get_output_embeddings()
+        )
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        return module.get_submodule(path) is not None
+    except AttributeError:
+        return False
+
+
 class Backbone(nn.Module, ABC):
     """A frozen multimodal (or text) LM that scores EditBatch sub-batches.
 
@@ -62,6 +145,11 @@ class Backbone(nn.Module, ABC):
     """
 
     family: ClassVar[str]
+    language_model_prefix: ClassVar[str] = ""
+    """Where the language model's parameters are named (`language_model.`, `model.language_model.`)."""
+    causal_lm_wrapper: ClassVar[bool] = True
+    """Whether that language model is a *ForCausalLM (its bare decoder stack one level further down)."""
+    image_token_id: int | None = None
 
     @classmethod
     @abstractmethod
@@ -115,6 +203,81 @@ class Backbone(nn.Module, ABC):
         features = get_image_features(pixel_values=pixel_values)
         features = getattr(features, "pooler_output", features)
         return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+
+    # -- the forward split at the first edited layer ---------------------------------------
+    # Only the top decoder layers are edited, so everything below them (vision tower, bridge,
+    # embeddings, the lower layers) gives the same output before and after any edit: `prefix`
+    # runs it once per input, `resume` runs the rest as often as editing needs.
+
+    @property
+    def language_config(self) -> Any:
+        """The language model's transformers config (its `model_type` names the decoder layout)."""
+        return self.model.config
+
+    @cached_property
+    def split(self) -> DecoderSplit:
+        return DecoderSplit.of(self)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`image_features` of each row, each distinct image encoded once."""
+        unique, inverse = torch.unique(pixel_values.flatten(1), dim=0, return_inverse=True)
+        return self.image_features(unique.view(-1, *pixel_values.shape[1:]))[inverse]
+
+    def input_embeddings(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+        """[N, T, H] language-model inputs: token embeddings, image placeholders replaced by
+        `image_features` ([M, Q, H], one image per row that has placeholders, in row order)."""
+        placeholders = input_ids == self.image_token_id if self.image_token_id is not None else None
+        if placeholders is None or not bool(placeholders.any()):
+            if image_features is not None:
+                raise ValueError(f"{self.family}: image features given but the rows have no image placeholders")
+            return self.model.get_input_embeddings()(input_ids)
+        # The placeholder id may lie past the vocabulary (MiniGPT-4): embed a valid id, then overwrite.
+        embeds = self.model.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
+        if image_features is None or image_features.shape[0] * image_features.shape[1] != int(placeholders.sum()):
+            shape = None if image_features is None else tuple(image_features.shape[:2])
+            raise ValueError(f"{self.family}: {int(placeholders.sum())} image placeholders for image features {shape}")
+        return embeds.masked_scatter(placeholders.unsqueeze(-1), image_features.to(embeds.dtype))
+
+    @torch.no_grad()
+    def prefix(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor | None
+    ) -> PrefixState:
+        """The hidden states entering the first edited layer, and what the decoder passes every layer."""
+        split = self.split
+        captured: dict[str, Any] = {}
+
+        def stop(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured["args"], captured["kwargs"] = args, kwargs
+            raise _PrefixDone
+
+        # prepend: runs before any other pre-hook (FSDP's all-gather), so nothing is left half done.
+        handle = split.layers[split.first].register_forward_pre_hook(stop, with_kwargs=True, prepend=True)
+        try:
+            split.decoder(
+                inputs_embeds=self.input_embeddings(input_ids, image_features),
+                attention_mask=attention_mask,
+                use_cache=False,
+            )
+        except _PrefixDone:
+            pass
+        finally:
+            handle.remove()
+        args, kwargs = captured["args"], dict(captured["kwargs"])
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        return PrefixState(hidden, args[1:], kwargs)
+
+    def resume(self, state: PrefixState, read: torch.Tensor) -> torch.Tensor:
+        """[P, V] logits of the positions where `read` [N, T] is true, from `state` through the top layers."""
+        split = self.split
+        hidden = state.hidden
+        for layer in split.layers[split.first :]:
+            out = layer(hidden, *state.args, **state.kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        # The norm, output projection and head act per position: only the read ones are computed.
+        hidden = hidden[read]
+        for module in split.tail:
+            hidden = module(hidden)
+        return split.head(hidden)
 
     def resolve_param_names(self, patterns: Sequence[str]) -> list[str]:
         """Expand brace patterns into exact parameter names of `self.model`, failing on unknown ones."""

@@ -35,10 +35,6 @@ class ImageTextBackbone(Backbone):
     config_class: ClassVar[type[PretrainedConfig]]
     model_types: ClassVar[frozenset[str]]
     image_token: ClassVar[str]
-    language_model_prefix: ClassVar[str]
-    """Where the language model's parameters are named (`language_model.`, `model.language_model.`)."""
-    causal_lm_wrapper: ClassVar[bool]
-    """Whether that language model is a *ForCausalLM (its decoder one level further down)."""
 
     @staticmethod
     @abstractmethod
@@ -67,6 +63,10 @@ class ImageTextBackbone(Backbone):
         )
         super().__init__(model, SubBatchEncoder(tokenizer, image_processor, prompt_format, max_length), edit_params)
         self.image_token_id = image_token_id
+
+    @property
+    def language_config(self) -> Any:
+        return self.model.config.text_config
 
     @classmethod
     def build_model(cls, config: Mapping[str, Any], dtype: torch.dtype | str = torch.float32) -> PreTrainedModel:

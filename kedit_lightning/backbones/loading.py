@@ -10,7 +10,7 @@ import copy
 import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -19,14 +19,26 @@ from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedConfig
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
-# Where each language-model type keeps its decoder layers and the two Linear weights of their
-# MLP: (path inside the bare model, prefix the causal-LM wrapper adds, MLP weight names).
-_DECODER_LAYOUT: dict[str, tuple[str, str, tuple[str, str]]] = {
-    "opt": ("decoder.layers", "model.", ("fc1", "fc2")),
-    "llama": ("layers", "model.", ("mlp.up_proj", "mlp.down_proj")),
-    "mistral": ("layers", "model.", ("mlp.up_proj", "mlp.down_proj")),
-    "qwen2": ("layers", "model.", ("mlp.up_proj", "mlp.down_proj")),
-    "gpt2": ("h", "transformer.", ("mlp.c_fc", "mlp.c_proj")),
+
+class DecoderLayout(NamedTuple):
+    """Where a language-model type keeps its decoder layers (inside the bare model), the prefix its
+    causal-LM wrapper adds, the two Linear weights of a layer's MLP, and the modules the bare model
+    applies after the last layer (final norm, output projection), in order."""
+
+    layers: str
+    wrapper: str
+    mlp: tuple[str, str]
+    tail: tuple[str, ...]
+
+
+_DECODER_LAYOUT: dict[str, DecoderLayout] = {
+    "opt": DecoderLayout(
+        "decoder.layers", "model.", ("fc1", "fc2"), ("decoder.final_layer_norm", "decoder.project_out")
+    ),
+    "llama": DecoderLayout("layers", "model.", ("mlp.up_proj", "mlp.down_proj"), ("norm",)),
+    "mistral": DecoderLayout("layers", "model.", ("mlp.up_proj", "mlp.down_proj"), ("norm",)),
+    "qwen2": DecoderLayout("layers", "model.", ("mlp.up_proj", "mlp.down_proj"), ("norm",)),
+    "gpt2": DecoderLayout("h", "transformer.", ("mlp.c_fc", "mlp.c_proj"), ("ln_f",)),
 }
 DEFAULT_EDITED_LAYERS = 3
 
@@ -162,21 +174,29 @@ def reject_placeholders(input_ids: torch.Tensor, image_token_id: int, family: st
         raise ValueError(f"{family}: the sub-batch has image placeholder tokens but no pixel_values")
 
 
+def decoder_layout(model_type: str) -> DecoderLayout:
+    if model_type not in _DECODER_LAYOUT:
+        raise ValueError(
+            f"no decoder layout known for a {model_type!r} language model (known: {sorted(_DECODER_LAYOUT)}); "
+            "list edit_params explicitly, and add the type to loading._DECODER_LAYOUT for the fast edit path"
+        )
+    return _DECODER_LAYOUT[model_type]
+
+
+def bare_model_prefix(model_type: str, prefix: str, causal_wrapper: bool) -> str:
+    """Where the bare language model (the decoder stack) sits in the full model: `prefix` is where the
+    language model sits, `causal_wrapper` whether that is a *ForCausalLM (its bare model one level down)."""
+    return f"{prefix}{decoder_layout(model_type).wrapper if causal_wrapper else ''}"
+
+
 def default_edit_params(
     text_config: Any, prefix: str, causal_wrapper: bool, count: int = DEFAULT_EDITED_LAYERS
 ) -> list[str]:
-    """The MLP weights of the last `count` decoder layers (MEND's default edit set).
-
-    `prefix` is where the language model sits in the full model; `causal_wrapper` says whether it
-    is the *ForCausalLM wrapper (whose bare model sits one level down) or the bare model itself.
-    """
-    model_type = text_config.model_type
-    if model_type not in _DECODER_LAYOUT:
-        raise ValueError(f"no default edited layers for a {model_type!r} language model; list edit_params explicitly")
-    layers, wrapper_prefix, mlp = _DECODER_LAYOUT[model_type]
-    base = f"{prefix}{wrapper_prefix if causal_wrapper else ''}{layers}"
+    """The MLP weights of the last `count` decoder layers (MEND's default edit set)."""
+    layout = decoder_layout(text_config.model_type)
+    base = f"{bare_model_prefix(text_config.model_type, prefix, causal_wrapper)}{layout.layers}"
     first = max(text_config.num_hidden_layers - count, 0)
-    return [f"{base}.{i}.{name}.weight" for i in range(first, text_config.num_hidden_layers) for name in mlp]
+    return [f"{base}.{i}.{name}.weight" for i in range(first, text_config.num_hidden_layers) for name in layout.mlp]
 
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
