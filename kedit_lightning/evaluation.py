@@ -1,43 +1,49 @@
-"""Edit evaluation: apply an editor to each record on its own and score the edited model.
+"""Edit evaluation: the one loop that edits every record of a batch and scores the post-edit model.
 
-Every record is edited starting from the unedited weights (edits are functional: the backbone's
-parameters are never written), so no record leaks into the next. The scores are the field's
-standard ones (DESIGN.md, "Metrics"): Reliability, T-/I-Generality, T-/I-Locality, Portability
-per hop, each as answer-token accuracy and exact match, averaged per edit.
+Each record is edited on its own from the unedited weights (an `EditedModel` group per record, all in
+one batched edit), so no record leaks into another; then every sub-batch of every record is answered
+under its record's edit in one forward, and the locality inputs once more unedited. The scores are
+the field's standard ones (DESIGN.md, "Metrics"): Reliability, T-/I-Generality, T-/I-Locality,
+Portability per hop, each as answer-token accuracy and exact match, averaged per edit.
 
-VLKEB's one-hop-edit variant (`port_edit` rows, see data_modules/vlkeb.py) scores a portability
-question after a second edit on top of the record's own: each such row is scored on the model
-that `edit_further` gives for its `port_edit` row, the other port rows on the post-edit model.
+VLKEB's one-hop-edit variant (`port_edit` rows, see data_modules/vlkeb.py) answers a portability
+question after a second edit on top of the record's own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from functools import partial
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from data_modules.encoding import SUB_BATCH_KEYS, EditBatch, SubBatch
 from kedit_lightning.backbones.base import Backbone
+from kedit_lightning.editors.edited_model import StepInputs
 from kedit_lightning.metrics import EditAccuracy, EditLocality, PortabilityByHop
 
-EditFn = Callable[[Backbone, SubBatch, Mapping[str, torch.Tensor] | None], dict[str, torch.Tensor]]
-"""A weight editor as evaluation sees it: (backbone, edit sub-batch, current weights or None) -> edited weights."""
 
-EditedModel = Callable[[SubBatch], torch.Tensor]
-"""The post-edit model as the metrics see it: sub-batch -> logits aligned with labels.
+class Editor(Protocol):
+    """What evaluation needs of an editor: a fresh edited model of a backbone, and a way to edit it
+    (`MEND.edit`, `FineTune.edit`, `SERAC.edit`: one new group per row, on top of `on_top_of`)."""
 
-A weight editor's is the backbone with edited weights (`with_weights`); SERAC's routes each
-input to its counterfactual model or to the unchanged backbone.
-"""
+    def edited_model(self, backbone: Backbone) -> Any: ...
 
-EditFurther = Callable[[SubBatch], EditedModel]
-"""The post-edit model with one more edit (a one-row sub-batch) on top of the record's own."""
+    def edit(
+        self, model: Any, inputs: StepInputs, rows: torch.Tensor, on_top_of: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
 
 HOPS = ("1-hop", "2-hop", "3-hop", "4-hop")
 ACCURACY_KEYS = ("reliability", "t_generality", "i_generality")
+SUB_BATCH_OF = {
+    "reliability": "edit_inner",
+    "t_generality": "edit_outer",
+    "i_generality": "edit_outer_image",
+    "t_locality": "loc",
+    "i_locality": "loc_image",
+}
 LOCALITY_KEYS = ("t_locality", "i_locality")
 HEADLINE = ACCURACY_KEYS + LOCALITY_KEYS
 _POST_SUB_BATCH = {
@@ -51,11 +57,6 @@ _POST_SUB_BATCH = {
 
 def _rows(sub_batch: SubBatch, index: torch.Tensor | slice) -> SubBatch:
     return {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in sub_batch.items()}
-
-
-def with_weights(backbone: Backbone, params: Mapping[str, torch.Tensor]) -> EditedModel:
-    """The backbone with `params` standing in for its edited weights."""
-    return partial(backbone, params=params)
 
 
 def record_batches(batch: EditBatch) -> Iterator[dict[str, Any]]:
@@ -92,44 +93,21 @@ class EditMetrics(nn.Module):
     @torch.no_grad()
     def update(
         self,
-        backbone: Backbone,
-        record: Mapping[str, Any],
-        edited: EditedModel,
-        edit_further: EditFurther | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Score one edited record (`backbone` is the pre-edit model); returns its post-edit logits per sub-batch.
-
-        `edit_further` is needed for records with one-hop edits (`port_edit`).
-        """
-        post = {key: edited(record[key]) for key in SUB_BATCH_KEYS}
-        for key in ACCURACY_KEYS:
-            self.accuracy[key].update(post[_POST_SUB_BATCH[key]], record[_POST_SUB_BATCH[key]]["labels"])
-        for key in LOCALITY_KEYS:
-            sub_batch = record[_POST_SUB_BATCH[key]]
-            self.locality[key].update(backbone(sub_batch), post[_POST_SUB_BATCH[key]], sub_batch["labels"])
-        if "port" in record:
-            self._update_portability(record, edited, edit_further)
-        return post
-
-    def _update_portability(
-        self, record: Mapping[str, Any], edited: EditedModel, edit_further: EditFurther | None
+        labels: Mapping[str, torch.Tensor],
+        post: Mapping[str, torch.Tensor],
+        pre: Mapping[str, torch.Tensor],
+        hops: Sequence[str] = (),
     ) -> None:
-        port, hops = record["port"], record["port_hops"]
-        further: dict[int, int] = {}  # port row -> its port_edit row
-        if "port_edit" in record:
-            if edit_further is None:
-                raise ValueError(
-                    "the data has one-hop edits (port_edit_q / port_edit_a) but no way to apply a further edit was given"
-                )
-            further = {int(row): e for e, row in enumerate(record["port_edit_row"])}
-        plain = [r for r in range(len(hops)) if r not in further]
-        scored = [(plain, edited)] if plain else []
-        scored += [([row], edit_further(_rows(record["port_edit"], slice(e, e + 1)))) for row, e in further.items()]
-        for rows, model in scored:
-            sub_batch = _rows(port, torch.tensor(rows))
-            logits = model(sub_batch)
+        """Score a batch: `labels` [N, T] per sub-batch, post-edit answer logits [P, V] per sub-batch,
+        pre-edit ones for the locality sub-batches; `hops` names each `port` row's hop."""
+        for key in ACCURACY_KEYS:
+            self.accuracy[key].update(post[SUB_BATCH_OF[key]], labels[SUB_BATCH_OF[key]])
+        for key in LOCALITY_KEYS:
+            name = SUB_BATCH_OF[key]
+            self.locality[key].update(pre[name], post[name], labels[name])
+        if "port" in post:
             for metric in (self.portability, self.portability_exact):
-                metric.update(logits, sub_batch["labels"], [hops[r] for r in rows])
+                metric.update(post["port"], labels["port"], hops)
 
     def compute(self) -> dict[str, Any]:
         """The report: fractions in [0, 1], portability keyed by hop, the same under `exact_match`."""
@@ -166,16 +144,27 @@ def flatten_report(report: Mapping[str, Any], prefix: str = "") -> dict[str, flo
     return flat
 
 
-def evaluate_records(
-    backbone: Backbone, edit: EditFn, batches: Iterator[EditBatch], metrics: EditMetrics
-) -> dict[str, Any]:
-    """Edit and score every record of `batches` (each from the unedited weights); the report."""
-    for batch in batches:
-        for record in record_batches(batch):
-            params = edit(backbone, record["edit_inner"], None)
-
-            def edit_further(sub_batch: SubBatch, params: Mapping[str, torch.Tensor] = params) -> EditedModel:
-                return with_weights(backbone, edit(backbone, sub_batch, params))
-
-            metrics.update(backbone, record, with_weights(backbone, params), edit_further)
-    return metrics.compute()
+def evaluate_batch(
+    editor: Editor, backbone: Backbone, batch: EditBatch, metrics: EditMetrics
+) -> dict[str, torch.Tensor]:
+    """Edit every record of `batch` on its own and score it into `metrics`; the post-edit answer logits
+    per sub-batch. Forwards: one prefix, one edit capture (two with one-hop edits), one post-edit and
+    one pre-edit pass, whatever the number of records."""
+    names = [key for key in (*SUB_BATCH_KEYS, "port", "port_edit") if key in batch]
+    inputs = StepInputs(backbone, {key: batch[key] for key in names})
+    model = editor.edited_model(backbone)
+    edits = editor.edit(model, inputs, inputs.rows("edit_inner"))
+    queries = {key: edits for key in SUB_BATCH_KEYS}
+    if "port" in batch:
+        port = edits[batch["port_record"].cpu()]
+        if "port_edit" in batch:
+            edited_rows = batch["port_edit_row"].cpu()
+            port = port.clone()
+            port[edited_rows] = editor.edit(model, inputs, inputs.rows("port_edit"), on_top_of=port[edited_rows])
+        queries["port"] = port
+    logits = model.answer_logits(inputs, inputs.rows(*queries), torch.cat(list(queries.values())))
+    post = inputs.split(logits, list(queries))
+    pre = inputs.split(model.answer_logits(inputs, inputs.rows("loc", "loc_image")), ("loc", "loc_image"))
+    labels = {key: inputs.labels[inputs.rows(key)] for key in queries}
+    metrics.update(labels, post, pre, batch.get("port_hops", ()))
+    return post

@@ -1,7 +1,7 @@
 """Edit metrics, per edit (per example) and then averaged, as torchmetrics.
 
-Logits are aligned with labels (the Backbone contract) and only answer positions
-(`labels != -100`) count. Every metric's states are sums reduced with "sum" across ranks, so a
+Logits come for answer positions only ([P, V], row-major over `labels != -100`), as
+`Backbone.resume` computes them. Every metric's states are sums reduced with "sum" across ranks, so a
 distributed validation gives the same mean as a single process over the same examples.
 
 Which metric measures what (DESIGN.md, "Metrics"):
@@ -33,34 +33,30 @@ from data_modules.encoding import IGNORE_INDEX
 DEFAULT_HOPS = ("1-hop", "2-hop", "3-hop", "4-hop")
 
 
-def _answer_mask(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _per_example(token_scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B]: the mean of each example's token scores (`token_scores` [P]: one per answer token, row-major)."""
     mask = labels != IGNORE_INDEX
     counts = mask.sum(-1)
     if bool((counts == 0).any()):
         rows = (counts == 0).nonzero(as_tuple=True)[0].tolist()
         raise ValueError(f"examples {rows} of the batch have no answer tokens (labels all -100)")
-    return mask, counts
+    example = mask.nonzero(as_tuple=True)[0]
+    return token_scores.float().new_zeros(labels.shape[0]).index_add(0, example, token_scores.float()) / counts
 
 
 def answer_token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[B]: fraction of each example's answer tokens whose argmax is the label."""
-    mask, counts = _answer_mask(labels)
-    correct = (logits.argmax(-1) == labels) & mask
-    return correct.sum(-1).float() / counts
+    """[B]: fraction of each example's answer tokens whose argmax is the label (`logits` [P, V] at answer positions)."""
+    return _per_example(logits.argmax(-1) == labels[labels != IGNORE_INDEX], labels)
 
 
 def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B]: 1.0 where every answer token's argmax is the label, else 0.0."""
-    mask, _ = _answer_mask(labels)
-    wrong = (logits.argmax(-1) != labels) & mask
-    return (~wrong.any(-1)).float()
+    return (answer_token_accuracy(logits, labels) == 1.0).float()
 
 
 def locality_agreement(pre_logits: torch.Tensor, post_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B]: fraction of each example's answer positions where the post-edit argmax equals the pre-edit one."""
-    mask, counts = _answer_mask(labels)
-    agree = (pre_logits.argmax(-1) == post_logits.argmax(-1)) & mask
-    return agree.sum(-1).float() / counts
+    return _per_example(pre_logits.argmax(-1) == post_logits.argmax(-1), labels)
 
 
 class _PerExampleMean(Metric):

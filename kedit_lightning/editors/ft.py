@@ -2,39 +2,40 @@
 
 Given the same layers and the same budget of gradient steps as a learned editor (MEND uses one
 gradient of the edit loss), this is what the edit would do without meta-learning, so every
-report can show what meta-training buys.
+report can show what meta-training buys. A step's update lr * sum_t delta_t x_t^T is low-rank, so
+it is an `EditedModel` group like MEND's; each step is a group on top of the previous one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
-from torch import nn
 
-from data_modules.encoding import SubBatch
-from kedit_lightning.backbones.base import Backbone
-from kedit_lightning.editors.losses import masked_nll
+from kedit_lightning.editors.edited_model import EditedModel, StepInputs, WeightEditor, new_edit_groups
 
 
-class FineTune(nn.Module):
+class FineTune(WeightEditor):
     """`steps` steps of SGD with learning rate `lr` on the edit's NLL, on the backbone's edited weights."""
 
     def __init__(self, lr: float = 1e-2, steps: int = 1) -> None:
         super().__init__()
         self.lr = lr
         self.steps = steps
+        self.config = {"lr": lr, "steps": steps}
 
-    def forward(
-        self, backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None
-    ) -> dict[str, torch.Tensor]:
-        current = (
-            dict(params) if params is not None else {n: p.detach() for n, p in backbone.editable_parameters().items()}
-        )
-        with torch.enable_grad():
-            for _ in range(self.steps):
-                leaves = {n: w.detach().requires_grad_() for n, w in current.items()}
-                loss = masked_nll(backbone(sub_batch, leaves), sub_batch["labels"])
-                grads = torch.autograd.grad(loss, list(leaves.values()))
-                current = {n: (w - self.lr * g).detach() for (n, w), g in zip(leaves.items(), grads)}
-        return current
+    def edit(
+        self,
+        model: EditedModel,
+        inputs: StepInputs,
+        rows: torch.Tensor,
+        on_top_of: torch.Tensor | None = None,
+        batched: bool = False,
+    ) -> torch.Tensor:
+        """As `MEND.edit`: each row's (or, `batched`, all rows') edit as `steps` gradient steps."""
+        groups = on_top_of
+        for _ in range(self.steps):
+            new, weights = new_edit_groups(model, len(rows), groups, batched)
+            factors, row_of = model.capture(inputs, rows, groups, weights)
+            for name, (x, delta) in factors.items():
+                model.add({name: (self.lr * delta, x)}, new[row_of[name]])
+            groups = new
+        return groups

@@ -1,42 +1,15 @@
-"""MEND: Model Editor Networks with Gradient Decomposition.
+"""MEND: Model Editor Networks with Gradient Decomposition (Mitchell et al., ICLR 2022, arXiv 2110.11309).
 
-Mitchell, Lin, Bosselut, Finn and Manning, "Fast Model Editing at Scale", ICLR 2022
-(https://arxiv.org/abs/2110.11309). The whole algorithm is in this file:
+For an edited Linear y = W x the gradient of the edit loss is a sum of rank-one terms delta_t x_t^T
+(delta_t = dL/dy_t), one per token. MEND maps each pair through a learned transform g (running
+normalisation, then a low-rank residual MLP that starts as the identity) to (x~_t, delta~_t) and edits
+W~ = W - alpha_l * sum_t delta~_t x~_t^T, with a learned step size alpha_l per layer. The edit is
+applied as low-rank terms of an `EditedModel`, so an outer loss on other inputs backpropagates into g
+and alpha. With identity g and no statistics yet, an edit is one step of gradient descent.
 
-1. Edit loss. L = NLL of the new answer on the edit prompt (`masked_nll`, mean over examples).
-2. Rank-one factors. For an edited Linear y = W x, dL/dW = sum_t delta_t x_t^T with
-   delta_t = dL/dy_t, so each token contributes a rank-one matrix. x_t is captured by a forward
-   hook on the Linear, delta_t by `torch.autograd.grad(L, layer outputs)`: gradients of the
-   outputs only, no parameter gradients and no `.backward()` (cheap, and invisible to DDP).
-   Rows whose x or delta is all zero (padding, positions after the answer) carry nothing and
-   are dropped.
-3. Transform. One GradientTransform g per weight shape, shared by every edited layer of that
-   shape, maps each row pair to (x~_t, delta~_t): normalise x and delta with running statistics
-   (see "Statistics" below), then a residual MLP of low-rank layers
-       h = z + act(s_l * (U V z + b) + o_l)
-   with a per-layer ("mode") scale s_l and offset o_l, and U = 0 at init so g starts as the
-   identity.
-4. Edit. W~ = W - alpha_l * sum_t delta~_t x~_t^T, with a learned step size alpha_l per edited
-   layer (initialised to `edit_lr`, trained with its own learning rate). With identity init and
-   no statistics yet this is exactly one step of gradient descent on L.
-5. Meta-training. The new weights are applied functionally (`Backbone.forward(batch, params)`),
-   so an outer loss on other inputs (rephrases, locality) backpropagates into g and alpha.
-   The factors x, delta are constants of the edit: gradients reach the editor through g and
-   alpha, and reach earlier edits through W.
-
-Batched edits (several examples in one sub-batch) sum all their rows into one update; sequential
-edits call the editor again with the weights the previous call returned.
-
-Statistics. The per-feature mean and variance of all x and delta rows seen in training so far
-normalise every edit, in training and evaluation alike. They change once per training step,
-not per edit: in training mode an edit normalises with the statistics as they were at the start
-of the step and adds its rows' moments to a pending (count, mean, M2) held by the editor; the
-training loop takes the pending moments once per step (`take_pending_statistics`), merges those
-of every process (`commit_statistics`) and drops them for a skipped step. A step is then a
-function of its whole batch and of nothing else: no record depends on which records preceded
-it in the step, and a step split over data-parallel processes (each seeing only its records)
-computes what one process computes on the whole batch. Before any statistics exist (the first
-step) normalisation is the identity, so that step's edits are plain gradient steps.
+Statistics change once per training step, never within it: every edit of a step normalises with the
+statistics as of its start, and the step's rows are committed afterwards (merged across processes,
+dropped for a skipped step), so a step is a function of its global batch alone.
 """
 
 from __future__ import annotations
@@ -49,9 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from data_modules.encoding import SubBatch
 from kedit_lightning.backbones.base import Backbone
-from kedit_lightning.editors.losses import masked_nll
+from kedit_lightning.editors.edited_model import EditedModel, StepInputs, WeightEditor, edited_module, new_edit_groups
 
 _NORM_EPS = 1e-7
 
@@ -211,86 +183,13 @@ class GradientTransform(nn.Module):
         return self.x_mlp(x, mode), self.delta_mlp(delta, mode)
 
 
-def _edited_module(backbone: Backbone, name: str) -> nn.Module:
-    """The Linear (or GPT-2 Conv1D) whose `weight` is the parameter `name` of `backbone.model`."""
-    module_name, _, attr = name.rpartition(".")
-    module = backbone.model.get_submodule(module_name)
-    if attr != "weight" or not isinstance(module, (nn.Linear, Conv1D)):
-        raise TypeError(
-            f"MEND edits the weight of a Linear or Conv1D; {name!r} is {attr!r} of a {type(module).__name__}"
-        )
-    return module
-
-
-def capture_factors(
-    backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor], names: Sequence[str] | None = None
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Rows (x [N, in], delta [N, out]) of the edit loss's gradient for each weight in `names`.
-
-    The forward runs with `params` standing in for the model's parameters (`names` defaults to
-    all of them). The weights in `names` enter as detached leaves that require grad, so the
-    hooked outputs are part of the graph even in a frozen model; only those outputs are
-    differentiated. Rows with an all-zero x or delta are dropped.
-    """
-    names = list(params) if names is None else list(names)
-    modules = {name: _edited_module(backbone, name) for name in names}
-    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-
-    def recorder(name: str):
-        def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-            inputs[name].append(args[0].detach())
-            outputs[name].append(output)
-
-        return record
-
-    handles = [module.register_forward_hook(recorder(name)) for name, module in modules.items()]
-    leaves = {name: w.detach().requires_grad_(name in modules) for name, w in params.items()}
-    try:
-        with torch.enable_grad():
-            loss = masked_nll(backbone(sub_batch, leaves), sub_batch["labels"])
-            flat_outputs = [out for name in names for out in outputs[name]]
-            flat_grads = iter(torch.autograd.grad(loss, flat_outputs, allow_unused=True, materialize_grads=True))
-    finally:
-        for handle in handles:
-            handle.remove()
-
-    factors = {}
-    for name in names:
-        w = params[name]
-        in_dim, out_dim = (w.shape[1], w.shape[0]) if isinstance(modules[name], nn.Linear) else tuple(w.shape)
-        grads = [next(flat_grads) for _ in outputs[name]]
-        x = torch.cat([a.reshape(-1, in_dim) for a in inputs[name]]) if grads else w.new_zeros(0, in_dim)
-        delta = torch.cat([g.reshape(-1, out_dim) for g in grads]) if grads else w.new_zeros(0, out_dim)
-        keep = (x != 0).any(-1) & (delta != 0).any(-1)
-        factors[name] = (x[keep], delta[keep])
-    return factors
-
-
-def edit_gradients(
-    backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None
-) -> dict[str, torch.Tensor]:
-    """Plain gradient of the edit loss w.r.t. the edited weights (autograd on the weights themselves).
-
-    The reference MEND's identity-initialised transform reproduces, and the fine-tuning baseline's
-    step direction. `params` overrides weights as in `MEND.forward`; the result has a gradient
-    for every editable parameter and every name in `params`.
-    """
-    weights = {**backbone.editable_parameters(), **(params or {})}
-    leaves = {name: w.detach().requires_grad_() for name, w in weights.items()}
-    with torch.enable_grad():
-        loss = masked_nll(backbone(sub_batch, leaves), sub_batch["labels"])
-        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
-    return dict(zip(leaves, grads))
-
-
-class MEND(nn.Module):
+class MEND(WeightEditor):
     """The MEND editor for a fixed set of edited weights.
 
     `param_shapes` maps each edited parameter name (as in `backbone.model.named_parameters()`)
     to its shape; names in `transposed` are stored [in, out] (GPT-2's Conv1D), all others
     [out, in] (nn.Linear). `MEND.for_backbone(backbone, ...)` fills both in from a backbone.
-    `forward(backbone, sub_batch, params)` returns the edited weights {name: W~}.
+    `edit(model, inputs, rows)` edits an `EditedModel` on rows of a step's inputs.
     """
 
     def __init__(
@@ -355,7 +254,7 @@ class MEND(nn.Module):
     def for_backbone(cls, backbone: Backbone, **hparams: Any) -> MEND:
         """An editor for `backbone.edit_param_names`, with shapes and layouts read from the model."""
         weights = backbone.editable_parameters()
-        transposed = [name for name in weights if isinstance(_edited_module(backbone, name), Conv1D)]
+        transposed = [name for name in weights if isinstance(edited_module(backbone, name), Conv1D)]
         return cls({name: tuple(w.shape) for name, w in weights.items()}, transposed=transposed, **hparams)
 
     def editor_parameters(self) -> list[nn.Parameter]:
@@ -385,32 +284,39 @@ class MEND(nn.Module):
         for m, part in zip(moments, pending.split([m.packed_size() for m in moments], dim=1)):
             m.commit(part)
 
-    def forward(
-        self, backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Edit on `sub_batch`; returns `params` (or {}) updated with the new weight of every edited name."""
-        params = dict(params or {})
-        weights = {
-            name: params[name] if name in params else backbone.model.get_parameter(name) for name in self.param_names
-        }
-        for name, w in weights.items():
+    def check(self, model: EditedModel) -> None:
+        """Refuse a backbone whose edited weights differ from those this editor was built for."""
+        params = model.backbone.editable_parameters()
+        if list(params) != self.param_names:
+            raise ValueError(f"MEND was built for the weights {self.param_names}, the backbone edits {list(params)}")
+        for name, w in params.items():
             if tuple(w.shape) != self.param_shapes[name]:
                 raise ValueError(
                     f"MEND was built for {name!r} of shape {self.param_shapes[name]}, the backbone's is {tuple(w.shape)}"
                 )
-            if (name in self.transposed) != isinstance(_edited_module(backbone, name), Conv1D):
+            if (name in self.transposed) != isinstance(model.modules[name], Conv1D):
                 raise ValueError(
                     f"MEND's layout for {name!r} (transposed={name in self.transposed}) does not match the backbone's module"
                 )
-        factors = capture_factors(backbone, sub_batch, {**params, **weights}, self.param_names)
+
+    def edit(
+        self,
+        model: EditedModel,
+        inputs: StepInputs,
+        rows: torch.Tensor,
+        on_top_of: torch.Tensor | None = None,
+        batched: bool = False,
+    ) -> torch.Tensor:
+        """Edit `model` on `rows` of `inputs` (prompt + new answer): one new group per row on top of
+        `on_top_of` (default: the unedited model), or with `batched` one group for all rows (their
+        rows summed, the edit loss their mean). Returns each row's new group."""
+        self.check(model)
+        groups, weights = new_edit_groups(model, len(rows), on_top_of, batched)
+        factors, row_of = model.capture(inputs, rows, on_top_of, weights)
         for i, name in enumerate(self.param_names):
             key, mode = self.route[name]
             x, delta = self.transforms[key](*factors[name], mode)
-            # Summed in float32 even under bf16 autocast (a sum over every token of the edit); the
-            # step size scales the rows first, so backward keeps no full-size float32 update.
+            # Float32 even under bf16 autocast: the terms are summed over every token of the edit.
             with torch.autocast(x.device.type, enabled=False):
-                update = (self.edit_lrs[i] * delta.float()).T @ x.float()  # lr * sum_t delta~_t x~_t^T: [out, in]
-            if name in self.transposed:
-                update = update.T
-            params[name] = weights[name] - update.to(weights[name].dtype)
-        return params
+                model.add({name: (self.edit_lrs[i] * delta.float(), x.float())}, groups[row_of[name]])
+        return groups

@@ -1,12 +1,9 @@
 """What every editor's LightningModule shares: the frozen backbone, edit evaluation, logging.
 
-Subclasses say how to edit and, when they learn, how to train (`training_step`,
-`configure_optimizers`): weight editors (MEND, FT) derive from `WeightEditorModule` and implement
-`edit`, which returns new weights; an editor that leaves the weights alone (SERAC) implements
-`edited_model`. Validation and
-test edit each held-out record on its own from the unedited model and report the standard
-metrics to every logger, with a TensorBoard text panel of a few edits (prompt, old answer,
-target, pre- and post-edit prediction).
+Subclasses build their editor (`build_editor`: a plain module with `edited_model` and `edit`, see
+`evaluation.Editor`) and, when they learn, train it. Validation and test edit each held-out record on
+its own from the unedited model (`evaluate_batch`) and report the standard metrics to every logger,
+with a TensorBoard text panel of a few edits (prompt, old answer, target, pre- and post-edit answer).
 """
 
 from __future__ import annotations
@@ -22,17 +19,9 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from data_modules.encoding import IGNORE_INDEX, SubBatch, SubBatchEncoder
+from data_modules.encoding import IGNORE_INDEX, SubBatchEncoder
 from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
-from kedit_lightning.evaluation import (
-    HEADLINE,
-    HOPS,
-    EditedModel,
-    EditMetrics,
-    flatten_report,
-    record_batches,
-    with_weights,
-)
+from kedit_lightning.evaluation import HEADLINE, HOPS, EditMetrics, evaluate_batch, flatten_report
 from kedit_lightning.sharding import shard_editor_module
 
 REPORT_KEY = "kedit_val_report"
@@ -62,12 +51,8 @@ class EditorModule(LightningModule, ABC):
 
     # -- the editor -------------------------------------------------------------------------
     @abstractmethod
-    def edited_model(self, edits: Sequence[SubBatch]) -> EditedModel:
-        """The post-edit model after `edits` (sub-batches such as a record's `edit_inner`), applied
-        in order starting from the unedited backbone."""
-
     def build_editor(self, backbone: Backbone) -> None:
-        """Create the editor's own modules once the backbone (and so the edited shapes) is known."""
+        """Create `self.editor` once the backbone (and so the edited shapes) is known."""
 
     def input_processor(self) -> SubBatchEncoder:
         """What the DataModule tokenizes with: the backbone's processor, or an editor's that adds its own views."""
@@ -121,34 +106,25 @@ class EditorModule(LightningModule, ABC):
     def on_test_start(self) -> None:
         self._check_grad_mode()
 
-    def _check_ranks_run_the_same_forwards(self, records: Sequence[Mapping[str, Any]]) -> None:
+    def _check_ranks_run_the_same_forwards(self, batch: Mapping[str, Any]) -> None:
         """With a sharded backbone every forward gathers weights together with every other rank, so
-        all ranks must run the same forwards in the same order. Records differ only in their
-        portability rows (scored in one forward) and one-hop edits (an edit and a forward each)."""
-        plan = tuple(
-            (len(r.get("port_hops", ())) > len(r.get("port_edit_row", ())), len(r.get("port_edit_row", ())))
-            for r in records
-        )
-        # hash() of a tuple of ints and bools is the same in every process (no string salt).
-        gathered = self.all_gather(torch.tensor([len(records), hash(plan)], device=self.device))
+        all ranks must run the same forwards: the same sub-batches (portability rows, one-hop edits)."""
+        plan = tuple(key in batch for key in ("port", "port_edit"))
+        # hash() of a tuple of bools is the same in every process (no string salt).
+        gathered = self.all_gather(torch.tensor([hash(plan)], device=self.device))
         if not bool((gathered == gathered[0]).all()):
             raise RuntimeError(
-                "validation with a sharded backbone (ModelParallelStrategy) needs every rank's batch to have the same shape: "
-                "the ranks' records here differ in portability questions or one-hop edits. Validate on a file where every record "
-                "has the same ones (eval.json; or hops: [k] with require_port: true), or with DDP"
+                "validation with a sharded backbone (ModelParallelStrategy) needs every rank's batch to run the same "
+                "forwards: here some ranks' records have portability questions or one-hop edits and others not. Validate "
+                "on a file where every record has the same ones (eval.json; or hops: [k] with require_port: true), or with DDP"
             )
 
     def _evaluate(self, batch: Mapping[str, Any], metrics: EditMetrics, log_examples: bool) -> None:
-        records = list(record_batches(batch))
         if self.device_mesh is not None:
-            self._check_ranks_run_the_same_forwards(records)
-        for index, record in enumerate(records):
-            edit = record["edit_inner"]
-            post = metrics.update(
-                self.backbone, record, self.edited_model([edit]), lambda further: self.edited_model([edit, further])
-            )
-            if log_examples and index < self.logged_edits and "meta" in record:
-                self._log_example(record, post["edit_inner"])
+            self._check_ranks_run_the_same_forwards(batch)
+        post = evaluate_batch(self.editor, self.backbone, batch, metrics)
+        if log_examples and "meta" in batch:
+            self._log_examples(batch, post["edit_inner"])
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, log_examples=batch_idx == 0)
@@ -173,37 +149,30 @@ class EditorModule(LightningModule, ABC):
     def on_test_epoch_end(self) -> None:
         self._finish(self.test_metrics, "test")
 
-    def _decode_answer(self, logits: torch.Tensor, labels: torch.Tensor) -> str:
-        mask = labels != IGNORE_INDEX
-        return self.backbone.processor.tokenizer.decode(logits.argmax(-1)[mask].tolist()).strip()
+    def _answers(self, answer_logits: torch.Tensor, labels: torch.Tensor) -> list[str]:
+        """Each row's argmax answer, decoded (`answer_logits` [P, V] at the answer positions of `labels`)."""
+        ids = answer_logits.argmax(-1).split((labels != IGNORE_INDEX).sum(-1).tolist())
+        return [self.backbone.processor.tokenizer.decode(row.tolist()).strip() for row in ids]
 
-    def _log_example(self, record: Mapping[str, Any], post_logits: torch.Tensor) -> None:
+    def _log_examples(self, batch: Mapping[str, Any], post_logits: torch.Tensor) -> None:
         tb = next((lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
         if tb is None or self.trainer.sanity_checking:
             return
-        sub_batch = record["edit_inner"]
+        sub_batch = {
+            k: v[: self.logged_edits] if isinstance(v, torch.Tensor) else v for k, v in batch["edit_inner"].items()
+        }
+        labels = sub_batch["labels"]
         with torch.no_grad():
-            pre = self._decode_answer(self.backbone(sub_batch)[0], sub_batch["labels"][0])
-        post = self._decode_answer(post_logits[0], sub_batch["labels"][0])
-        meta = record["meta"][0]
-        text = f"**prompt** {meta['prompt']}  \n**old answer** {meta['pred']}  \n**target** {meta['alt']}  \n**pre-edit** {pre}  \n**post-edit** {post}"
-        tb.add_text(f"val_edits/{self.logged_example_index(meta)}", text, self.global_step)
+            logits = self.backbone(sub_batch)
+        pre = self._answers(logits[labels != IGNORE_INDEX], labels)
+        post = self._answers(post_logits[: int((labels != IGNORE_INDEX).sum())], labels)
+        for meta, before, after in zip(batch["meta"], pre, post):
+            text = (
+                f"**prompt** {meta['prompt']}  \n**old answer** {meta['pred']}  \n**target** {meta['alt']}  \n"
+                f"**pre-edit** {before}  \n**post-edit** {after}"
+            )
+            tb.add_text(f"val_edits/{self.logged_example_index(meta)}", text, self.global_step)
 
     @staticmethod
     def logged_example_index(meta: Mapping[str, Any]) -> str:
         return str(meta.get("index", meta["prompt"]))[:60]
-
-
-class WeightEditorModule(EditorModule):
-    """An editor whose edit is new weights for the backbone's edit parameters (MEND, FT)."""
-
-    @abstractmethod
-    def edit(self, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Edited weights for the edit(s) in `sub_batch`, starting from `params` (None: the backbone's own)."""
-
-    def edited_model(self, edits: Sequence[SubBatch]) -> EditedModel:
-        params = None
-        with torch.enable_grad():
-            for sub_batch in edits:
-                params = {k: v.detach() for k, v in self.edit(sub_batch, params).items()}
-        return with_weights(self.backbone, params)

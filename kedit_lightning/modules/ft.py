@@ -6,18 +6,15 @@ layers with the same metrics as the learned editors.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-import torch
-
-from data_modules.encoding import SubBatch
-from kedit_lightning.backbones import BackboneSpec
+from kedit_lightning.backbones import Backbone, BackboneSpec
 from kedit_lightning.editors.ft import FineTune
 from kedit_lightning.evaluation import HOPS
-from kedit_lightning.modules.editing import WeightEditorModule
+from kedit_lightning.modules.editing import EditorModule
 
 
-class FTModule(WeightEditorModule):
+class FTModule(EditorModule):
     def __init__(
         self,
         backbone: BackboneSpec,
@@ -30,5 +27,5 @@ class FTModule(WeightEditorModule):
         self.save_hyperparameters()
         self.editor = FineTune(lr=lr, steps=steps)
 
-    def edit(self, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        return self.editor(self.backbone, sub_batch, params)
+    def build_editor(self, backbone: Backbone) -> None:
+        """Nothing to build: fine-tuning has no trained parts."""

@@ -1,22 +1,16 @@
 """Meta-training MEND (Mitchell et al., "Fast Model Editing at Scale", ICLR 2022).
 
-Each training record is edited on its own, from the frozen backbone's weights, with the
-editor's one-shot update; the outer loss then asks the edited model for the new answer on the
-rephrased prompt (cedit) and on another image of the same thing (iedit), and for unchanged
-output distributions on unrelated text and image inputs (cloc, KL against the unedited model).
-Only the editor learns: the hypernetwork at `lr`, the per-layer edit learning rates at `lr_lr`.
+A step edits every record on its own from the frozen backbone's weights, all in one batched edit (an
+`EditedModel` group per record); then one forward asks each edited model for the new answer on the
+rephrased prompt (cedit) and on another image of the same thing (iedit), and for unchanged output
+distributions on unrelated text and image inputs (cloc: KL against the unedited model, whose answers
+are cached per record across epochs). Only the editor learns: the transform at `lr`, the per-layer
+step sizes at `lr_lr`.
 
-The editor's input-normalisation statistics change once per training step: every edit of the
-step normalises with the statistics as of the step's start, and the moments of all the step's
-rows are committed after the step's loss is known, merged across processes (an all-gather of
-the editor's packed (count, mean, M2) through the strategy), and not at all for a skipped
-non-finite step. A step is thus a function of its global batch: under DDP, N processes with B
-records each train exactly as one process with N*B records would (up to float rounding), and
-every process holds the same statistics, so DDP's broadcast of rank 0's buffers changes nothing.
-Gradients are averaged by DDP, and the loss is a mean over records, so the two agree there too.
-
-A step whose loss is not finite on any process is skipped on all of them (counted in
-`skipped_steps`): no statistics, and no optimizer update, the optimizer's state included.
+The editor's normalisation statistics are committed once per step, merged across processes, and not
+at all for a skipped step; a step whose loss is not finite on any process is skipped on all of them
+(counted in `skipped_steps`): no statistics and no optimizer update. So under DDP, N processes with B
+records each train as one process with N*B records would.
 """
 
 from __future__ import annotations
@@ -27,15 +21,77 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import grad_norm
 
-from data_modules.encoding import SubBatch
 from kedit_lightning.backbones import Backbone, BackboneSpec
+from kedit_lightning.editors.edited_model import StepInputs
 from kedit_lightning.editors.losses import masked_kl, masked_nll
 from kedit_lightning.editors.mend import MEND
-from kedit_lightning.evaluation import HOPS, record_batches
-from kedit_lightning.modules.editing import WeightEditorModule
+from kedit_lightning.evaluation import HOPS
+from kedit_lightning.modules.editing import EditorModule
+
+POST_EDIT = ("edit_outer", "edit_outer_image", "loc", "loc_image")
+LOCALITY = ("loc", "loc_image")
 
 
-class MENDModule(WeightEditorModule):
+class LocalityTargets:
+    """The unedited model's answer logits on each record's locality inputs, kept across epochs (the
+    backbone is frozen, so they never change), up to `max_bytes`; records beyond that are recomputed."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, keys: Sequence[str]) -> dict[str, torch.Tensor] | None:
+        """The batch's targets per locality sub-batch, or None unless every record is cached."""
+        if not keys or any(key not in self.entries for key in keys):
+            return None
+        return {name: torch.cat([self.entries[key][i] for key in keys]) for i, name in enumerate(LOCALITY)}
+
+    def put(self, keys: Sequence[str], targets: Mapping[str, torch.Tensor], counts: Mapping[str, list[int]]) -> None:
+        per_record = {name: targets[name].detach().split(counts[name]) for name in LOCALITY}
+        for i, key in enumerate(keys):
+            entry = tuple(per_record[name][i].clone() for name in LOCALITY)
+            size = sum(t.numel() * t.element_size() for t in entry)
+            if key not in self.entries and self.bytes + size <= self.max_bytes:
+                self.entries[key] = entry
+                self.bytes += size
+
+
+def outer_losses(
+    editor: MEND,
+    backbone: Backbone,
+    batch: Mapping[str, Any],
+    pre: Mapping[str, torch.Tensor] | None = None,
+    cache: LocalityTargets | None = None,
+) -> dict[str, torch.Tensor]:
+    """The outer loss's parts for a batch: every record edited on its own, one post-edit forward.
+
+    `pre`: the unedited answer logits on the locality inputs when known (else computed in the same
+    forward, and stored in `cache`)."""
+    inputs = StepInputs(backbone, {key: batch[key] for key in ("edit_inner", *POST_EDIT)})
+    model = editor.edited_model(backbone)
+    edits = editor.edit(model, inputs, inputs.rows("edit_inner"))
+    rows, groups = inputs.rows(*POST_EDIT), edits.repeat(len(POST_EDIT))
+    if pre is None:  # the unedited answers ride along in the same forward
+        rows = torch.cat([rows, inputs.rows(*LOCALITY)])
+        groups = torch.cat([groups, torch.full((len(rows) - len(groups),), -1)])
+    logits = model.answer_logits(inputs, rows, groups)
+    n_post = int(inputs.answer_counts(inputs.rows(*POST_EDIT)).sum())
+    post = inputs.split(logits[:n_post], POST_EDIT)
+    if pre is None:
+        pre = inputs.split(logits[n_post:], LOCALITY)
+        if cache is not None and "meta" in batch:
+            counts = {name: inputs.answer_counts(inputs.rows(name)).tolist() for name in LOCALITY}
+            cache.put([meta["origin"] for meta in batch["meta"]], pre, counts)
+    labels = {name: batch[name]["labels"] for name in POST_EDIT}
+    return {
+        "edit": masked_nll(post["edit_outer"], labels["edit_outer"]),
+        "image_edit": masked_nll(post["edit_outer_image"], labels["edit_outer_image"]),
+        "loc": sum(masked_kl(pre[name], post[name], labels[name]) for name in LOCALITY),
+    }
+
+
+class MENDModule(EditorModule):
     def __init__(
         self,
         backbone: BackboneSpec,
@@ -49,6 +105,8 @@ class MENDModule(WeightEditorModule):
         cedit: float = 0.1,
         iedit: float = 0.1,
         cloc: float = 1.0,
+        cache_locality: bool = True,
+        locality_cache_mb: int = 512,
         hops: Sequence[str] = HOPS,
         logged_edits: int = 4,
     ) -> None:
@@ -58,6 +116,7 @@ class MENDModule(WeightEditorModule):
         # A buffer, so the count of skipped (non-finite) steps survives checkpoint and resume.
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.finite_batches = 0  # batches with a finite loss since the last optimizer step
+        self.locality_targets = LocalityTargets(locality_cache_mb * 2**20 if cache_locality else 0)
 
     def build_editor(self, backbone: Backbone) -> None:
         hp = self.hparams
@@ -65,26 +124,21 @@ class MENDModule(WeightEditorModule):
             backbone, rank=hp.rank, n_hidden=hp.n_hidden, combine=hp.combine, norm=hp.norm, edit_lr=hp.edit_lr
         )
 
-    def edit(self, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        return self.editor(self.backbone, sub_batch, params)
+    def _cached_targets(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
+        keys = [meta["origin"] for meta in batch.get("meta", ())]
+        cached = self.locality_targets.get(keys)
+        # A sharded backbone's forwards are collective: every rank computes when any has to.
+        if self.device_mesh is not None and not self.trainer.strategy.reduce_boolean_decision(
+            cached is not None, all=True
+        ):
+            return None
+        return cached
 
-    def _record_losses(self, record: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        backbone = self.backbone
-        params = self.edit(record["edit_inner"])
-        with torch.no_grad():
-            pre_loc, pre_loc_image = backbone(record["loc"]), backbone(record["loc_image"])
-        return {
-            "edit": masked_nll(backbone(record["edit_outer"], params), record["edit_outer"]["labels"]),
-            "image_edit": masked_nll(
-                backbone(record["edit_outer_image"], params), record["edit_outer_image"]["labels"]
-            ),
-            "loc": masked_kl(pre_loc, backbone(record["loc"], params), record["loc"]["labels"])
-            + masked_kl(pre_loc_image, backbone(record["loc_image"], params), record["loc_image"]["labels"]),
-        }
+    def step_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return outer_losses(self.editor, self.backbone, batch, self._cached_targets(batch), self.locality_targets)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        per_record = [self._record_losses(record) for record in record_batches(batch)]
-        parts = {key: torch.stack([losses[key] for losses in per_record]).mean() for key in per_record[0]}
+        parts = self.step_losses(batch)
         hp = self.hparams
         loss = hp.cedit * parts["edit"] + hp.iedit * parts["image_edit"] + hp.cloc * parts["loc"]
         pending = self.editor.take_pending_statistics()
@@ -101,7 +155,7 @@ class MENDModule(WeightEditorModule):
         if pending.numel():
             # [world size, L] in rank order (just [L] on one device): every rank commits the same.
             self.editor.commit_statistics(self.all_gather(pending))
-        batch_size = len(per_record)
+        batch_size = batch["edit_inner"]["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/loss_{k}": v for k, v in parts.items()}, batch_size=batch_size)
         return loss

@@ -35,7 +35,7 @@ from kedit_lightning.editors.serac import (
     SERACEncoder,
     SERACInputs,
 )
-from kedit_lightning.evaluation import HOPS, EditedModel
+from kedit_lightning.evaluation import HOPS
 from kedit_lightning.modules.editing import EditorModule
 
 IN_SCOPE = ("edit_inner", "edit_outer", "edit_outer_image")
@@ -169,9 +169,6 @@ class SERACModule(EditorModule):
         if self.backbone is not None:
             self.backbone.eval()  # frozen: no dropout in the features it gives
         return self
-
-    def edited_model(self, edits: Sequence[SubBatch]) -> EditedModel:
-        return Router(self.editor, self.backbone, self.editor.memory(self.backbone, *edits))
 
     # -- training -----------------------------------------------------------------------------
     def _classifier_loss(

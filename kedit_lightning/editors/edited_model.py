@@ -1,0 +1,268 @@
+"""The edited model: a backbone with pending edits, used by training, validation, baselines and the editing API.
+
+A weight edit changes each edited weight by a sum of rank-one terms, W~ = W - sum_r u_r v_r^T (MEND:
+u = alpha * delta~, v = x~; a gradient step: u = lr * delta, v = x), so the edited layer computes
+y~ = W x - sum_r (v_r . x) u_r: no full-size weight per edit, and every row of a batch can carry its
+own edit. Edits come in groups (one record's edit, or several records batched into one); a group
+may sit on top of another (a sequential edit). Each input row is answered under one group and sees
+it and its ancestors; group -1 is the unedited model.
+
+`StepInputs` stacks the sub-batches of a step into one padded batch and runs the frozen prefix
+(`Backbone.prefix`) once for all of them; every capture and post-edit pass resumes from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from data_modules.encoding import IGNORE_INDEX, SubBatch
+from kedit_lightning.backbones.base import Backbone, answer_read_mask
+from kedit_lightning.editors.losses import per_example_nll
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""Per edited weight name: (u [R, out], v [R, in]) rank-one terms, or captured (x [R, in], delta [R, out])."""
+
+_PAD_VALUES = {"labels": IGNORE_INDEX}
+
+
+class StepInputs:
+    """The sub-batches of one step stacked into one right-padded batch, their frozen prefix computed once.
+
+    Every tensor field the sub-batches share is stacked (SERAC's extra tokens too); `pixel_values` are
+    encoded once per distinct image into `image_features` (one row per input row that has an image).
+    """
+
+    def __init__(self, backbone: Backbone, sub_batches: Mapping[str, SubBatch]) -> None:
+        self.names = list(sub_batches)
+        sizes = [sub_batches[name]["input_ids"].shape[0] for name in self.names]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.slices = {name: slice(start, start + size) for name, start, size in zip(self.names, starts, sizes)}
+        keys = [k for k, v in sub_batches[self.names[0]].items() if isinstance(v, torch.Tensor) and k != "pixel_values"]
+        self.fields = {k: _stack([sub_batches[n][k] for n in self.names], _PAD_VALUES.get(k, 0)) for k in keys}
+        has_image = [sub_batches[n].get("pixel_values") is not None for n in self.names]
+        device = self.fields["input_ids"].device
+        self.has_image = torch.cat([torch.full((s,), h, device=device) for s, h in zip(sizes, has_image)])
+        pixels = [sub_batches[n]["pixel_values"] for n, h in zip(self.names, has_image) if h]
+        with torch.no_grad():
+            self.image_features = backbone.encode_images(torch.cat(pixels)) if pixels else None
+        self.state = backbone.prefix(self.fields["input_ids"], self.fields["attention_mask"], self.image_features)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.fields["labels"]
+
+    def rows(self, *names: str) -> torch.Tensor:
+        """The stacked row indices of the named sub-batches, in order."""
+        device = self.labels.device
+        return torch.cat([torch.arange(self.slices[n].start, self.slices[n].stop, device=device) for n in names])
+
+    def image_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """For each of `rows`, its row in `image_features` (-1 without an image)."""
+        index = torch.cumsum(self.has_image.long(), 0) - 1
+        return torch.where(self.has_image, index, torch.full_like(index, -1))[rows]
+
+    def answer_counts(self, rows: torch.Tensor) -> torch.Tensor:
+        return (self.labels[rows] != IGNORE_INDEX).sum(-1)
+
+    def split(self, logits: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Answer logits of the named sub-batches' rows (in order, as `rows(*names)`) -> one tensor per name."""
+        sizes = [int(self.answer_counts(self.rows(name)).sum()) for name in names]
+        return dict(zip(names, logits.split(sizes)))
+
+
+def _stack(tensors: Sequence[torch.Tensor], pad_value: int) -> torch.Tensor:
+    if tensors[0].dim() < 2:
+        return torch.cat(list(tensors))
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([F.pad(t, (0, width - t.shape[1]), value=pad_value) for t in tensors])
+
+
+def edited_module(backbone: Backbone, name: str) -> nn.Module:
+    """The Linear (or GPT-2 Conv1D) whose `weight` is the parameter `name` of `backbone.model`."""
+    module_name, _, attr = name.rpartition(".")
+    module = backbone.model.get_submodule(module_name)
+    if attr != "weight" or not isinstance(module, (nn.Linear, Conv1D)):
+        raise TypeError(
+            f"edits change the weight of a Linear or Conv1D; {name!r} is {attr!r} of a {type(module).__name__}"
+        )
+    return module
+
+
+class EditedModel:
+    """A backbone with pending low-rank weight edits, organised in groups (see the module docstring).
+
+    `capture` gives the rows (x, delta) of the edit loss's gradient at every edited weight, `add`
+    stores rank-one terms as new groups, `answer_logits` answers rows each under its group, and
+    `weights` folds every group into dense weights (for saving, or to edit on from there).
+    """
+
+    def __init__(self, backbone: Backbone) -> None:
+        self.backbone = backbone
+        self.names = list(backbone.edit_param_names)
+        self.modules = {name: edited_module(backbone, name) for name in self.names}
+        self.parents: list[int] = []
+        self.terms: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {n: [] for n in self.names}
+        self._padded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- groups -------------------------------------------------------------------------------
+    def new_groups(self, parents: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Open one group on top of each of `parents` (-1: the unedited model); their ids."""
+        parents = [int(p) for p in parents]
+        first = len(self.parents)
+        if any(p >= first for p in parents):
+            raise ValueError(f"parent groups {parents} do not exist yet (there are {first})")
+        self.parents += parents
+        return torch.arange(first, first + len(parents))
+
+    def add(self, terms: Factors, groups: torch.Tensor) -> None:
+        """Add rank-one terms (u [R, out], v [R, in]) per weight; `groups` [R] is each term's group."""
+        for name, (u, v) in terms.items():
+            self.terms[name].append((u, v, groups.to(u.device)))
+        self._padded.clear()
+
+    def _chains(self, groups: torch.Tensor) -> torch.Tensor:
+        """[N, D]: each row's group and its ancestors (padded with -1)."""
+        chains = []
+        for group in groups.tolist():
+            chain = []
+            while group >= 0:
+                chain.append(group)
+                group = self.parents[group]
+            chains.append(chain)
+        depth = max((len(c) for c in chains), default=0)
+        return torch.tensor([c + [-1] * (depth - len(c)) for c in chains], dtype=torch.long).view(len(chains), depth)
+
+    def _padded_terms(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u [G + 1, r, out], v [G + 1, r, in]): each group's terms zero-padded to the most any group has;
+        the last group, all zeros, stands for -1 (no edit)."""
+        if name not in self._padded:
+            u = torch.cat([t[0] for t in self.terms[name]])
+            v = torch.cat([t[1] for t in self.terms[name]])
+            groups = torch.cat([t[2] for t in self.terms[name]])
+            n_groups = len(self.parents)
+            counts = torch.bincount(groups, minlength=n_groups + 1)
+            order = torch.argsort(groups, stable=True)
+            slot = torch.arange(len(groups), device=groups.device) - (torch.cumsum(counts, 0) - counts)[groups[order]]
+            index = torch.full((n_groups + 1, max(int(counts.max()), 1)), len(groups), device=groups.device)
+            index[groups[order], slot] = order
+            self._padded[name] = (F.pad(u, (0, 0, 0, 1))[index], F.pad(v, (0, 0, 0, 1))[index])
+        return self._padded[name]
+
+    def _correction(self, name: str, x: torch.Tensor, chains: torch.Tensor) -> torch.Tensor:
+        """sum over the groups in each row's chain of sum_r (v_r . x) u_r; x is [N, T, in]."""
+        u, v = self._padded_terms(name)
+        chains = torch.where(chains < 0, len(self.parents), chains).to(u.device)
+        total = None
+        for level in range(chains.shape[1]):
+            group = chains[:, level]
+            with torch.autocast(x.device.type, enabled=False):
+                coeff = torch.bmm(x.float(), v[group].transpose(1, 2).float())  # [N, T, r]
+                part = torch.bmm(coeff, u[group].float())  # [N, T, out]
+            total = part if total is None else total + part
+        return total
+
+    @contextmanager
+    def _applied(
+        self, groups: torch.Tensor | None, record: dict[str, list[torch.Tensor]] | None = None
+    ) -> Iterator[None]:
+        """Hooks that subtract each row's edits from the edited layers' outputs (and record x, y)."""
+        chains = None if groups is None else self._chains(groups)
+        active = chains is not None and chains.shape[1] > 0 and any(self.terms[n] for n in self.names)
+
+        def hook(name: str):
+            def apply(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+                x = args[0]
+                if active and self.terms[name]:
+                    rows = chains.shape[0]
+                    correction = self._correction(name, x.reshape(rows, -1, x.shape[-1]), chains)
+                    output = output - correction.reshape(output.shape).to(output.dtype)
+                if record is not None:
+                    record[name] += [x.detach(), output]
+                return output
+
+            return apply
+
+        handles = (
+            [m.register_forward_hook(hook(n)) for n, m in self.modules.items()] if active or record is not None else []
+        )
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # -- the three operations -------------------------------------------------------------------
+    def answer_logits(self, inputs: StepInputs, rows: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """[P, V] logits at the answer positions of `rows` (row-major), each row under its group (None: unedited)."""
+        with self._applied(groups):
+            return self.backbone.resume(inputs.state.rows(rows), answer_read_mask(inputs.labels[rows]))
+
+    def capture(
+        self, inputs: StepInputs, rows: torch.Tensor, groups: torch.Tensor | None, weights: torch.Tensor
+    ) -> tuple[Factors, dict[str, torch.Tensor]]:
+        """The rows (x, delta) of the gradient of sum_n weights[n] * NLL_n (each row's mean answer-token NLL)
+        at every edited weight, each input row under its group's edits; and each gradient row's input row.
+
+        Rows are per token; those whose x or delta is all zero (padding, positions after the answer)
+        carry nothing and are dropped. Input rows do not interact, so each row's gradient rows are
+        those of its own loss: one forward captures the edits of every record.
+        """
+        state = inputs.state.rows(rows)
+        state.hidden = state.hidden.detach().requires_grad_()  # so the layers above are in the graph
+        labels = inputs.labels[rows]
+        record: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
+        with torch.enable_grad(), self._applied(groups, record):
+            logits = self.backbone.resume(state, answer_read_mask(labels))
+            loss = (per_example_nll(logits, labels) * weights).sum()
+            outputs = [record[n][1] for n in self.names]
+            grads = torch.autograd.grad(loss, outputs, allow_unused=True, materialize_grads=True)
+        width = labels.shape[1]
+        factors, row_of = {}, {}
+        for name, grad in zip(self.names, grads):
+            x = record[name][0].reshape(-1, record[name][0].shape[-1])
+            delta = grad.reshape(-1, grad.shape[-1])
+            keep = (x != 0).any(-1) & (delta != 0).any(-1)
+            factors[name] = (x[keep], delta[keep])
+            row_of[name] = keep.nonzero().flatten() // width
+        return factors, row_of
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every group folded into dense weights, W - sum_r u_r v_r^T (all groups: a chain of edits in force)."""
+        params = self.backbone.editable_parameters()
+        dense = {}
+        for name in self.names:
+            w = params[name].detach()
+            if self.terms[name]:
+                u = torch.cat([t[0] for t in self.terms[name]]).float()
+                v = torch.cat([t[1] for t in self.terms[name]]).float()
+                update = u.T @ v  # [out, in]
+                w = w - (update.T if isinstance(self.modules[name], Conv1D) else update).to(w.dtype)
+            dense[name] = w
+        return dense
+
+
+def new_edit_groups(
+    model: EditedModel, n_rows: int, on_top_of: torch.Tensor | None, batched: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each edit row's new group [n], each row's weight in the edit loss [n]) for `n_rows` edit rows:
+    a group per row (each row its own loss), or with `batched` one group for all (the mean loss)."""
+    parents = torch.full((n_rows,), -1) if on_top_of is None else on_top_of.cpu()
+    if not batched:
+        return model.new_groups(parents), torch.ones(n_rows)
+    if bool((parents != parents[0]).any()):
+        raise ValueError("a batched edit goes on top of one group; the rows name several")
+    return model.new_groups(parents[:1]).expand(n_rows), torch.full((n_rows,), 1.0 / n_rows)
+
+
+class WeightEditor(nn.Module):
+    """An editor whose edits are low-rank weight changes (MEND, fine-tuning): its edited model is an `EditedModel`."""
+
+    def edited_model(self, backbone: Backbone) -> EditedModel:
+        return EditedModel(backbone)

@@ -1,0 +1,163 @@
+"""The straightforward path, kept as the oracle the fast one must agree with.
+
+Each record is edited alone, from the unedited weights, with full-depth forwards: the edit loss's
+gradient rows are captured with hooks on the edited layers, MEND's transform (or the plain gradient)
+gives dense edited weights, and every sub-batch runs through the whole model with them
+(`Backbone.forward(sub_batch, params)`, torch.func.functional_call). Nothing is shared between
+records or phases. `kedit_lightning.editors.edited_model` must give the same losses, editor
+gradients and metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from data_modules.encoding import IGNORE_INDEX, SUB_BATCH_KEYS, SubBatch
+from kedit_lightning.backbones.base import Backbone
+from kedit_lightning.editors.edited_model import edited_module
+from kedit_lightning.editors.ft import FineTune
+from kedit_lightning.editors.losses import masked_kl, masked_nll
+from kedit_lightning.editors.mend import MEND
+from kedit_lightning.evaluation import EditMetrics, record_batches
+
+Weights = dict[str, torch.Tensor]
+
+
+def answers(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Full [B, T, V] logits -> [P, V] at the answer positions, as the fast path computes them."""
+    return logits[labels != IGNORE_INDEX]
+
+
+def capture_factors(
+    backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor], names: Sequence[str]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Rows (x, delta) of the edit loss's gradient at each weight in `names`, the model run with `params`."""
+    modules = {name: edited_module(backbone, name) for name in names}
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+
+    def recorder(name: str):
+        def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            inputs[name].append(args[0].detach())
+            outputs[name].append(output)
+
+        return record
+
+    handles = [module.register_forward_hook(recorder(name)) for name, module in modules.items()]
+    leaves = {name: w.detach().requires_grad_(name in modules) for name, w in params.items()}
+    try:
+        with torch.enable_grad():
+            loss = masked_nll(answers(backbone(sub_batch, leaves), sub_batch["labels"]), sub_batch["labels"])
+            flat = [out for name in names for out in outputs[name]]
+            grads = iter(torch.autograd.grad(loss, flat, allow_unused=True, materialize_grads=True))
+    finally:
+        for handle in handles:
+            handle.remove()
+    factors = {}
+    for name in names:
+        w = params[name]
+        in_dim, out_dim = (w.shape[1], w.shape[0]) if isinstance(modules[name], nn.Linear) else tuple(w.shape)
+        x = torch.cat([a.reshape(-1, in_dim) for a in inputs[name]])
+        delta = torch.cat([next(grads).reshape(-1, out_dim) for _ in outputs[name]])
+        keep = (x != 0).any(-1) & (delta != 0).any(-1)
+        factors[name] = (x[keep], delta[keep])
+    return factors
+
+
+def edit_gradients(
+    backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None
+) -> Weights:
+    """Plain autograd gradient of the edit loss w.r.t. the edited weights."""
+    weights = {**backbone.editable_parameters(), **(params or {})}
+    leaves = {name: w.detach().requires_grad_() for name, w in weights.items()}
+    with torch.enable_grad():
+        loss = masked_nll(answers(backbone(sub_batch, leaves), sub_batch["labels"]), sub_batch["labels"])
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
+    return dict(zip(leaves, grads))
+
+
+def _current(backbone: Backbone, params: Mapping[str, torch.Tensor] | None) -> Weights:
+    return {n: (params[n] if params and n in params else p.detach()) for n, p in backbone.editable_parameters().items()}
+
+
+def mend_weights(
+    editor: MEND, backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None
+) -> Weights:
+    """MEND's dense edited weights for the (batched) edit `sub_batch`, on top of `params`."""
+    weights = _current(backbone, params)
+    factors = capture_factors(backbone, sub_batch, weights, editor.param_names)
+    edited = {}
+    for i, name in enumerate(editor.param_names):
+        key, mode = editor.route[name]
+        x, delta = editor.transforms[key](*factors[name], mode)
+        update = (editor.edit_lrs[i] * delta.float()).T @ x.float()
+        if isinstance(edited_module(backbone, name), Conv1D):
+            update = update.T
+        edited[name] = weights[name] - update.to(weights[name].dtype)
+    return edited
+
+
+def ft_weights(
+    ft: FineTune, backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None
+) -> Weights:
+    current = _current(backbone, params)
+    for _ in range(ft.steps):
+        grads = edit_gradients(backbone, sub_batch, current)
+        current = {n: (w - ft.lr * grads[n]).detach() for n, w in current.items()}
+    return current
+
+
+def dense_edit(editor: nn.Module, backbone: Backbone, sub_batch: SubBatch, params: Weights | None = None) -> Weights:
+    return (mend_weights if isinstance(editor, MEND) else ft_weights)(editor, backbone, sub_batch, params)
+
+
+def mend_step_losses(editor: MEND, backbone: Backbone, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The outer loss's parts as the per-record loop computes them (seven full forwards per record)."""
+    parts: dict[str, list[torch.Tensor]] = {"edit": [], "image_edit": [], "loc": []}
+    for record in record_batches(batch):
+        params = mend_weights(editor, backbone, record["edit_inner"])
+
+        def post(key: str) -> torch.Tensor:
+            return answers(backbone(record[key], params), record[key]["labels"])
+
+        with torch.no_grad():
+            pre = {key: answers(backbone(record[key]), record[key]["labels"]) for key in ("loc", "loc_image")}
+        parts["edit"].append(masked_nll(post("edit_outer"), record["edit_outer"]["labels"]))
+        parts["image_edit"].append(masked_nll(post("edit_outer_image"), record["edit_outer_image"]["labels"]))
+        parts["loc"].append(sum(masked_kl(pre[k], post(k), record[k]["labels"]) for k in ("loc", "loc_image")))
+    return {key: torch.stack(values).mean() for key, values in parts.items()}
+
+
+def evaluate_batch(editor: nn.Module, backbone: Backbone, batch: Mapping[str, Any], metrics: EditMetrics) -> None:
+    """Each record alone: edit, then every sub-batch through the whole model with the dense weights."""
+    for record in record_batches(batch):
+        with torch.enable_grad():
+            params = {k: v.detach() for k, v in dense_edit(editor, backbone, record["edit_inner"]).items()}
+        with torch.no_grad():
+            labels = {key: record[key]["labels"] for key in SUB_BATCH_KEYS}
+            post = {key: answers(backbone(record[key], params), labels[key]) for key in SUB_BATCH_KEYS}
+            pre = {key: answers(backbone(record[key]), labels[key]) for key in ("loc", "loc_image")}
+            hops = ()
+            if "port" in record:
+                further = dict(zip(record.get("port_edit_row", torch.zeros(0)).tolist(), range(10**6)))
+                logits = []
+                for row in range(record["port"]["input_ids"].shape[0]):
+                    weights = params
+                    if row in further:
+                        edit = {
+                            k: (v[further[row] : further[row] + 1] if isinstance(v, torch.Tensor) else v)
+                            for k, v in record["port_edit"].items()
+                        }
+                        with torch.enable_grad():
+                            weights = {k: v.detach() for k, v in dense_edit(editor, backbone, edit, params).items()}
+                    one = {
+                        k: (v[row : row + 1] if isinstance(v, torch.Tensor) else v) for k, v in record["port"].items()
+                    }
+                    logits.append(answers(backbone(one, weights), one["labels"]))
+                post["port"], labels["port"], hops = torch.cat(logits), record["port"]["labels"], record["port_hops"]
+        metrics.update(labels, post, pre, hops)
