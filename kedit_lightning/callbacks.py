@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
 from kedit_lightning.editors.ft import FineTune
-from kedit_lightning.evaluation import EditMetrics, evaluate_records, flatten_report
+from kedit_lightning.evaluation import EditMetrics, evaluate_batch, flatten_report
 from kedit_lightning.modules.editing import REPORT_KEY
 
 
@@ -50,7 +50,12 @@ class CompareWithFineTuning(Callback):
         # The same validation batches the editor was scored on (`limit_val_batches` included).
         limit = trainer.num_val_batches[0] if trainer.num_val_batches else float("inf")
         batches = itertools.islice(trainer.datamodule.val_dataloader(), None if math.isinf(limit) else int(limit))
-        baseline = evaluate_records(pl_module.backbone, FineTune(self.lr, self.steps), batches, metrics)
+        baseline = FineTune(self.lr, self.steps)
+        for batch in batches:
+            evaluate_batch(
+                baseline, pl_module.backbone, pl_module.transfer_batch_to_device(batch, pl_module.device, 0), metrics
+            )
+        baseline_report = metrics.compute()
         method = type(pl_module).__name__.removesuffix("Module")
         # The editor a run keeps is its best checkpoint's, so that is the one to report.
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
@@ -61,7 +66,7 @@ class CompareWithFineTuning(Callback):
         )
         learned = {method: report} if report is not None else {}
         # Read on every rank: under several processes `log_dir` is a broadcast from rank 0.
-        self._report(trainer.log_dir, {**learned, f"FT ({self.steps} step, lr {self.lr:g})": baseline})
+        self._report(trainer.log_dir, {**learned, f"FT ({self.steps} step, lr {self.lr:g})": baseline_report})
 
     @rank_zero_only
     def _report(self, log_dir: str | None, columns: dict[str, dict]) -> None:

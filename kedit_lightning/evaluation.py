@@ -25,12 +25,13 @@ from kedit_lightning.metrics import EditAccuracy, EditLocality, PortabilityByHop
 
 
 class Editor(Protocol):
-    """What evaluation needs of an editor: a fresh edited model of a backbone, and a way to edit it
-    (`MEND.edit`, `FineTune.edit`, `SERAC.edit`: one new group per row, on top of `on_top_of`)."""
+    """What evaluation needs of an editor: a fresh edited model of a backbone, and a call that edits it
+    (`MEND`, `FineTune`, `SERAC`: one new group per row of `rows`, on top of `on_top_of`). A call, so
+    that module hooks (DDP's `replicate` under FSDP) see every edit."""
 
     def edited_model(self, backbone: Backbone) -> Any: ...
 
-    def edit(
+    def __call__(
         self, model: Any, inputs: StepInputs, rows: torch.Tensor, on_top_of: torch.Tensor | None = None
     ) -> torch.Tensor: ...
 
@@ -153,14 +154,14 @@ def evaluate_batch(
     names = [key for key in (*SUB_BATCH_KEYS, "port", "port_edit") if key in batch]
     inputs = StepInputs(backbone, {key: batch[key] for key in names})
     model = editor.edited_model(backbone)
-    edits = editor.edit(model, inputs, inputs.rows("edit_inner"))
+    edits = editor(model, inputs, inputs.rows("edit_inner"))
     queries = {key: edits for key in SUB_BATCH_KEYS}
     if "port" in batch:
         port = edits[batch["port_record"].cpu()]
         if "port_edit" in batch:
             edited_rows = batch["port_edit_row"].cpu()
             port = port.clone()
-            port[edited_rows] = editor.edit(model, inputs, inputs.rows("port_edit"), on_top_of=port[edited_rows])
+            port[edited_rows] = editor(model, inputs, inputs.rows("port_edit"), on_top_of=port[edited_rows])
         queries["port"] = port
     logits = model.answer_logits(inputs, inputs.rows(*queries), torch.cat(list(queries.values())))
     post = inputs.split(logits, list(queries))

@@ -90,7 +90,8 @@ def shard_backbone(backbone: Backbone, mesh: DeviceMesh) -> None:
     edited = set(backbone.editable_parameters().values())
     for unit in [*shard_units(backbone.model), backbone]:
         fully_shard(unit, mesh=mesh, ignored_params=edited)
-    register_fsdp_forward_method(backbone, "image_features")
+    for method in ("image_features", "prefix", "resume"):  # they read the root unit's weights (embeddings, head)
+        register_fsdp_forward_method(backbone, method)
 
 
 def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:

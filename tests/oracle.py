@@ -34,9 +34,11 @@ def answers(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def capture_factors(
-    backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor], names: Sequence[str]
+    backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor], names: Sequence[str] | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Rows (x, delta) of the edit loss's gradient at each weight in `names`, the model run with `params`."""
+    """Rows (x, delta) of the edit loss's gradient at each weight in `names` (default: all of `params`),
+    the model run with `params`."""
+    names = list(params) if names is None else list(names)
     modules = {name: edited_module(backbone, name) for name in names}
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}

@@ -115,8 +115,8 @@ def test_batched_and_sequential_edits_fold_into_the_oracle_weights(tokenizer, fa
     inputs = StepInputs(backbone, {"first": batch["edit_inner"], "second": batch["edit_outer"]})
     model = EditedModel(backbone)
     with torch.no_grad():
-        first = editor.edit(model, inputs, inputs.rows("first"), batched=True)
-        editor.edit(model, inputs, inputs.rows("second")[:1], on_top_of=first[:1])
+        first = editor(model, inputs, inputs.rows("first"), batched=True)
+        editor(model, inputs, inputs.rows("second")[:1], on_top_of=first[:1])
         expected = mend_weights(editor, backbone, batch["edit_inner"])
         second = {k: (v[:1] if isinstance(v, torch.Tensor) else v) for k, v in batch["edit_outer"].items()}
         expected = dense_edit(editor, backbone, second, expected)

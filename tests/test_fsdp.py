@@ -35,6 +35,7 @@ from data_modules.datamodules import VQADataModule
 from data_modules.datasets import EditCollator, EditDataset
 from data_modules.records import read_records
 from kedit_lightning.callbacks import CompareWithFineTuning
+from kedit_lightning.editors.edited_model import StepInputs
 from kedit_lightning.evaluation import flatten_report
 from kedit_lightning.export import ExportEditor
 from kedit_lightning.modules import MENDModule
@@ -66,7 +67,10 @@ def edit_probe(module: MENDModule, record: dict, bf16: bool) -> dict[str, dict[s
     was_training = module.training
     module.eval()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        params = module.edit(record["edit_inner"])
+        inputs = StepInputs(module.backbone, {"edit": record["edit_inner"]})
+        model = module.editor.edited_model(module.backbone)
+        module.editor(model, inputs, inputs.rows("edit"), batched=True)
+        params = model.weights()
         with torch.no_grad():
             post = module.backbone(record["edit_outer"], params)
             image = module.backbone.image_features(record["edit_inner"]["pixel_values"])

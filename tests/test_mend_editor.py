@@ -3,12 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle import answers, capture_factors, edit_gradients
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
 from kedit_lightning.backbones import TextLMBackbone
+from kedit_lightning.editors.edited_model import EditedModel, StepInputs
 from kedit_lightning.editors.losses import masked_kl, masked_nll
-from kedit_lightning.editors.mend import MEND, RunningMoments, capture_factors, edit_gradients, merge_moments
+from kedit_lightning.editors.mend import MEND, RunningMoments, merge_moments
 
 WORDS = [
     "<pad>",
@@ -93,9 +95,26 @@ EDIT = [("the capital of france is", "rome"), ("who leads it", "a big city")]
 OUTER = [("the big city of france is", "rome"), ("who leads the city", "a big city")]
 
 
-def updates(editor, backbone, batch, params=None):
-    before = params or backbone.editable_parameters()
-    after = editor(backbone, batch, params)
+def edit_chain(editor, backbone, *batches):
+    """The dense weights after each batched edit in turn, each on top of the previous (one EditedModel),
+    and the model with the last group."""
+    inputs = StepInputs(backbone, {str(i): batch for i, batch in enumerate(batches)})
+    model, group, weights = EditedModel(backbone), None, []
+    for i in range(len(batches)):
+        rows = inputs.rows(str(i))
+        on_top_of = None if group is None else group[:1].expand(len(rows))
+        group = editor(model, inputs, rows, on_top_of=on_top_of, batched=True)
+        weights.append(model.weights())
+    return weights, (model, inputs, group)
+
+
+def edited(editor, backbone, batch):
+    return edit_chain(editor, backbone, batch)[0][0]
+
+
+def updates(editor, backbone, batch):
+    before = backbone.editable_parameters()
+    after = edited(editor, backbone, batch)
     return {n: after[n] - before[n] for n in editor.param_names}
 
 
@@ -123,15 +142,15 @@ def test_an_edit_raises_the_target_probability(kind):
     target = batch["labels"][0] != -100
     with torch.no_grad():
         pre = backbone(batch).softmax(-1)[0, target, batch["labels"][0, target]]
-        post = backbone(batch, editor(backbone, batch)).softmax(-1)[0, target, batch["labels"][0, target]]
+        post = backbone(batch, edited(editor, backbone, batch)).softmax(-1)[0, target, batch["labels"][0, target]]
     assert post.item() > max(0.3, 2 * pre.item())
 
 
 def test_capture_leaves_the_frozen_backbone_without_gradients_and_works_under_no_grad(opt):
     editor = MEND.for_backbone(opt, rank=8).eval()
     with torch.no_grad():
-        edited = editor(opt, encode(opt, EDIT))
-    assert all(w.grad_fn is None for w in edited.values())
+        weights = edited(editor, opt, encode(opt, EDIT))
+    assert all(w.grad_fn is None for w in weights.values())
     assert all(p.grad is None and not p.requires_grad for p in opt.parameters())
 
 
@@ -162,7 +181,7 @@ def test_running_statistics_change_once_per_step_and_match_torch_mean_and_var(op
     initial = state()
     for batch in batches[:2]:
         seen(batch)
-        editor(opt, batch)
+        edited(editor, opt, batch)
     assert all(torch.equal(v, editor.state_dict()[k]) for k, v in initial.items())
     editor.commit_statistics(editor.take_pending_statistics())
     assert_statistics_of_seen_rows()
@@ -170,12 +189,12 @@ def test_running_statistics_change_once_per_step_and_match_torch_mean_and_var(op
     # Step 2 split over two processes: each edit normalises as evaluation would at the step's
     # start, and committing both processes' moments gives the statistics of all rows.
     start = state()
-    trained = editor(opt, batches[1])
+    trained = edited(editor, opt, batches[1])
     first_process = editor.take_pending_statistics()
-    editor(opt, batches[2])
+    edited(editor, opt, batches[2])
     second_process = editor.take_pending_statistics()
     assert all(torch.equal(v, editor.state_dict()[k]) for k, v in start.items())
-    evaluated = editor.eval()(opt, batches[1])
+    evaluated = edited(editor.eval(), opt, batches[1])
     assert all(torch.allclose(trained[n], evaluated[n], atol=1e-7) for n in editor.param_names)
     editor.commit_statistics(torch.stack([first_process, second_process]))
     seen(batches[1])
@@ -184,7 +203,7 @@ def test_running_statistics_change_once_per_step_and_match_torch_mean_and_var(op
 
     # Evaluation neither changes nor accumulates statistics.
     frozen = state()
-    editor.eval()(opt, batches[0])
+    edited(editor.eval(), opt, batches[0])
     assert all(torch.equal(v, editor.state_dict()[k]) for k, v in frozen.items())
     assert not editor.take_pending_statistics().any()
 
@@ -224,9 +243,9 @@ def test_rows_without_signal_are_dropped(opt):
 
 def test_the_edit_is_differentiable_in_every_editor_parameter(opt):
     editor = MEND.for_backbone(opt, rank=8, edit_lr=1e-2).train()
-    edited = editor(opt, encode(opt, EDIT))
+    weights = edited(editor, opt, encode(opt, EDIT))
     outer = encode(opt, OUTER)
-    loss = masked_nll(opt(outer, edited), outer["labels"])
+    loss = masked_nll(answers(opt(outer, weights), outer["labels"]), outer["labels"])
     loss.backward()
     assert (editor.edit_lrs.grad != 0).all()
     for transform in editor.transforms.values():
@@ -274,8 +293,7 @@ def test_a_batched_edit_is_one_update_over_all_rows(opt):
 def test_sequential_edits_compose(opt):
     editor = MEND.for_backbone(opt, rank=8, edit_lr=1e-2).eval()
     first_batch, second_batch = encode(opt, EDIT[:1]), encode(opt, EDIT[1:])
-    first = editor(opt, first_batch)
-    second = editor(opt, second_batch, first)
+    (first, second), (model, inputs, group) = edit_chain(editor, opt, first_batch, second_batch)
     grads_at_first = edit_gradients(opt, second_batch, first)
     for name in editor.param_names:
         torch.testing.assert_close(
@@ -285,7 +303,7 @@ def test_sequential_edits_compose(opt):
             atol=1e-6 * grads_at_first[name].abs().max().item(),
         )
     # The outer loss after two edits reaches the step sizes through both edits.
-    loss = masked_nll(opt(second_batch, second), second_batch["labels"])
+    loss = masked_nll(model.answer_logits(inputs, inputs.rows("1"), group), second_batch["labels"])
     (lr_grad,) = torch.autograd.grad(loss, [editor.edit_lrs])
     assert (lr_grad != 0).all()
 
@@ -293,9 +311,9 @@ def test_sequential_edits_compose(opt):
 def test_editor_rejects_a_backbone_it_was_not_built_for(opt):
     editor = MEND({"model.decoder.layers.0.fc1.weight": (16, 32)}, rank=4)
     with pytest.raises(ValueError, match="fc1.weight"):
-        editor(opt, encode(opt, EDIT))
+        edited(editor, opt, encode(opt, EDIT))
     with pytest.raises(TypeError, match="Linear or Conv1D"):
-        MEND({"model.decoder.embed_tokens.weight": (len(WORDS), 16)}, rank=4)(opt, encode(opt, EDIT))
+        MEND.for_backbone(TextLMBackbone(opt.model, opt.processor.tokenizer, ["model.decoder.embed_tokens.weight"]))
 
 
 def test_masked_losses_average_per_example_on_answer_tokens():
@@ -303,12 +321,13 @@ def test_masked_losses_average_per_example_on_answer_tokens():
     labels = torch.tensor([[-100, 1, 2, -100], [-100, -100, 3, -100]])
     logp = logits.log_softmax(-1)
     expected = ((-logp[0, 1, 1] - logp[0, 2, 2]) / 2 + -logp[1, 2, 3]) / 2
-    torch.testing.assert_close(masked_nll(logits, labels), expected)
+    mask = labels != -100
+    torch.testing.assert_close(masked_nll(logits[mask], labels), expected)
 
     post = torch.randn(2, 4, 5, requires_grad=True)
     pre = logits.clone().requires_grad_()
     kl = (logp.exp() * (logp - post.log_softmax(-1))).sum(-1)
-    torch.testing.assert_close(masked_kl(pre, post, labels), ((kl[0, 1] + kl[0, 2]) / 2 + kl[1, 2]) / 2)
-    assert masked_kl(logits, logits, labels).abs() < 1e-6
-    masked_kl(pre, post, labels).backward()
+    torch.testing.assert_close(masked_kl(pre[mask], post[mask], labels), ((kl[0, 1] + kl[0, 2]) / 2 + kl[1, 2]) / 2)
+    assert masked_kl(logits[mask], logits[mask], labels).abs() < 1e-6
+    masked_kl(pre[mask], post[mask], labels).backward()
     assert pre.grad is None and post.grad.abs().sum() > 0

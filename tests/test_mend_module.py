@@ -7,12 +7,14 @@ import pytest
 import torch
 from lightning import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from oracle import evaluate_batch as oracle_evaluate_batch
 from torch.utils.data import DataLoader
 
 from data_modules.datamodules import VQADataModule
 from data_modules.vlkeb import VLKEBDataModule
 from kedit_lightning.backbones import load_backbone_spec
-from kedit_lightning.evaluation import EditMetrics, record_batches
+from kedit_lightning.editors.edited_model import StepInputs
+from kedit_lightning.evaluation import EditMetrics, evaluate_batch, flatten_report, record_batches
 from kedit_lightning.modules import MENDModule
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "backbones"
@@ -76,37 +78,32 @@ def test_training_steps_change_only_the_editor(world, tmp_path):
 def test_an_edit_raises_the_target_probability_and_leaves_the_backbone_as_it_was(world):
     module = make_module(world)
     record = next(record_batches(next(iter(make_data(world, module).val_dataloader()))))
-    target = record["edit_inner"]
     before_state = {k: v.clone() for k, v in module.backbone.state_dict().items()}
+    inputs = StepInputs(module.backbone, {"edit": record["edit_inner"]})
+    model = module.editor.edited_model(module.backbone)
+    group = module.editor(model, inputs, inputs.rows("edit"))
+    labels = record["edit_inner"]["labels"]
     with torch.no_grad():
-        before = torch.log_softmax(module.backbone(target), -1)
-    params = module.edit(target)
-    with torch.no_grad():
-        after = torch.log_softmax(module.backbone(target, params), -1)
-    answer = target["labels"] != -100
-    label_ids = target["labels"].clamp(min=0).unsqueeze(-1)
-    gain = (after.gather(-1, label_ids) - before.gather(-1, label_ids)).squeeze(-1)[answer]
-    assert gain.sum() > 0
+        before = model.answer_logits(inputs, inputs.rows("edit")).log_softmax(-1)
+        after = model.answer_logits(inputs, inputs.rows("edit"), group).log_softmax(-1)
+    label_ids = labels[labels != -100].unsqueeze(-1)
+    assert (after.gather(-1, label_ids) - before.gather(-1, label_ids)).sum() > 0
     assert all(torch.equal(v, module.backbone.state_dict()[k]) for k, v in before_state.items())
 
 
 def test_edits_of_one_record_never_leak_into_the_next(world):
     module = make_module(world).eval()  # as in validation: the editor's running statistics stay fixed
     batch = next(iter(make_data(world, module, batch_size=3).val_dataloader()))
-    first, second, third = record_batches(batch)
-
-    def post_logits(records):
-        metrics = EditMetrics()
-        outputs = [metrics.update(module.backbone, r, module.edited_model([r["edit_inner"]])) for r in records]
-        return outputs[-1]
-
-    alone = post_logits([third])
-    after_others = post_logits([first, second, third])
-    for key in alone:
-        assert torch.allclose(alone[key], after_others[key], atol=1e-6), key
+    third = list(record_batches(batch))[2]
+    alone = evaluate_batch(module.editor, module.backbone, third, EditMetrics())
+    together = evaluate_batch(module.editor, module.backbone, batch, EditMetrics())
+    for key, logits in alone.items():
+        torch.testing.assert_close(together[key][-len(logits) :], logits, rtol=1e-4, atol=1e-5)
 
 
 def test_validation_scores_one_hop_edits_after_both_edits(world):
+    """Validation (the batched loop) scores VLKEB's one-hop variant as the per-record oracle does:
+    each record's edit, then its one-hop edit on top, before its question is answered."""
     module = make_module(world).eval()
     data = VLKEBDataModule(
         str(world),
@@ -117,23 +114,19 @@ def test_validation_scores_one_hop_edits_after_both_edits(world):
     )
     data.setup("validate")
     batch = next(iter(data.val_dataloader()))
-    edited_model, edits = module.edited_model, []
-    module.edited_model = lambda sub_batches: (
-        edits.append([b["input_ids"] for b in sub_batches]) or edited_model(sub_batches)
+    assert "port_edit" in batch
+    calls = []
+    handle = module.editor.register_forward_pre_hook(
+        lambda editor, args, kwargs: calls.append(None if kwargs.get("on_top_of") is None else kwargs["on_top_of"].tolist()),
+        with_kwargs=True,
     )
     module.validation_step(batch, 1)
-    records = list(record_batches(batch))
-    expected = [
-        [r["edit_inner"]["input_ids"]] + further for r in records for further in ([], [r["port_edit"]["input_ids"]])
-    ]
-    assert len(edits) == len(expected) == 4  # per record: its edit, then its edit and the one-hop edit
-    assert all(len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b)) for a, b in zip(edits, expected))
-    first = records[0]
-    alone = edited_model([first["edit_inner"]])(first["port"])
-    after = edited_model([first["edit_inner"], first["port_edit"]])(first["port"])
-    assert not torch.allclose(alone, after, atol=1e-4)  # the one-hop edit changes the question's answer
-    portability = module.val_metrics.portability.compute()
-    assert set(portability) == {"1-hop", "all"} and int(module.val_metrics.portability.count.sum()) == 2
+    handle.remove()
+    assert calls == [None, [0, 1]]  # the records' edits, then each one-hop edit on top of its record's
+    oracle = EditMetrics()
+    oracle_evaluate_batch(module.editor, module.backbone, batch, oracle)
+    assert flatten_report(module.val_metrics.compute()) == pytest.approx(flatten_report(oracle.compute()))
+    assert int(module.val_metrics.portability.count.sum()) == 2
 
 
 def test_sharded_validation_refuses_ranks_whose_records_need_different_forwards(world):
@@ -156,7 +149,7 @@ def test_sharded_validation_refuses_ranks_whose_records_need_different_forwards(
     module.validation_step(first_batch("vlkeb/eval_edit_onehop.json"), 1)  # both ranks with the same work: scored
     assert int(module.val_metrics.portability.count.sum()) == 2
     module.all_gather = lambda digest: torch.stack([digest, digests[0]])
-    with pytest.raises(RuntimeError, match="needs every rank's batch to have the same shape"):
+    with pytest.raises(RuntimeError, match="needs every rank's batch to run the same forwards"):
         module.validation_step(
             first_batch("vlkeb/eval_multihop.json"), 1
         )  # 4 port rows per record here, one-hop edits there

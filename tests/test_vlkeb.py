@@ -5,7 +5,6 @@ import json
 
 import jsonargparse
 import pytest
-import torch.nn.functional as F
 from test_records import MULTIHOP_PORT, ONEHOP_EDIT_PORT, make_record, write_split
 from test_shards import assert_same_batches, word_encoder
 
@@ -14,7 +13,7 @@ from data_modules.records import DataError
 from data_modules.shards import write_shards
 from data_modules.synthetic import write_synthetic_world
 from data_modules.vlkeb import VLKEBDataModule
-from kedit_lightning.evaluation import EditMetrics, record_batches
+from kedit_lightning.evaluation import record_batches
 
 SYNTHETIC = {"train_file": "vlkeb/train.json", "val_file": "vlkeb/eval_multihop.json"}
 
@@ -123,28 +122,6 @@ def test_a_one_hop_edit_is_applied_before_its_question_is_scored(mixed):
     records = list(record_batches(next(iter(loaded(mixed, encoder).val_dataloader()))))
     assert ["port_edit" in r for r in records] == [False] * 4 + [True]
     assert records[4]["port_edit_row"].tolist() == [0] and supervised(encoder, records[4]["port_edit"]) == [["sand"]]
-    vocab = len(encoder.tokenizer)
-
-    def answering(sub_batch):  # a model that gives every label
-        return F.one_hot(sub_batch["labels"].clamp(min=0), vocab).float()
-
-    def wrong(sub_batch):  # one that never does
-        return F.one_hot((sub_batch["labels"].clamp(min=0) + 1) % vocab, vocab).float()
-
-    further_edits = []
-
-    def edit_further(sub_batch):
-        further_edits.append(supervised(encoder, sub_batch))
-        return answering
-
-    metrics = EditMetrics()
-    for record in records:
-        metrics.update(wrong, record, wrong, edit_further)
-    assert further_edits == [[["sand"]]]
-    # 1-hop rows: records 0 and 3 (no further edit, wrong) and 4 (after its one-hop edit, right); 2-hop: 0, 2, 3.
-    assert metrics.compute()["portability"] == pytest.approx({"1-hop": 1 / 3, "2-hop": 0.0, "all": 1 / 6})
-    with pytest.raises(ValueError, match="one-hop edits .* no way to apply a further edit"):
-        EditMetrics().update(wrong, records[4], wrong)
 
 
 @pytest.mark.parametrize("options", [{}, {"hops": [2], "require_port": True}], ids=["all-hops", "2-hop-only"])

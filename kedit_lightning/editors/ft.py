@@ -22,7 +22,7 @@ class FineTune(WeightEditor):
         self.steps = steps
         self.config = {"lr": lr, "steps": steps}
 
-    def edit(
+    def forward(
         self,
         model: EditedModel,
         inputs: StepInputs,
@@ -30,7 +30,7 @@ class FineTune(WeightEditor):
         on_top_of: torch.Tensor | None = None,
         batched: bool = False,
     ) -> torch.Tensor:
-        """As `MEND.edit`: each row's (or, `batched`, all rows') edit as `steps` gradient steps."""
+        """As `MEND.forward`: each row's (or, `batched`, all rows') edit as `steps` gradient steps."""
         groups = on_top_of
         for _ in range(self.steps):
             new, weights = new_edit_groups(model, len(rows), groups, batched)

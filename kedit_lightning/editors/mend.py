@@ -299,7 +299,7 @@ class MEND(WeightEditor):
                     f"MEND's layout for {name!r} (transposed={name in self.transposed}) does not match the backbone's module"
                 )
 
-    def edit(
+    def forward(
         self,
         model: EditedModel,
         inputs: StepInputs,

@@ -1,7 +1,7 @@
 """What every editor's LightningModule shares: the frozen backbone, edit evaluation, logging.
 
-Subclasses build their editor (`build_editor`: a plain module with `edited_model` and `edit`, see
-`evaluation.Editor`) and, when they learn, train it. Validation and test edit each held-out record on
+Subclasses build their editor (`build_editor`: a plain module with `edited_model` that edits when
+called, see `evaluation.Editor`) and, when they learn, train it. Validation and test edit each held-out record on
 its own from the unedited model (`evaluate_batch`) and report the standard metrics to every logger,
 with a TensorBoard text panel of a few edits (prompt, old answer, target, pre- and post-edit answer).
 """

@@ -70,7 +70,7 @@ def outer_losses(
     forward, and stored in `cache`)."""
     inputs = StepInputs(backbone, {key: batch[key] for key in ("edit_inner", *POST_EDIT)})
     model = editor.edited_model(backbone)
-    edits = editor.edit(model, inputs, inputs.rows("edit_inner"))
+    edits = editor(model, inputs, inputs.rows("edit_inner"))
     rows, groups = inputs.rows(*POST_EDIT), edits.repeat(len(POST_EDIT))
     if pre is None:  # the unedited answers ride along in the same forward
         rows = torch.cat([rows, inputs.rows(*LOCALITY)])
