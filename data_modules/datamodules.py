@@ -49,6 +49,7 @@ from data_modules.encoding import SubBatchEncoder
 from data_modules.records import DataError, EditRecord, check_images, read_records
 from data_modules.shards import DEFAULT_SHUFFLE_BUFFER, ExampleBuilder, Shard, ShardStream, StreamLoader, resolve_shards
 from data_modules.synthetic import WORLD_FILE, write_synthetic_world
+from data_modules.word_tokenizer import save_world_tokenizer
 
 FACTS_PER_RECORD = 5  # FactDataset: three edit-prompt facts (when `pred` is set) and two locality facts
 
@@ -124,9 +125,6 @@ class EditDataModule(LightningDataModule):
         """With `synthesize`, write the synthetic world (and its word tokenizer) if `data_dir` has none."""
         if not self.synthesize or (self.data_dir / WORLD_FILE).is_file():
             return
-        # Imported here: the tokenizer module needs the backbone families, which import this package.
-        from kedit_lightning.backbones.word_tokenizer import save_world_tokenizer
-
         write_synthetic_world(self.data_dir)
         save_world_tokenizer(self.data_dir)
 

@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from data_modules.datamodules import VQADataModule
 from data_modules.synthetic import write_synthetic_world
+from data_modules.word_tokenizer import save_world_tokenizer
 from kedit_lightning.backbones import BackboneSpec, build_backbone, load_backbone_spec
-from kedit_lightning.backbones.word_tokenizer import save_world_tokenizer
 from kedit_lightning.export import ExportEditor
 from kedit_lightning.modules import MENDModule
 from kedit_lightning.modules.serac import ScopeEncoderSpec, SERACModule

@@ -27,7 +27,7 @@ from data_modules.datasets import VQA_TEMPLATE
 from data_modules.encoding import PromptFormat, SubBatchEncoder
 from data_modules.records import IMAGE_FIELDS, DataError
 from data_modules.shards import ShardStream, StreamLoader, UnevenShardsWarning, read_index, resolve_shards, write_shards
-from kedit_lightning.backbones.word_tokenizer import record_strings
+from data_modules.word_tokenizer import record_strings
 from kedit_lightning.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
