@@ -173,7 +173,8 @@ def main() -> None:
         sharded, whole, gathered, editor = b * (P - P_e - P_r), b * (P_e + P_r), 2 * b * unit, 16 * E
         act, act_cell = 0, "not measured"
         if not args.no_activations:
-            # A fresh process per backbone: the allocator keeps what one model freed, which would add to the next one's peak.
+            # A fresh process per backbone: the allocator keeps what one model freed, which would add
+            # to the next one's peak.
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 act, length = pool.submit(
                     activation_bytes, cut_depth(spec, args.lm_layers, args.vision_layers), args.data_dir, args.rank
@@ -195,8 +196,9 @@ def main() -> None:
         print(f"| {label} | " + " | ".join(cells[i] for cells in columns.values()) + " |")
     if not args.no_activations:
         print(
-            f"\nActivations: one synthetic VQA record, bf16 autocast on the CPU, {args.lm_layers} LM layers (the edited ones on top) "
-            f"and {args.vision_layers} in each other tower, full width. One record per GPU; GB = 10^9 bytes."
+            f"\nActivations: one synthetic VQA record, bf16 autocast on the CPU, {args.lm_layers} LM layers "
+            f"(the edited ones on top) and {args.vision_layers} in each other tower, full width. "
+            "One record per GPU; GB = 10^9 bytes."
         )
     peak_rss = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     print(f"({time.perf_counter() - start:.0f} s, peak host memory {peak_rss / 2**20:.1f} GiB in one process)")

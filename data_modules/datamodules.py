@@ -178,7 +178,8 @@ class EditDataModule(LightningDataModule):
     def split_shards(self, split: str) -> list[Shard]:
         if split not in self.shards:
             raise RuntimeError(
-                f"{type(self).__name__}: the {split} split is not loaded from shards; call setup() first (the Trainer does)"
+                f"{type(self).__name__}: the {split} split is not loaded from shards; "
+                "call setup() first (the Trainer does)"
             )
         return self.shards[split]
 
@@ -215,7 +216,8 @@ class EditDataModule(LightningDataModule):
         if self.processor is None:
             raise RuntimeError(
                 f"{type(self).__name__}.processor is not set: assign the backbone's SubBatchEncoder "
-                "(`datamodule.processor = backbone.processor`; LightningCLI links it from the model) before loading batches"
+                "(`datamodule.processor = backbone.processor`; LightningCLI links it from the model) "
+                "before loading batches"
             )
         return self.processor
 
@@ -294,7 +296,8 @@ class FactsDataModule(EditDataModule):
     ) -> None:
         if (kwargs.get("train_shards") is None) != (kwargs.get("val_shards") is None):
             raise ValueError(
-                "FactsDataModule trains on the train and val facts together: give both train_shards and val_shards, or neither"
+                "FactsDataModule trains on the train and val facts together: "
+                "give both train_shards and val_shards, or neither"
             )
         super().__init__(data_dir, train_file, val_file, **kwargs)
 

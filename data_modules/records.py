@@ -320,7 +320,8 @@ def read_records(path: str | Path) -> list[EditRecord]:
         shown = ", ".join(str(r.origin.index) for r in skipped[:SHOWN_PROBLEMS])
         more = ", ..." if len(skipped) > SHOWN_PROBLEMS else ""
         warnings.warn(
-            f"{scan.file}: skipped {len(skipped)} of {scan.total} record(s) with an empty 'alt' (records {shown}{more})",
+            f"{scan.file}: skipped {len(skipped)} of {scan.total} record(s) with an empty 'alt' "
+            f"(records {shown}{more})",
             SkippedRecordsWarning,
             stacklevel=2,
         )

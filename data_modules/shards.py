@@ -177,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     shards = read_index(index_path)
     print(
-        f"{args.data}: {sum(s.samples for s in shards)} record(s) in {len(shards)} shard(s) under {args.out}; index {index_path}"
+        f"{args.data}: {sum(s.samples for s in shards)} record(s) in {len(shards)} shard(s) under {args.out}; "
+        f"index {index_path}"
     )
     return 0
 
@@ -268,7 +269,8 @@ def decode_sample(url: str, sample: Mapping[str, Any]) -> tuple[EditRecord, dict
         or not isinstance(origin.get("index"), int)
     ):
         raise DataError(
-            f'{where}: {key}.json is not a kedit shard sample (expected {{"record": {{...}}, "origin": {{"file", "index"}}}})'
+            f"{where}: {key}.json is not a kedit shard sample "
+            '(expected {"record": {...}, "origin": {"file", "index"}})'
         )
     record = EditRecord.from_dict(doc["record"], file=where, index=origin["index"])
     if not record.alt.strip():
@@ -284,7 +286,8 @@ def decode_sample(url: str, sample: Mapping[str, Any]) -> tuple[EditRecord, dict
                 images[field] = image.convert("RGB")
         except Exception as err:  # Pillow raises many types for broken data
             raise DataError(
-                f"{where}: field {field!r}: cannot decode image {key}.{name} ({getattr(record, field)}): {type(err).__name__}: {err}"
+                f"{where}: field {field!r}: cannot decode image {key}.{name} ({getattr(record, field)}): "
+                f"{type(err).__name__}: {err}"
             ) from None
     return record, images
 
@@ -350,7 +353,8 @@ class ShardStream(IterableDataset):
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if even and builder.skips_records:
             raise ValueError(
-                f"{name}: {type(builder).__name__} may skip records, so equal batch counts per rank cannot be planned; use it for val/test only"
+                f"{name}: {type(builder).__name__} may skip records, so equal batch counts per rank cannot be planned; "
+                "use it for val/test only"
             )
         self.shards = list(shards)
         self.builder = builder
@@ -376,13 +380,16 @@ class ShardStream(IterableDataset):
     def _plan(self, counts: list[list[int]]) -> list[int]:
         """Batches each worker of this rank yields (all of them, for an uneven stream)."""
         b, total, ranks = self.records_per_batch, sum(map(sum, counts)), len(counts)
-        where = f"{self.name}: {len(self.shards)} shard(s), {total} record(s) over {ranks} rank(s) x {len(counts[0])} reader(s)"
+        where = (
+            f"{self.name}: {len(self.shards)} shard(s), {total} record(s) "
+            f"over {ranks} rank(s) x {len(counts[0])} reader(s)"
+        )
         if not self.even:
             empty = [r for r in range(ranks) if sum(counts[r]) == 0]
             if ranks > 1 and empty:
                 raise DataError(
-                    f"{where}: rank {empty[0]} gets no record (shards are never split); write at least {ranks} non-empty shards "
-                    "(kedit shard --shard-size smaller)"
+                    f"{where}: rank {empty[0]} gets no record (shards are never split); "
+                    f"write at least {ranks} non-empty shards (kedit shard --shard-size smaller)"
                 )
             return [math.ceil(n / b) for n in counts[self.rank]]
         full = [[n // b for n in row] for row in counts]
@@ -396,8 +403,8 @@ class ShardStream(IterableDataset):
         left_out = total - per_rank * b * ranks
         if left_out:
             warnings.warn(
-                f"{where}: {left_out} record(s) per epoch do not fit the {per_rank} full batch(es) of {b} every rank yields "
-                "and are left out (see data_modules/shards.py for a layout that loses none)",
+                f"{where}: {left_out} record(s) per epoch do not fit the {per_rank} full batch(es) of {b} "
+                "every rank yields and are left out (see data_modules/shards.py for a layout that loses none)",
                 UnevenShardsWarning,
                 stacklevel=3,
             )
@@ -406,7 +413,8 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         if self.builder.skips_records:
             raise TypeError(
-                f"{self.name}: the number of batches is not known before reading ({type(self.builder).__name__} skips records)"
+                f"{self.name}: the number of batches is not known before reading "
+                f"({type(self.builder).__name__} skips records)"
             )
         return sum(self.quota)
 
@@ -422,7 +430,8 @@ class ShardStream(IterableDataset):
                 raise
             except Exception as err:  # tarfile / webdataset errors for a broken archive
                 raise DataError(
-                    f"{url}: not a readable shard (after {count} sample(s)): {type(err).__name__}: {err.args[0] if err.args else err}"
+                    f"{url}: not a readable shard (after {count} sample(s)): "
+                    f"{type(err).__name__}: {err.args[0] if err.args else err}"
                 ) from None
             if count != expected[url]:
                 raise DataError(
@@ -434,7 +443,8 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if workers != max(1, self.num_workers):
             raise RuntimeError(
-                f"{self.name}: planned for num_workers={self.num_workers} but read by {workers} worker(s); build the stream with the loader's num_workers"
+                f"{self.name}: planned for num_workers={self.num_workers} but read by {workers} worker(s); "
+                "build the stream with the loader's num_workers"
             )
         urls = [
             self.shards[i].url for i in reader_shards(len(self.shards), self.rank, self.world_size, worker, workers)

@@ -594,7 +594,8 @@ def _records(
 
 
 def _one_hop_edits(world: World, records: list[dict[str, Any]], rng: random.Random) -> list[dict[str, Any]]:
-    """`records` with VLKEB's one-hop edit: the new city's country becomes another, and the 1-hop question follows it."""
+    """`records` with VLKEB's one-hop edit: the new city's country becomes another, and the
+    1-hop question follows it."""
     countries = sorted(set(world.geography.country_of.values()))
     out = []
     for record in records:
@@ -626,7 +627,8 @@ def build_records(world: World) -> dict[str, list[dict[str, Any]]]:
         out[f"caption_{split}"] = _records(
             world, split, caption_edits, CAPTION_PROMPTS, _rng(seed, f"caption/{split}"), multihop=False
         )
-    # As in VLKEB, eval_multihop.json holds the eval edits with their portability questions and eval.json the same edits without.
+    # As in VLKEB, eval_multihop.json holds the eval edits with their portability questions and
+    # eval.json the same edits without.
     out["vlkeb_multihop"] = out["vlkeb_eval"]
     out["vlkeb_eval"] = [{k: v for k, v in r.items() if k != "port_new"} for r in out["vlkeb_multihop"]]
     out["vlkeb_onehop"] = _one_hop_edits(world, out["vlkeb_eval"], _rng(seed, "vlkeb/onehop"))
@@ -764,7 +766,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"Default size ({DEFAULT_ENTITIES} entities: {train} train, {held_out} eval): {sizes['images']} PNGs of "
         f"{IMAGE_SIZE} px; records: vqa {sizes['vqa_train']}/{sizes['vqa_eval']}, caption "
         f"{sizes['caption_train']}/{sizes['caption_eval']}, vlkeb {sizes['vlkeb_train']}/{sizes['vlkeb_eval']}/"
-        f"{sizes['vlkeb_multihop']}/{sizes['vlkeb_onehop']} (train/eval[/eval_multihop/eval_edit_onehop]). Sizes scale with --entities."
+        f"{sizes['vlkeb_multihop']}/{sizes['vlkeb_onehop']} (train/eval[/eval_multihop/eval_edit_onehop]). "
+        "Sizes scale with --entities."
     )
     parser.add_argument(
         "--out",

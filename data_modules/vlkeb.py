@@ -145,7 +145,8 @@ class VLKEBDataModule(EditDataModule):
         kept = [r for r in records if r.port]
         if not kept:
             raise DataError(
-                f"{self.data_dir / self.files[split]}: no record has a portability question at {self.hops or 'any hop'} (require_port is set)"
+                f"{self.data_dir / self.files[split]}: no record has a portability question "
+                f"at {self.hops or 'any hop'} (require_port is set)"
             )
         return kept
 

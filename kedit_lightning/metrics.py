@@ -89,7 +89,8 @@ class _PerExampleMean(Metric):
 
 
 class EditAccuracy(_PerExampleMean):
-    """Reliability / generality: compute() -> {"token_acc": mean answer-token accuracy, "exact_match": ..., "count": ...}."""
+    """Reliability / generality: compute() -> {"token_acc": mean answer-token accuracy,
+    "exact_match": ..., "count": ...}."""
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self._add(answer_token_accuracy(logits, labels))

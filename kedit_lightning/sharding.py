@@ -99,13 +99,15 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
     names = mesh.mesh_dim_names or ()
     if DATA_PARALLEL not in names:
         raise ValueError(
-            f"expected a device mesh with a {DATA_PARALLEL!r} dimension (Lightning's ModelParallelStrategy), got dimensions {names}"
+            f"expected a device mesh with a {DATA_PARALLEL!r} dimension (Lightning's ModelParallelStrategy), "
+            f"got dimensions {names}"
         )
     tensor_parallel = mesh.size() // mesh[DATA_PARALLEL].size()
     if tensor_parallel != 1:
         raise ValueError(
-            f"sharded editor training shards the backbone over data-parallel ranks only; got tensor_parallel_size={tensor_parallel}. "
-            "Set `trainer.strategy.init_args.data_parallel_size` to the number of GPUs and `tensor_parallel_size: 1`"
+            "sharded editor training shards the backbone over data-parallel ranks only; "
+            f"got tensor_parallel_size={tensor_parallel}. Set `trainer.strategy.init_args.data_parallel_size` "
+            "to the number of GPUs and `tensor_parallel_size: 1`"
         )
     return mesh[DATA_PARALLEL]
 
