@@ -1,24 +1,13 @@
 """LightningDataModules for E-VQA / E-IC style data, configurable from YAML (LightningCLI).
 
-Files are relative to `data_dir`; `image_root` is relative to `data_dir` unless absolute.
-`setup()` reads and checks a split in the main process (JSON, fields, targets, that every image
-file exists) and raises one `DataError` naming the first problems, so a bad file never surfaces
-as a crash in a DataLoader worker halfway through an epoch.
-
-The tokenizer and image processor come from the backbone: `processor` (a `SubBatchEncoder`) is
-normally left out of the config and set after construction, `datamodule.processor =
-backbone.processor` (LightningCLI: link the model's processor to `data.processor` with
-`apply_on="instantiate"`). Loaders refuse to start while it is None.
-
-Where records come from is one method, `read_split`; the datasets and loaders only see a list
-of `EditRecord`. A split can instead stream from webdataset shards written by `kedit shard`:
-`train_shards` / `val_shards` / `test_shards` (an index file, a folder holding one index, or a
-brace pattern of tar files; relative to `data_dir` unless absolute) take precedence over the
-split's file. Its loader is then a `StreamLoader`: records split by rank and worker, images
-decoded per sample in the workers, equal batch counts on every rank for train (see
-data_modules/shards.py for the exact rule), workers restarted each epoch so the shuffle changes.
-Lightning does not add a DistributedSampler to such a loader (it never does for an
-IterableDataset); rank and world size come from the attached Trainer.
+Files, shard specs and `image_root` are relative to `data_dir` unless absolute. `setup()` reads and checks
+a split in the main process (JSON, fields, targets, that every image exists) and raises one `DataError`,
+so a bad file never surfaces as a crash in a DataLoader worker mid-epoch. The tokenizer and image
+processor come from the backbone: the LightningModule's `configure_model` sets `processor` (elsewhere:
+`datamodule.processor = backbone.processor`); loaders refuse to start without it. Records come from one
+method, `read_split`, unless `train_shards` / `val_shards` / `test_shards` names webdataset shards for the
+split: it then streams from them, split by the attached Trainer's rank and world size (data_modules/shards.py;
+Lightning adds no DistributedSampler to an IterableDataset).
 """
 
 from __future__ import annotations
