@@ -1,4 +1,5 @@
-"""Fixtures shared by the export and editor-API tests: a tiny synthetic world, a saved tiny BLIP-2, short MEND and SERAC fits.
+"""Fixtures shared by the export and editor-API tests: a tiny synthetic world, a saved tiny BLIP-2,
+short MEND and SERAC fits.
 
 Imported by test_export.py and test_editor_api.py (each module builds its own copies: a few seconds).
 """
