@@ -4,7 +4,7 @@
     python benchmarks/fsdp_memory.py --backbone configs/backbones/llava-1.5-7b.yaml --no-activations
 
 Parameter rows: the config's model on the meta device (instant) and the formula in
-kedit_lightning/sharding.py. Activations: the bytes one training record's `MENDModule._record_losses`
+BENCHMARKS.md (FSDP section). Activations: the bytes one training record's `MENDModule._record_losses`
 (bf16 autocast, CPU) leaves saved for the step's backward, on the synthetic world's first VQA record
 (word tokenizer: prompts a little shorter than with real subword tokenizers). The model runs at full
 width with its depth cut (--lm-layers, --vision-layers), the edited layers renumbered to stay on top:
@@ -36,7 +36,7 @@ GB = 1e9
 
 
 def parameter_counts(spec: BackboneSpec, rank: int) -> tuple[int, int, int, int, int]:
-    """sharding.py's (P, P_e, P_r, largest unit, E) for `spec`'s model, built on the meta device:
+    """The memory formula's (P, P_e, P_r, largest unit, E) for `spec`'s model, built on the meta device:
     parameters, edited ones (kept whole), the root unit's (outside every block), the most sharded
     parameters one block gathers, and the MEND editor's at `rank`."""
     with torch.device("meta"):
@@ -168,12 +168,13 @@ def main() -> None:
     for path in args.backbone:
         spec = dataclasses.replace(load_backbone_spec(path), dtype=args.dtype)
         (P, P_e, P_r, unit, E), b = parameter_counts(spec, args.rank), getattr(torch, args.dtype).itemsize
-        # sharding.py's formula: two blocks gathered at once (the running one, the prefetched next);
+        # BENCHMARKS.md's formula: two blocks gathered at once (the running one, the prefetched next);
         # the editor's float32 weight, gradient and two Adam moments are 16 bytes a parameter.
         sharded, whole, gathered, editor = b * (P - P_e - P_r), b * (P_e + P_r), 2 * b * unit, 16 * E
         act, act_cell = 0, "not measured"
         if not args.no_activations:
-            # A fresh process per backbone: the allocator keeps what one model freed, which would add to the next one's peak.
+            # A fresh process per backbone: the allocator keeps what one model freed, which would add
+            # to the next one's peak.
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 act, length = pool.submit(
                     activation_bytes, cut_depth(spec, args.lm_layers, args.vision_layers), args.data_dir, args.rank
@@ -195,8 +196,9 @@ def main() -> None:
         print(f"| {label} | " + " | ".join(cells[i] for cells in columns.values()) + " |")
     if not args.no_activations:
         print(
-            f"\nActivations: one synthetic VQA record, bf16 autocast on the CPU, {args.lm_layers} LM layers (the edited ones on top) "
-            f"and {args.vision_layers} in each other tower, full width. One record per GPU; GB = 10^9 bytes."
+            f"\nActivations: one synthetic VQA record, bf16 autocast on the CPU, {args.lm_layers} LM layers "
+            f"(the edited ones on top) and {args.vision_layers} in each other tower, full width. "
+            "One record per GPU; GB = 10^9 bytes."
         )
     peak_rss = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     print(f"({time.perf_counter() - start:.0f} s, peak host memory {peak_rss / 2**20:.1f} GiB in one process)")

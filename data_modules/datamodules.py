@@ -1,24 +1,13 @@
 """LightningDataModules for E-VQA / E-IC style data, configurable from YAML (LightningCLI).
 
-Files are relative to `data_dir`; `image_root` is relative to `data_dir` unless absolute.
-`setup()` reads and checks a split in the main process (JSON, fields, targets, that every image
-file exists) and raises one `DataError` naming the first problems, so a bad file never surfaces
-as a crash in a DataLoader worker halfway through an epoch.
-
-The tokenizer and image processor come from the backbone: `processor` (a `SubBatchEncoder`) is
-normally left out of the config and set after construction, `datamodule.processor =
-backbone.processor` (LightningCLI: link the model's processor to `data.processor` with
-`apply_on="instantiate"`). Loaders refuse to start while it is None.
-
-Where records come from is one method, `read_split`; the datasets and loaders only see a list
-of `EditRecord`. A split can instead stream from webdataset shards written by `kedit shard`:
-`train_shards` / `val_shards` / `test_shards` (an index file, a folder holding one index, or a
-brace pattern of tar files; relative to `data_dir` unless absolute) take precedence over the
-split's file. Its loader is then a `StreamLoader`: records split by rank and worker, images
-decoded per sample in the workers, equal batch counts on every rank for train (see
-data_modules/shards.py for the exact rule), workers restarted each epoch so the shuffle changes.
-Lightning does not add a DistributedSampler to such a loader (it never does for an
-IterableDataset); rank and world size come from the attached Trainer.
+Files, shard specs and `image_root` are relative to `data_dir` unless absolute. `setup()` reads and checks
+a split in the main process (JSON, fields, targets, that every image exists) and raises one `DataError`,
+so a bad file never surfaces as a crash in a DataLoader worker mid-epoch. The tokenizer and image
+processor come from the backbone: the LightningModule's `configure_model` sets `processor` (elsewhere:
+`datamodule.processor = backbone.processor`); loaders refuse to start without it. Records come from one
+method, `read_split`, unless `train_shards` / `val_shards` / `test_shards` names webdataset shards for the
+split: it then streams from them, split by the attached Trainer's rank and world size (data_modules/shards.py;
+Lightning adds no DistributedSampler to an IterableDataset).
 """
 
 from __future__ import annotations
@@ -49,6 +38,7 @@ from data_modules.encoding import SubBatchEncoder
 from data_modules.records import DataError, EditRecord, check_images, read_records
 from data_modules.shards import DEFAULT_SHUFFLE_BUFFER, ExampleBuilder, Shard, ShardStream, StreamLoader, resolve_shards
 from data_modules.synthetic import WORLD_FILE, write_synthetic_world
+from data_modules.word_tokenizer import save_world_tokenizer
 
 FACTS_PER_RECORD = 5  # FactDataset: three edit-prompt facts (when `pred` is set) and two locality facts
 
@@ -124,9 +114,6 @@ class EditDataModule(LightningDataModule):
         """With `synthesize`, write the synthetic world (and its word tokenizer) if `data_dir` has none."""
         if not self.synthesize or (self.data_dir / WORLD_FILE).is_file():
             return
-        # Imported here: the tokenizer module needs the backbone families, which import this package.
-        from kedit_lightning.backbones.word_tokenizer import save_world_tokenizer
-
         write_synthetic_world(self.data_dir)
         save_world_tokenizer(self.data_dir)
 
@@ -180,7 +167,8 @@ class EditDataModule(LightningDataModule):
     def split_shards(self, split: str) -> list[Shard]:
         if split not in self.shards:
             raise RuntimeError(
-                f"{type(self).__name__}: the {split} split is not loaded from shards; call setup() first (the Trainer does)"
+                f"{type(self).__name__}: the {split} split is not loaded from shards; "
+                "call setup() first (the Trainer does)"
             )
         return self.shards[split]
 
@@ -217,7 +205,8 @@ class EditDataModule(LightningDataModule):
         if self.processor is None:
             raise RuntimeError(
                 f"{type(self).__name__}.processor is not set: assign the backbone's SubBatchEncoder "
-                "(`datamodule.processor = backbone.processor`; LightningCLI links it from the model) before loading batches"
+                "(`datamodule.processor = backbone.processor`; LightningCLI links it from the model) "
+                "before loading batches"
             )
         return self.processor
 
@@ -296,7 +285,8 @@ class FactsDataModule(EditDataModule):
     ) -> None:
         if (kwargs.get("train_shards") is None) != (kwargs.get("val_shards") is None):
             raise ValueError(
-                "FactsDataModule trains on the train and val facts together: give both train_shards and val_shards, or neither"
+                "FactsDataModule trains on the train and val facts together: "
+                "give both train_shards and val_shards, or neither"
             )
         super().__init__(data_dir, train_file, val_file, **kwargs)
 

@@ -1,27 +1,9 @@
 """Records -> per-item texts and images -> tokenized EditBatch (or fact batches).
 
-Datasets hold only the records (strings); each `__getitem__` opens its images from disk, so a
-DataLoader worker decodes what it needs and the dataset never sits in RAM as pixels. The
-collators run in the workers too and hand back tensors only.
-
-Prompts. VQA records: `src`, `rephrase`, `m_loc_q` and portability questions go through the
-template (default `"Question: {} Short answer:"`). Caption records: `src` / `rephrase` are
-caption prompts ("a photo of") and are used as they are; their `m_loc_q` and portability
-questions are still questions and get the template, as in EasyEdit's caption loader. `loc`
-(a text-only NQ question with its own phrasing) is always used as it is.
-
-EditBatch layout (see data_modules/encoding.py for a sub-batch):
-    edit_inner        src + alt, image
-    edit_outer        rephrase + alt, image
-    edit_outer_image  src + alt, image_rephrase
-    loc               loc + loc_ans, no image
-    loc_image         m_loc_q + m_loc_a, m_loc image
-    port              (only when some record has port questions) question + answer, the record's image
-    port_hops         list[str], the hop of each `port` row ("1-hop".."4-hop")
-    port_record       LongTensor [P], the batch row of the record each `port` row belongs to
-    meta              list of dicts, one per record, plain values for showing examples: prompt
-                      (templated src), rephrase, pred, alt, image (path as in the file), origin
-                      ("FILE:INDEX") and index (the record's index in its file, an int)
+Datasets hold only the records (strings); each `__getitem__` opens its images from disk, so a DataLoader
+worker decodes what it needs and the dataset never sits in RAM as pixels. The collators run in the workers
+too and hand back tensors only. `PromptBuilder` says which texts get the VQA template, `EditCollator`
+what an EditBatch holds.
 """
 
 from __future__ import annotations
@@ -57,7 +39,13 @@ def load_image(image_root: str | Path, record: EditRecord, field: str, position:
 
 
 class PromptBuilder:
-    """Applies the VQA template to the texts that are questions for a record kind."""
+    """Applies the VQA template to the texts that are questions for a record kind.
+
+    VQA records: `src`, `rephrase`, `m_loc_q` and portability questions get the template. Caption
+    records: `src` / `rephrase` are caption prompts ("a photo of") used as they are; their `m_loc_q` and
+    portability questions still get it, as in EasyEdit's caption loader. `loc` (a text-only NQ question
+    with its own phrasing) is always used as it is.
+    """
 
     def __init__(self, kind: str, vqa_template: str = VQA_TEMPLATE) -> None:
         if kind not in KINDS:
@@ -147,7 +135,20 @@ class EditDataset(Dataset):
 
 
 class EditCollator:
-    """List of `EditExample` -> EditBatch, tokenized once with the backbone's `SubBatchEncoder`."""
+    """List of `EditExample` -> EditBatch, tokenized once with the backbone's `SubBatchEncoder`.
+
+    Keys (sub-batches as in data_modules/encoding.py: prompt + target, image):
+        edit_inner        src + alt, image
+        edit_outer        rephrase + alt, image
+        edit_outer_image  src + alt, image_rephrase
+        loc               loc + loc_ans, no image
+        loc_image         m_loc_q + m_loc_a, m_loc image
+        port              question + answer, the record's image (only when some record has port questions)
+        port_hops         list[str], the hop of each `port` row ("1-hop".."4-hop")
+        port_record       LongTensor [P], the batch row of the record each `port` row belongs to
+        meta              one dict per record, plain values for showing examples: prompt (templated src),
+                          rephrase, pred, alt, image (path as in the file), origin ("FILE:INDEX"), index (int)
+    """
 
     def __init__(self, processor: SubBatchEncoder) -> None:
         self.processor = processor

@@ -1,21 +1,14 @@
 """One edit record in the public E-VQA / E-IC / VLKEB JSON layout, read and checked.
 
-A data file is a JSON list of objects with the string fields in `RECORD_FIELDS` (MMEdit,
-Cheng et al. 2023) and, in VLKEB (Huang et al. 2024), an optional `port_new` list of
-portability questions in one of two public forms:
+A data file is a JSON list of objects with the string fields in `RECORD_FIELDS` (MMEdit, Cheng et al. 2023)
+and, in VLKEB (Huang et al. 2024), an optional `port_new` list of portability questions in one of two forms:
 
     {"port_type": "2-hop", "Q&A": {"Question": q, "Answer": a}}            multi-hop files
     {"port_q": q, "port_a": a, "port_edit_q": eq, "port_edit_a": ea}       eval_edit_onehop.json
 
-The second form (the "edit one-hop knowledge" variant) edits a one-hop fact about the entity
-(`port_edit_q` -> `port_edit_a`) and asks `port_q`, whose answer `port_a` follows from it. It
-maps to `PortQuestion(hop="1-hop", question=port_q, answer=port_a, edit_question=port_edit_q,
-edit_answer=port_edit_a)`; a `port_type` on such an item, when present, overrides the hop.
-
-Reading collects every problem of a file (with its record index and field) and raises one
-`DataError`, so a user fixes a file in one pass and training never meets bad data in a worker.
-Unknown extra fields are ignored. Records whose `alt` is empty are skipped with one counted
-warning, as the public loaders skip them.
+Reading collects every problem of a file (record index and field) into one `DataError`, so a file is fixed
+in one pass and training never meets bad data in a worker. Unknown fields are ignored; records with an
+empty `alt` are skipped with one counted warning, as the public loaders skip them.
 """
 
 from __future__ import annotations
@@ -103,7 +96,9 @@ class Origin:
 class PortQuestion:
     """A portability question: after the edit, `question` about the image should give `answer`.
 
-    `edit_question` / `edit_answer` are set only for the one-hop-edit variant (see module doc).
+    `edit_question` / `edit_answer` (`port_edit_q` / `port_edit_a`) are set only for VLKEB's one-hop-edit
+    variant: that one-hop fact about the entity is edited too, and `answer` follows from it. `hop` is
+    "1-hop" there unless the item has a `port_type`.
     """
 
     hop: str
@@ -320,7 +315,8 @@ def read_records(path: str | Path) -> list[EditRecord]:
         shown = ", ".join(str(r.origin.index) for r in skipped[:SHOWN_PROBLEMS])
         more = ", ..." if len(skipped) > SHOWN_PROBLEMS else ""
         warnings.warn(
-            f"{scan.file}: skipped {len(skipped)} of {scan.total} record(s) with an empty 'alt' (records {shown}{more})",
+            f"{scan.file}: skipped {len(skipped)} of {scan.total} record(s) with an empty 'alt' "
+            f"(records {shown}{more})",
             SkippedRecordsWarning,
             stacklevel=2,
         )

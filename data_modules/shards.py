@@ -1,49 +1,18 @@
 """webdataset shards of edit records: `kedit shard` writes them, `ShardStream` streams them.
 
-Writing. `kedit shard --data FILE --images DIR --out OUT --shard-size N [--name NAME]` checks
-FILE and every image as `kedit validate` does (nothing is written if anything is wrong), then
-writes OUT/NAME-000000.tar, OUT/NAME-000001.tar, ... with N records each (the last one fewer)
-and the index OUT/NAME.shards.json listing every shard with its sample count (NAME defaults to
-FILE's stem). One sample is one record, self-contained:
+One sample per record, self-contained: KEY.json ({"record": the record in the public layout, "origin":
+{"file", "index"}}) and the bytes of its image files as on disk (KEY.image.EXT, KEY.image_rephrase.EXT,
+KEY.m_loc.EXT), KEY being the record's zero-padded index; NAME.shards.json indexes the shards' sample
+counts. Images are decoded in the DataLoader worker that reads them, so host memory stays flat.
 
-    KEY.json                  {"record": the record in the public layout,
-                               "origin": {"file": FILE, "index": the record's index in FILE}}
-    KEY.image.EXT             the image files' bytes as they are on disk, not re-encoded
-    KEY.image_rephrase.EXT    (EXT: the file's own suffix, lower-cased)
-    KEY.m_loc.EXT
-
-KEY is the record's index in FILE, zero-padded. Shards are byte-reproducible (fixed mtime).
-
-Reading. A DataModule's `train_shards` / `val_shards` / `test_shards` names an index file, a
-directory holding exactly one index, or shard files (`dir/train-{000000..000003}.tar`, whose
-counts come from the index next to them). Images are decoded per sample, in the DataLoader
-worker that reads it; what is held in RAM is the shuffle buffer of still-encoded samples and
-the batch being built, whatever the size of the dataset.
-
-Which process reads what (W ranks, K = max(1, num_workers) DataLoader workers per rank, B
-records per batch). Shard i, in index order, is read by rank i mod W and, on that rank, by
-worker (i div W) mod K: webdataset's `split_by_node` followed by `split_by_worker`. Shards are
-never split, so each reader's record count is known from the index alone, in every process:
-
-- train (`even=True`): every rank yields the same number of batches, so DDP never waits on a
-  rank that ran out. Batches are full (B records, drawn from one worker's shards); each rank
-  yields as many as the poorest rank can fill, and the records that do not fit (at most
-  K*(B-1) per rank, plus the poorest rank's shortfall) are left out of that epoch, different ones
-  each epoch as the shuffle changes. A warning at construction says how many. None is left out,
-  so every record is seen exactly once per epoch, when every reader's count is the same multiple
-  of B: e.g. equal shards, their number a multiple of W*K, the shard size a multiple of B.
-  A rank whose readers cannot fill one batch is an error.
-- val / test (`even=False`): every record exactly once, a worker's last batch may be short, and
-  ranks may yield different numbers of batches. Every rank must get at least one record (an
-  error otherwise), and the LightningModule must not run collectives per validation step
-  (torchmetrics' epoch-end sync and `self.log(..., on_epoch=True, sync_dist=True)` of the same
-  keys on every rank are fine).
-
-Training shuffles per epoch: each reader's shard order and, through a buffer of
-`shuffle_buffer` samples, the records within them (seeded by seed, epoch, rank and worker, so a
-run is reproducible). The shard-to-reader assignment itself stays fixed, so the counts above
-hold every epoch; a reader's shuffle mixes its own shards only. A shard whose sample count differs from the index is an error naming it:
-a silently short reader would otherwise leave the other ranks waiting.
+Shard i goes to rank i mod W (W ranks) and there to worker (i div W) mod K (K = max(1, num_workers));
+shards are never split, so every reader's record count is known from the index in every process.
+Train (`even=True`): every rank yields as many full batches of B records (each from one reader's shards)
+as the poorest rank can fill, so DDP never waits; records that do not fit are left out of that epoch, with
+a warning. None is left out when every reader's count is the same multiple of B: e.g. equal shards, their
+number a multiple of W*K, the shard size a multiple of B. Val/test (`even=False`): every record once;
+ranks may yield different numbers of batches, so no collectives per validation step (epoch-end syncs are
+fine). Training reshuffles each reader's shards and, within `shuffle_buffer`, their records every epoch.
 """
 
 from __future__ import annotations
@@ -177,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     shards = read_index(index_path)
     print(
-        f"{args.data}: {sum(s.samples for s in shards)} record(s) in {len(shards)} shard(s) under {args.out}; index {index_path}"
+        f"{args.data}: {sum(s.samples for s in shards)} record(s) in {len(shards)} shard(s) under {args.out}; "
+        f"index {index_path}"
     )
     return 0
 
@@ -268,7 +238,8 @@ def decode_sample(url: str, sample: Mapping[str, Any]) -> tuple[EditRecord, dict
         or not isinstance(origin.get("index"), int)
     ):
         raise DataError(
-            f'{where}: {key}.json is not a kedit shard sample (expected {{"record": {{...}}, "origin": {{"file", "index"}}}})'
+            f"{where}: {key}.json is not a kedit shard sample "
+            '(expected {"record": {...}, "origin": {"file", "index"}})'
         )
     record = EditRecord.from_dict(doc["record"], file=where, index=origin["index"])
     if not record.alt.strip():
@@ -284,7 +255,8 @@ def decode_sample(url: str, sample: Mapping[str, Any]) -> tuple[EditRecord, dict
                 images[field] = image.convert("RGB")
         except Exception as err:  # Pillow raises many types for broken data
             raise DataError(
-                f"{where}: field {field!r}: cannot decode image {key}.{name} ({getattr(record, field)}): {type(err).__name__}: {err}"
+                f"{where}: field {field!r}: cannot decode image {key}.{name} ({getattr(record, field)}): "
+                f"{type(err).__name__}: {err}"
             ) from None
     return record, images
 
@@ -350,7 +322,8 @@ class ShardStream(IterableDataset):
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if even and builder.skips_records:
             raise ValueError(
-                f"{name}: {type(builder).__name__} may skip records, so equal batch counts per rank cannot be planned; use it for val/test only"
+                f"{name}: {type(builder).__name__} may skip records, so equal batch counts per rank cannot be planned; "
+                "use it for val/test only"
             )
         self.shards = list(shards)
         self.builder = builder
@@ -376,13 +349,16 @@ class ShardStream(IterableDataset):
     def _plan(self, counts: list[list[int]]) -> list[int]:
         """Batches each worker of this rank yields (all of them, for an uneven stream)."""
         b, total, ranks = self.records_per_batch, sum(map(sum, counts)), len(counts)
-        where = f"{self.name}: {len(self.shards)} shard(s), {total} record(s) over {ranks} rank(s) x {len(counts[0])} reader(s)"
+        where = (
+            f"{self.name}: {len(self.shards)} shard(s), {total} record(s) "
+            f"over {ranks} rank(s) x {len(counts[0])} reader(s)"
+        )
         if not self.even:
             empty = [r for r in range(ranks) if sum(counts[r]) == 0]
             if ranks > 1 and empty:
                 raise DataError(
-                    f"{where}: rank {empty[0]} gets no record (shards are never split); write at least {ranks} non-empty shards "
-                    "(kedit shard --shard-size smaller)"
+                    f"{where}: rank {empty[0]} gets no record (shards are never split); "
+                    f"write at least {ranks} non-empty shards (kedit shard --shard-size smaller)"
                 )
             return [math.ceil(n / b) for n in counts[self.rank]]
         full = [[n // b for n in row] for row in counts]
@@ -396,8 +372,8 @@ class ShardStream(IterableDataset):
         left_out = total - per_rank * b * ranks
         if left_out:
             warnings.warn(
-                f"{where}: {left_out} record(s) per epoch do not fit the {per_rank} full batch(es) of {b} every rank yields "
-                "and are left out (see data_modules/shards.py for a layout that loses none)",
+                f"{where}: {left_out} record(s) per epoch do not fit the {per_rank} full batch(es) of {b} "
+                "every rank yields and are left out (see data_modules/shards.py for a layout that loses none)",
                 UnevenShardsWarning,
                 stacklevel=3,
             )
@@ -406,7 +382,8 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         if self.builder.skips_records:
             raise TypeError(
-                f"{self.name}: the number of batches is not known before reading ({type(self.builder).__name__} skips records)"
+                f"{self.name}: the number of batches is not known before reading "
+                f"({type(self.builder).__name__} skips records)"
             )
         return sum(self.quota)
 
@@ -422,7 +399,8 @@ class ShardStream(IterableDataset):
                 raise
             except Exception as err:  # tarfile / webdataset errors for a broken archive
                 raise DataError(
-                    f"{url}: not a readable shard (after {count} sample(s)): {type(err).__name__}: {err.args[0] if err.args else err}"
+                    f"{url}: not a readable shard (after {count} sample(s)): "
+                    f"{type(err).__name__}: {err.args[0] if err.args else err}"
                 ) from None
             if count != expected[url]:
                 raise DataError(
@@ -434,7 +412,8 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if workers != max(1, self.num_workers):
             raise RuntimeError(
-                f"{self.name}: planned for num_workers={self.num_workers} but read by {workers} worker(s); build the stream with the loader's num_workers"
+                f"{self.name}: planned for num_workers={self.num_workers} but read by {workers} worker(s); "
+                "build the stream with the loader's num_workers"
             )
         urls = [
             self.shards[i].url for i in reader_shards(len(self.shards), self.rank, self.world_size, worker, workers)

@@ -1,31 +1,12 @@
 """`kedit synth`: a small made-up world, written in the public E-VQA, E-IC and VLKEB layouts.
 
-Everything is invented, so no pretrained model already knows it: a tiny model must learn the
-facts from the records, and an editor must then change them.
-
-- Geography: 16 cities, two per country; 8 countries, two per continent; 4 continents, each
-  bordered by its own ocean; each ocean guarded by its own creature. These chains carry VLKEB's
-  1- to 4-hop portability: after the edit "this object is in city C", 1-hop asks C's country,
-  2-hop its continent, 3-hop that continent's ocean, 4-hop the ocean's creature. The one-hop-edit
-  variant edits the new city's country too (a text fact, "Which country is C in?" -> another
-  country) and asks the 1-hop question, whose answer is then that other country.
-- Entities: each has a unique look (one of 8 shapes x 8 colours x 4 patterns), a unique
-  made-up name and a home city, and is drawn in `VIEWS_PER_ENTITY` PNG views that differ in
-  position, scale, rotation and background tint.
-- Edits: E-VQA and VLKEB move an entity to another city ("Where is this object located?");
-  E-IC changes one word of its caption ("a red striped circle" -> "a red dotted circle").
-  A quarter of the entities are held out: eval edits are about entities no train edit touches.
-  Eval city edits always move the entity to another continent, so every hop's answer changes.
-- Locality: `loc` is a text-only geography fact; `m_loc` is a view of another entity of the same
-  split with a question about its colour, shape, pattern, name or city. Facts and (entity,
-  question) pairs are dealt in shuffled rounds, so every fact of a split appears in its files.
-
-Output under DIR: images/<name>/view<k>.png, vqa/vqa_{train,eval}.json,
-caption/caption_{train,eval}_edit.json, vlkeb/{train,eval,eval_multihop,eval_edit_onehop}.json
-(only the last two carry `port_new`, as in VLKEB) and world.json (the facts, templates and the
-vocabulary). The same seed gives byte-identical files: every random choice comes from a
-`random.Random` seeded by (seed, purpose), JSON is written with sorted keys, and PNGs carry no
-metadata.
+Everything is invented, so no pretrained model already knows it: a tiny model must learn the facts from
+the records, and an editor must then change them (README.md, "The synthetic world", says what it holds).
+Output under DIR: images/<name>/view<k>.png, vqa/vqa_{train,eval}.json, caption/caption_{train,eval}_edit.json,
+vlkeb/{train,eval,eval_multihop,eval_edit_onehop}.json (only the last two carry `port_new`, as in VLKEB)
+and world.json (the facts, templates and the vocabulary). The same seed gives byte-identical files: every
+random choice comes from a `random.Random` seeded by (seed, purpose), JSON is written with sorted keys,
+and PNGs carry no metadata.
 """
 
 from __future__ import annotations
@@ -594,7 +575,8 @@ def _records(
 
 
 def _one_hop_edits(world: World, records: list[dict[str, Any]], rng: random.Random) -> list[dict[str, Any]]:
-    """`records` with VLKEB's one-hop edit: the new city's country becomes another, and the 1-hop question follows it."""
+    """`records` with VLKEB's one-hop edit: the new city's country becomes another, and the
+    1-hop question follows it."""
     countries = sorted(set(world.geography.country_of.values()))
     out = []
     for record in records:
@@ -626,7 +608,8 @@ def build_records(world: World) -> dict[str, list[dict[str, Any]]]:
         out[f"caption_{split}"] = _records(
             world, split, caption_edits, CAPTION_PROMPTS, _rng(seed, f"caption/{split}"), multihop=False
         )
-    # As in VLKEB, eval_multihop.json holds the eval edits with their portability questions and eval.json the same edits without.
+    # As in VLKEB, eval_multihop.json holds the eval edits with their portability questions and
+    # eval.json the same edits without.
     out["vlkeb_multihop"] = out["vlkeb_eval"]
     out["vlkeb_eval"] = [{k: v for k, v in r.items() if k != "port_new"} for r in out["vlkeb_multihop"]]
     out["vlkeb_onehop"] = _one_hop_edits(world, out["vlkeb_eval"], _rng(seed, "vlkeb/onehop"))
@@ -764,7 +747,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"Default size ({DEFAULT_ENTITIES} entities: {train} train, {held_out} eval): {sizes['images']} PNGs of "
         f"{IMAGE_SIZE} px; records: vqa {sizes['vqa_train']}/{sizes['vqa_eval']}, caption "
         f"{sizes['caption_train']}/{sizes['caption_eval']}, vlkeb {sizes['vlkeb_train']}/{sizes['vlkeb_eval']}/"
-        f"{sizes['vlkeb_multihop']}/{sizes['vlkeb_onehop']} (train/eval[/eval_multihop/eval_edit_onehop]). Sizes scale with --entities."
+        f"{sizes['vlkeb_multihop']}/{sizes['vlkeb_onehop']} (train/eval[/eval_multihop/eval_edit_onehop]). "
+        "Sizes scale with --entities."
     )
     parser.add_argument(
         "--out",

@@ -1,33 +1,13 @@
 """VLKEB (Huang et al. 2024, "VLKEB: A Large Vision-Language Model Knowledge Editing Benchmark",
 arXiv:2403.07350): edits with multi-hop portability questions.
 
-Files, relative to `data_dir`: `train.json` (edits, no portability questions), `eval.json` (the
-eval edits), `eval_multihop.json` (the eval edits, most with `port_new`: at most one question
-per hop, "1-hop" .. "4-hop"), `eval_edit_onehop.json` (the one-hop-edit variant, below). The
-synthetic world (`kedit synth`, `synthesize: true`) writes the first three under `vlkeb/`, so
-set `train_file: vlkeb/train.json` and `val_file: vlkeb/eval_multihop.json` there.
-
-Hops. `hops: all` keeps every portability question; `hops: [2]` or `[1, 3]` only those hops'.
-
-Records with no question at the chosen hops. VLKEB's own evaluation does one of two things: a
-plain run (eval.json) scores every edit on Reliability, Generality and Locality and has no
-Portability; a multi-hop run for hop k (test_multihop with HOP_NUM=k) leaves out every record
-without a k-hop question, so all of that run's numbers are over those records. With
-`require_port: false` (the default) one run does both: every val/test record is edited and
-scored on the other metrics, and Portability of hop k is averaged over the records that have a
-k-hop question, which is VLKEB's number for that hop. `require_port: true` leaves the other
-records out of val/test as the multi-hop runs do (with `hops: [k]` it is the run for hop k).
-Train is never filtered (train.json has no portability questions). Streamed from shards with
-`require_port`, a val/test loader's length is not known before reading (Lightning runs it to
-the end).
-
-The one-hop-edit variant (VLKEB Sec. 4.5, Table 3): `port_new` items {port_q, port_a,
-port_edit_q, port_edit_a}. After the main edit, the edited entity's one-hop fact is edited too
-(`port_edit_q` -> `port_edit_a`), and then `port_q` should be answered `port_a`. Batches carry,
-besides `port` (port_q + port_a, hop "1-hop" unless the item names one), `port_edit`
-(port_edit_q + port_edit_a, with the record's image, as `port` has) and `port_edit_row`
-(LongTensor: the `port` row each `port_edit` row belongs to). An evaluator applies the edit on
-`port_edit` after the record's main edit and before scoring that `port` row.
+Files, relative to `data_dir`: `train.json` (edits, no portability questions), `eval.json` (the eval
+edits), `eval_multihop.json` (the eval edits, most with `port_new`: at most one question per hop, "1-hop"
+.. "4-hop") and `eval_edit_onehop.json` (the one-hop-edit variant, VLKEB Sec. 4.5); `kedit synth` writes
+them under `vlkeb/`. In that variant the edited entity's one-hop fact is edited too after the main edit,
+so batches carry, besides `port`, `port_edit` (port_edit_q + port_edit_a, with the record's image) and
+`port_edit_row` (LongTensor: the `port` row each `port_edit` row belongs to): an evaluator applies that
+edit after the record's main edit and before scoring the `port` row.
 """
 
 from __future__ import annotations
@@ -123,7 +103,14 @@ class VLKEBCollator(EditCollator):
 
 
 class VLKEBDataModule(EditDataModule):
-    """VLKEB edits with per-hop `port` sub-batches; hop choice and record filtering as the module doc says."""
+    """VLKEB edits with per-hop `port` sub-batches.
+
+    `hops`: "all", or the hops (1..4) whose portability questions are kept. `require_port`: leave val/test
+    records without a question at those hops out (as VLKEB's multi-hop runs do) instead of scoring them on
+    the other metrics only; README.md ("VLKEB") says which setting gives which of VLKEB's numbers. Train is
+    never filtered; streamed from shards with `require_port`, a val/test loader's length is not known
+    before reading.
+    """
 
     def __init__(
         self,
@@ -145,7 +132,8 @@ class VLKEBDataModule(EditDataModule):
         kept = [r for r in records if r.port]
         if not kept:
             raise DataError(
-                f"{self.data_dir / self.files[split]}: no record has a portability question at {self.hops or 'any hop'} (require_port is set)"
+                f"{self.data_dir / self.files[split]}: no record has a portability question "
+                f"at {self.hops or 'any hop'} (require_port is set)"
             )
         return kept
 

@@ -1,24 +1,12 @@
 """Edit metrics, per edit (per example) and then averaged, as torchmetrics.
 
-Logits come for answer positions only ([P, V], row-major over `labels != -100`), as
-`Backbone.resume` computes them. Every metric's states are sums reduced with "sum" across ranks, so a
-distributed validation gives the same mean as a single process over the same examples.
-
-Which metric measures what (DESIGN.md, "Metrics"):
-    Reliability     EditAccuracy on edit_inner         (post-edit logits)
-    T-Generality    EditAccuracy on edit_outer         (post-edit logits)
-    I-Generality    EditAccuracy on edit_outer_image   (post-edit logits)
-    T-Locality      EditLocality on loc                (pre- and post-edit logits)
-    I-Locality      EditLocality on loc_image          (pre- and post-edit logits)
-    Portability     PortabilityByHop on port           (post-edit logits, one hop name per example)
-
-Each metric gives, from one update, both numbers reported per edit: the mean over examples of
-the per-token score ("token_acc") and the fraction of examples where every answer token scores
-("exact_match"). `EditAccuracy` and `EditLocality` return {"token_acc", "exact_match", "count"}
-(count: examples over all ranks);
-`PortabilityByHop` returns {hop: mean, ..., "all": mean} for one of the two, chosen by `exact`.
-Dict-valued metrics cannot go to `self.log` directly: at epoch end, log
-`{f"{prefix}/{k}": v for k, v in metric.compute().items()}` with `self.log_dict` and reset.
+Logits come for answer positions only ([P, V], row-major over `labels != -100`), as `Backbone.resume` gives them.
+Every state is a sum reduced with "sum" across ranks, so a distributed validation gives the same mean as
+a single process over the same examples. Reliability and T-/I-Generality are `EditAccuracy` on edit_inner /
+edit_outer / edit_outer_image (post-edit logits), T-/I-Locality `EditLocality` on loc / loc_image (pre- and
+post-edit logits), Portability `PortabilityByHop` on port (DESIGN.md, "Metrics"). Per edit, "token_acc"
+is the mean per-token score and "exact_match" whether every answer token scores. Dict-valued metrics
+cannot go to `self.log` directly: at epoch end, `self.log_dict` their `compute()` (keys prefixed) and reset.
 """
 
 from __future__ import annotations
@@ -85,7 +73,8 @@ class _PerExampleMean(Metric):
 
 
 class EditAccuracy(_PerExampleMean):
-    """Reliability / generality: compute() -> {"token_acc": mean answer-token accuracy, "exact_match": ..., "count": ...}."""
+    """Reliability / generality: compute() -> {"token_acc": mean answer-token accuracy,
+    "exact_match": ..., "count": ...}."""
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self._add(answer_token_accuracy(logits, labels))

@@ -1,4 +1,5 @@
-"""Fixtures shared by the export and editor-API tests: a tiny synthetic world, a saved tiny BLIP-2, short MEND and SERAC fits.
+"""Fixtures shared by the export and editor-API tests: a tiny synthetic world, a saved tiny BLIP-2,
+short MEND and SERAC fits.
 
 Imported by test_export.py and test_editor_api.py (each module builds its own copies: a few seconds).
 """
@@ -15,8 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from data_modules.datamodules import VQADataModule
 from data_modules.synthetic import write_synthetic_world
+from data_modules.word_tokenizer import save_world_tokenizer
 from kedit_lightning.backbones import BackboneSpec, build_backbone, load_backbone_spec
-from kedit_lightning.backbones.word_tokenizer import save_world_tokenizer
 from kedit_lightning.export import ExportEditor
 from kedit_lightning.modules import MENDModule
 from kedit_lightning.modules.serac import ScopeEncoderSpec, SERACModule

@@ -17,6 +17,7 @@ from transformers import (
 )
 
 from data_modules.encoding import IGNORE_INDEX
+from data_modules.word_tokenizer import PROMPT_TEXTS, build_word_tokenizer, corpus_from_records
 from kedit_lightning.backbones import (
     FAMILIES,
     BackboneSpec,
@@ -28,7 +29,6 @@ from kedit_lightning.backbones import (
     load_backbone_spec,
 )
 from kedit_lightning.backbones.base import answer_read_mask
-from kedit_lightning.backbones.word_tokenizer import build_word_tokenizer, corpus_from_records, family_template_texts
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "backbones"
 TINY = {
@@ -64,7 +64,7 @@ def draw_images() -> list[Image.Image]:
 
 
 def make_tokenizer():
-    return build_word_tokenizer(CORPUS + family_template_texts())
+    return build_word_tokenizer([*CORPUS, *PROMPT_TEXTS])
 
 
 def tiny_backbone(family: str, tokenizer, **overrides):
@@ -391,6 +391,14 @@ def test_word_tokenizer_is_deterministic_and_splits_punctuation():
     ids = first("Where is it? Velor.")["input_ids"]
     assert first.convert_ids_to_tokens(ids) == ["<s>", "where", "is", "it", "?", "velor", "."]
     assert first.convert_ids_to_tokens(first("unseen words")["input_ids"]) == ["<s>", "<unk>", "<unk>"]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_prompt_texts_cover_the_family_prompt_layout(family):
+    tok = build_word_tokenizer(PROMPT_TEXTS)
+    layout = FAMILIES[family].prompt_template
+    for has_image in (True, False):
+        assert tok.unk_token not in tok.tokenize(layout.render("", has_image))
 
 
 def test_word_tokenizer_round_trips_and_masks_targets(tmp_path):

@@ -1,7 +1,9 @@
 """Datasets, collators and DataModules: prompts, label masking per sub-batch, lazy images, loaders."""
 
+import ast
 import pickle
 import traceback
+from pathlib import Path
 
 import jsonargparse
 import pytest
@@ -10,6 +12,7 @@ from test_records import MULTIHOP_PORT, ONEHOP_EDIT_PORT, make_record, write_spl
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BlipImageProcessorPil, PreTrainedTokenizerFast
 
+import data_modules
 from data_modules.datamodules import CaptionDataModule, FactsDataModule, VQADataModule
 from data_modules.datasets import EditCollator, EditDataset, FactCollator, FactDataset
 from data_modules.encoding import IGNORE_INDEX, PromptFormat, SubBatchEncoder
@@ -255,3 +258,18 @@ def test_datamodules_configure_from_yaml(tmp_path):
     assert (dm.batch_size, dm.num_workers) == (3, 2)
     assert str(dm.image_root) == "/abs/images"  # absolute image roots are not joined to data_dir
     assert VQADataModule(str(tmp_path)).image_root == tmp_path / "images"
+
+
+def test_data_modules_import_nothing_from_kedit_lightning():
+    """The data layer stands alone: kedit_lightning imports it, never the other way round."""
+    offenders = []
+    for path in sorted(Path(data_modules.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            offenders += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] == "kedit_lightning"]
+    assert offenders == []

@@ -206,8 +206,8 @@ def test_a_backbone_of_another_size_is_refused_naming_shape_and_config_hash(fitt
     message = str(refused.value)
     assert "config hash" in message
     assert (
-        "shape of language_model.model.decoder.layers.1.fc1.weight: the editor expects [256, 64], the backbone has [128, 64]"
-        in message
+        "shape of language_model.model.decoder.layers.1.fc1.weight: "
+        "the editor expects [256, 64], the backbone has [128, 64]" in message
     )
     expected = editor.fingerprint
     assert fingerprint_problems(expected, {**expected, "family": "llava"}) == [

@@ -117,7 +117,9 @@ def test_validation_scores_one_hop_edits_after_both_edits(world):
     assert "port_edit" in batch
     calls = []
     handle = module.editor.register_forward_pre_hook(
-        lambda editor, args, kwargs: calls.append(None if kwargs.get("on_top_of") is None else kwargs["on_top_of"].tolist()),
+        lambda editor, args, kwargs: calls.append(
+            None if kwargs.get("on_top_of") is None else kwargs["on_top_of"].tolist()
+        ),
         with_kwargs=True,
     )
     module.validation_step(batch, 1)

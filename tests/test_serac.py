@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader
 
 from data_modules.datasets import EditCollator, EditExample
 from data_modules.encoding import IGNORE_INDEX
+from data_modules.word_tokenizer import PROMPT_TEXTS, build_word_tokenizer
 from kedit_lightning.backbones import load_backbone_spec
-from kedit_lightning.backbones.word_tokenizer import build_word_tokenizer, family_template_texts
 from kedit_lightning.editors.serac import EditMemory, Router, SERACEncoder, Tokens
 from kedit_lightning.modules.serac import ScopeEncoderSpec, SERACModule, balanced_bce
 
@@ -249,7 +249,7 @@ def test_balanced_bce_weighs_both_sides_equally():
 
 
 def test_answers_the_counterfactual_splits_differently_are_refused(module):
-    other = build_word_tokenizer(["zzz Velor Marun blue"] + family_template_texts())
+    other = build_word_tokenizer(["zzz Velor Marun blue", *PROMPT_TEXTS])
     counterfactual = type(module.input_processor().counterfactual)(other)
     encoder = SERACEncoder(module.backbone.processor, module.input_processor().scope_tokenizer, counterfactual)
     with pytest.raises(ValueError, match="answer 'Velor'.*same answer tokens"):

@@ -27,7 +27,7 @@ from data_modules.datasets import VQA_TEMPLATE
 from data_modules.encoding import PromptFormat, SubBatchEncoder
 from data_modules.records import IMAGE_FIELDS, DataError
 from data_modules.shards import ShardStream, StreamLoader, UnevenShardsWarning, read_index, resolve_shards, write_shards
-from kedit_lightning.backbones.word_tokenizer import record_strings
+from data_modules.word_tokenizer import record_strings
 from kedit_lightning.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -336,7 +336,8 @@ def test_a_broken_shard_names_the_shard_and_sample(ten, tmp_path):
     )
     with pytest.raises(
         DataError,
-        match=r"vqa_eval-000001.tar: sample 000000004: no 000000004.json member \(members: image.png, image_rephrase.png, m_loc.png\)",
+        match=r"vqa_eval-000001.tar: sample 000000004: no 000000004.json member "
+        r"\(members: image.png, image_rephrase.png, m_loc.png\)",
     ):
         stream(1)
     _rewrite_shard(
@@ -344,7 +345,8 @@ def test_a_broken_shard_names_the_shard_and_sample(ten, tmp_path):
     )
     with pytest.raises(
         DataError,
-        match=r"vqa_eval-000002.tar: sample 000000007: field 'image_rephrase': cannot decode image 000000007.image_rephrase.png \(img/7_view.png\)",
+        match=r"vqa_eval-000002.tar: sample 000000007: field 'image_rephrase': "
+        r"cannot decode image 000000007.image_rephrase.png \(img/7_view.png\)",
     ):
         stream(2)
     _rewrite_shard(Path(shards[0].url), lambda s: {**s, "json": s["json"].replace(b'"alt": "blue"', b'"alt": 3')})
@@ -385,7 +387,9 @@ RSS_SCRIPT = textwrap.dedent("""
     from data_modules.shards import ShardStream, StreamLoader, resolve_shards
 
     def epoch(folder):
-        stream = ShardStream(resolve_shards(folder), EditExamples("vqa", VQA_TEMPLATE), 8, even=True, shuffle=True, shuffle_buffer=8)
+        stream = ShardStream(
+            resolve_shards(folder), EditExamples("vqa", VQA_TEMPLATE), 8, even=True, shuffle=True, shuffle_buffer=8
+        )
         return sum(1 for _ in StreamLoader(stream, EditCollator(word_encoder([make_record(0)]))))
 
     def peak_kb():

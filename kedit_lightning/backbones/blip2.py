@@ -71,7 +71,8 @@ class Blip2Backbone(ImageTextBackbone):
         source = config.name_or_path or "blip2 config"
         if not config.use_decoder_only_language_model:
             raise ValueError(
-                f"{source}: BLIP-2 with an encoder-decoder language model ({config.text_config.model_type}) is not supported; logits must align with input_ids"
+                f"{source}: BLIP-2 with an encoder-decoder language model ({config.text_config.model_type}) "
+                "is not supported; logits must align with input_ids"
             )
         tokenizer = with_special_token(tokenizer, IMAGE_TOKEN)
         if config.image_token_index is None:

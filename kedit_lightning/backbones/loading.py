@@ -165,7 +165,8 @@ def check_image_size(image_processor: Any, image_size: int, source: str) -> None
     pixels = image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")["pixel_values"]
     if tuple(pixels.shape[-2:]) != (image_size, image_size):
         raise ValueError(
-            f"{source}: the image processor yields {tuple(pixels.shape[-2:])} pixels but the vision tower expects {image_size}x{image_size}"
+            f"{source}: the image processor yields {tuple(pixels.shape[-2:])} pixels "
+            f"but the vision tower expects {image_size}x{image_size}"
         )
 
 

@@ -145,7 +145,8 @@ class MiniGPT4ForConditionalGeneration(PreTrainedModel):
             image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
             if int(placeholders.sum()) != image_features.shape[0] * image_features.shape[1]:
                 raise ValueError(
-                    f"{int(placeholders.sum())} image placeholders for {image_features.shape[0]}x{image_features.shape[1]} image embeddings"
+                    f"{int(placeholders.sum())} image placeholders for "
+                    f"{image_features.shape[0]}x{image_features.shape[1]} image embeddings"
                 )
             inputs_embeds = inputs_embeds.masked_scatter(placeholders.unsqueeze(-1), image_features)
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
@@ -171,7 +172,8 @@ def _read_prefixed_weights(path: str, prefixes: Sequence[str]) -> dict[str, torc
 
 
 def load_minigpt4_projection(model: MiniGPT4ForConditionalGeneration, path: str | Path) -> None:
-    """Put the public MiniGPT-4 projection (`.pth`, state dict under "model" with llama_proj.weight/bias) into `model`."""
+    """Put the public MiniGPT-4 projection (`.pth`, state dict under "model" with
+    llama_proj.weight/bias) into `model`."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
@@ -184,7 +186,8 @@ def load_minigpt4_projection(model: MiniGPT4ForConditionalGeneration, path: str 
             raise KeyError(f"{path}: no {name!r} in the checkpoint; keys: {sorted(state)[:8]}")
         if tuple(state[name].shape) != shape:
             raise ValueError(
-                f"{path}: {name} has shape {tuple(state[name].shape)}, the model needs {shape} (Q-Former width -> LLM width)"
+                f"{path}: {name} has shape {tuple(state[name].shape)}, "
+                f"the model needs {shape} (Q-Former width -> LLM width)"
             )
     dtype = model.language_model.get_input_embeddings().weight.dtype
     model.load_state_dict({name: state[name].to(dtype) for name in expected}, strict=False, assign=True)

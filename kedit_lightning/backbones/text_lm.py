@@ -46,7 +46,8 @@ class TextLMBackbone(Backbone):
         model_type = config.pop("model_type", None)
         if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             raise ValueError(
-                f"text backbone config needs `model_type` naming a causal LM (e.g. 'opt', 'llama', 'gpt2'); got {model_type!r}"
+                "text backbone config needs `model_type` naming a causal LM (e.g. 'opt', 'llama', 'gpt2'); "
+                f"got {model_type!r}"
             )
         return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), dtype=as_dtype(dtype))
 

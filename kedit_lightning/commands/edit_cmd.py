@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     editor, backbone = load_editor_and_backbone(args)
     if not editor.edits_weights:
         raise ValueError(
-            f"{args.editor}: a {editor.method} editor keeps edits in a memory, not in the weights, so there is no edited model to save"
+            f"{args.editor}: a {editor.method} editor keeps edits in a memory, not in the weights, "
+            "so there is no edited model to save"
         )
     edited = editor.edit(
         backbone,
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     )
     edited.save_pretrained(out)
     print(
-        f"applied {edited.n_edits} edits from {args.data} ({args.batch_size} per update) and saved the edited model to {out}"
+        f"applied {edited.n_edits} edits from {args.data} ({args.batch_size} per update) "
+        f"and saved the edited model to {out}"
     )
     return 0

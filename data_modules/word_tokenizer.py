@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import PreTrainedTokenizerFast
 
 from data_modules.datasets import VQA_TEMPLATE
+from data_modules.records import IMAGE_FIELDS
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 IMAGE_TOKEN = "<image>"
@@ -23,8 +24,10 @@ IMAGE_TOKEN = "<image>"
 IMAGE_HERE_TOKEN = "<ImageHere>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE_TOKEN, IMAGE_HERE_TOKEN)
 
-# Record fields that hold image paths, not text.
-IMAGE_FIELDS = frozenset({"image", "image_rephrase", "m_loc"})
+# The fixed words of the backbone families' prompt layouts (LLaVA's and MiniGPT-4's; BLIP-2 and
+# text LMs add none), written out so the data layer need not import the backbones.
+# tests/test_backbones.py checks that they cover every family's `prompt_template`.
+PROMPT_TEXTS = ("USER: ASSISTANT:", "###Human: <Img></Img> ###Assistant:")
 
 
 def _splitter() -> Tokenizer:
@@ -87,21 +90,13 @@ def _read_records(path: Path) -> list[Any]:
     return records
 
 
-def family_template_texts() -> list[str]:
-    """The fixed words of every backbone family's prompt layout (with and without an image)."""
-    from kedit_lightning.backbones import FAMILIES
-
-    formats = [family.prompt_template for family in FAMILIES.values()]
-    return [fmt.render("", has_image) for fmt in formats for has_image in (True, False)]
-
-
 def corpus_from_records(paths: Sequence[str | Path]) -> list[str]:
     """Every text string in the given record files, the data layer's VQA template and the families' prompt words.
 
     Image-path fields (`image`, `image_rephrase`, `m_loc`) are skipped; nested fields such as
     VLKEB's portability questions are read.
     """
-    corpus = [VQA_TEMPLATE.format(""), *family_template_texts()]
+    corpus = [VQA_TEMPLATE.format(""), *PROMPT_TEXTS]
     for path in map(Path, paths):
         for index, record in enumerate(_read_records(path)):
             if not isinstance(record, dict):
