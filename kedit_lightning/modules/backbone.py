@@ -128,7 +128,7 @@ class BackboneModule(LightningModule):
             logits = self.backbone(sb)
             loss = answer_nll(logits, sb["labels"])
             total = total + loss
-            accuracy.update(answer_token_accuracy(logits.detach(), sb["labels"]))
+            accuracy.update(answer_token_accuracy(logits.detach()[sb["labels"] != IGNORE_INDEX], sb["labels"]))
             self.log(f"{stage}/loss_{name}", loss, batch_size=int(sb["labels"].shape[0]))
         on_step = stage == "train"
         self.log(f"{stage}/loss", total, prog_bar=True, batch_size=rows, on_step=on_step, on_epoch=True)
