@@ -199,3 +199,39 @@ def test_resuming_mid_training_continues_where_it_stopped(world, tmp_path):
     assert all(int(state["step"]) == 5 for state in adam.values())
     for key, value in straight.editor.state_dict().items():
         assert torch.allclose(value, resumed.editor.state_dict()[key], atol=1e-6), key
+
+
+def test_locality_targets_are_cached_per_record_bounded_and_optional(world):
+    """The unedited locality answers are computed once per record and reused: the loss is the same
+    as without the cache; the cache stops growing at its bound; `cache_locality: false` keeps none."""
+    module = make_module(world).eval()
+    batch = next(iter(make_data(world, module, batch_size=3).train_dataloader()))
+    module.trainer = Trainer(accelerator="cpu", logger=False)  # `_cached_targets` asks the strategy under sharding only
+    first = module.step_losses(batch)
+    assert len(module.locality_targets.entries) == 3
+    calls = []
+    handle = module.backbone.model.get_output_embeddings().register_forward_hook(
+        lambda head, args, out: calls.append(out.shape[0])
+    )
+    again = module.step_losses(batch)
+    handle.remove()
+    for key in first:
+        torch.testing.assert_close(again[key], first[key], rtol=1e-5, atol=1e-7)
+    post_answers = sum(
+        int((batch[k]["labels"] != -100).sum()) for k in ("edit_outer", "edit_outer_image", "loc", "loc_image")
+    )
+    assert (
+        calls[-1] == post_answers
+    )  # the last head call: post-edit answers only, the unedited ones came from the cache
+    assert module.locality_targets.bytes == sum(
+        t.numel() * 4 for e in module.locality_targets.entries.values() for t in e
+    )
+
+    small = make_module(world, locality_cache_mb=0)
+    small.trainer = module.trainer
+    small.step_losses(batch)
+    assert not small.locality_targets.entries
+    off = make_module(world, cache_locality=False)
+    off.trainer = module.trainer
+    off.step_losses(batch)
+    assert not off.locality_targets.entries
