@@ -8,6 +8,7 @@ report can show what meta-training buys.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +25,15 @@ class FineTune(nn.Module):
         super().__init__()
         self.lr = lr
         self.steps = steps
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments as plain data: `FineTune.from_config(config)` rebuilds it (for artifacts)."""
+        return {"lr": self.lr, "steps": self.steps}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> FineTune:
+        return cls(**config)
 
     def forward(
         self, backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None
