@@ -16,6 +16,8 @@ to its counterfactual model or to the unchanged backbone.
 Requests in one call are edited `batch_size` at a time (one batched edit per group; all at once
 by default); groups, and further `edit` calls on the returned `EditedBackbone`, are sequential
 edits, each starting from what the previous one left.
+
+The editor is rebuilt from the artifact alone (`artifact.py`); nothing here imports Lightning.
 """
 
 from __future__ import annotations
@@ -27,18 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import move_data_to_device
 from PIL import Image
+from torch import nn
 from tqdm.auto import tqdm
 
 from data_modules.datasets import VQA_TEMPLATE, DataKind, PromptBuilder, load_image
 from data_modules.encoding import EditBatch, SubBatch, SubBatchEncoder
 from data_modules.records import EditRecord
+from kedit_lightning.artifact import check_fingerprint, read_card, read_processor, rebuild_editor, verify_weights
 from kedit_lightning.backbones import FAMILIES, Backbone
-from kedit_lightning.editors.serac import Router
+from kedit_lightning.editors.serac import SERAC, Router
 from kedit_lightning.evaluation import HEADLINE, HOPS, EditedModel, EditMetrics, record_batches, with_weights
-from kedit_lightning.export import METHODS, check_fingerprint, read_card, rebuild_module, verify_weights
-from kedit_lightning.modules.editing import EditorModule, WeightEditorModule
 
 
 class NonFiniteEdit(FloatingPointError):
@@ -112,16 +113,28 @@ def device_of(backbone: Backbone) -> torch.device:
     return next(backbone.parameters()).device
 
 
+def to_device(data: Any, device: torch.device) -> Any:
+    """`data` with every tensor in it (nested in dicts and lists) on `device`."""
+    if isinstance(data, torch.Tensor):
+        return data.to(device)
+    if isinstance(data, Mapping):
+        return {key: to_device(value, device) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(to_device(value, device) for value in data)
+    return data
+
+
 class WeightEdits:
     """Edits as new weights (MEND, FT), applied functionally: each starts from the weights the previous one left."""
 
-    def __init__(self, module: EditorModule) -> None:
-        self.module = module
+    def __init__(self, editor: nn.Module, backbone: Backbone) -> None:
+        self.editor = editor
+        self.backbone = backbone
         self.weights: dict[str, torch.Tensor] | None = None
 
     def _edited(self, sub_batch: SubBatch, what: str, consequence: str) -> dict[str, torch.Tensor]:
         with torch.enable_grad():
-            weights = {name: w.detach() for name, w in self.module.edit(sub_batch, self.weights).items()}
+            weights = {name: w.detach() for name, w in self.editor(self.backbone, sub_batch, self.weights).items()}
         check_finite(weights, what, consequence)
         return weights
 
@@ -129,32 +142,33 @@ class WeightEdits:
         self.weights = self._edited(sub_batch, what, consequence)
 
     def model(self) -> EditedModel:
-        return self.module.backbone if self.weights is None else with_weights(self.module.backbone, self.weights)
+        return self.backbone if self.weights is None else with_weights(self.backbone, self.weights)
 
     def model_with(self, sub_batch: SubBatch) -> EditedModel:
         """The post-edit model with the edit of `sub_batch` on top, the edits in force left as they are."""
-        return with_weights(self.module.backbone, self._edited(sub_batch, "a further edit", "evaluation stopped"))
+        return with_weights(self.backbone, self._edited(sub_batch, "a further edit", "evaluation stopped"))
 
 
 class MemoryEdits:
     """Edits kept in SERAC's memory beside the unchanged backbone; the post-edit model is its router."""
 
-    def __init__(self, module: EditorModule) -> None:
-        self.module = module
-        self.memory = module.editor.memory(module.backbone)
+    def __init__(self, serac: SERAC, backbone: Backbone) -> None:
+        self.serac = serac
+        self.backbone = backbone
+        self.memory = serac.memory(backbone)
 
     def add(self, sub_batch: SubBatch, what: str, consequence: str) -> None:
-        self.module.editor.add_edits(self.memory, self.module.backbone, sub_batch)
+        self.serac.add_edits(self.memory, self.backbone, sub_batch)
 
     def model(self) -> EditedModel:
-        return Router(self.module.editor, self.module.backbone, self.memory)
+        return Router(self.serac, self.backbone, self.memory)
 
     def model_with(self, sub_batch: SubBatch) -> EditedModel:
         """The post-edit model with the edit of `sub_batch` on top, the edits in force left as they are."""
         # A shallow copy is enough: EditMemory.add replaces its tensors (torch.cat), never writes into them.
         memory = copy.copy(self.memory)
-        self.module.editor.add_edits(memory, self.module.backbone, sub_batch)
-        return Router(self.module.editor, self.module.backbone, memory)
+        self.serac.add_edits(memory, self.backbone, sub_batch)
+        return Router(self.serac, self.backbone, memory)
 
 
 EditState = WeightEdits | MemoryEdits
@@ -204,23 +218,28 @@ class EditedBackbone:
 
 
 class Editor:
-    """An exported editor, ready to apply: `Editor.from_pretrained(dir)` for any method in `METHODS`.
+    """An exported editor, ready to apply: `Editor.from_pretrained(dir)` for any method in `EDITORS`.
 
-    The weights are verified when loading; the editor itself is rebuilt for each backbone it is
-    given (after checking the backbone's fingerprint), as the method's training module builds it.
+    Holds the plain editor (an nn.Module rebuilt from the verified artifact alone, in eval mode and
+    frozen) and, once given a backbone whose fingerprint matches, that backbone and the input
+    processor edit data is tokenized with.
     """
 
-    def __init__(self, card: Mapping[str, Any], path: str | Path) -> None:
+    def __init__(self, card: Mapping[str, Any], path: str | Path, editor: nn.Module) -> None:
         self.card = dict(card)
         self.method = card["method"]
         self.path = str(path)
-        self._module: EditorModule | None = None
+        self.editor = editor
+        self.backbone: Backbone | None = None
+        self.input_processor: SubBatchEncoder | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Editor:
+        # Absolute: SERAC's tokenizers are read from the artifact later, whatever the working directory is then.
+        path = Path(path).absolute()
         card = read_card(path)
         verify_weights(path, card)
-        return cls(card, path)
+        return cls(card, path, rebuild_editor(card, path))
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -235,7 +254,7 @@ class Editor:
     @property
     def edits_weights(self) -> bool:
         """True when edits become new weights (saveable as a transformers model); False for memory editors."""
-        return issubclass(METHODS[self.method], WeightEditorModule)
+        return not isinstance(self.editor, SERAC)
 
     def load_backbone(self, source: str, dtype: str | None = None, device: str | torch.device = "cpu") -> Backbone:
         """The backbone family this editor was trained on, from a hub id or directory, checked against the fingerprint."""
@@ -250,21 +269,24 @@ class Editor:
         self.attach(backbone)
         return backbone
 
-    def attach(self, backbone: Backbone) -> EditorModule:
-        """The editor rebuilt for `backbone` (kept until another backbone is given); refuses another fingerprint."""
-        if self._module is None or self._module.backbone is not backbone:
+    def attach(self, backbone: Backbone) -> nn.Module:
+        """The editor, set to edit `backbone` (until another is given), on its device; refuses another fingerprint."""
+        if self.backbone is not backbone:
             check_fingerprint(self.fingerprint, backbone.fingerprint(), f"the editor in {self.path}")
-            self._module = rebuild_module(self.card, self.path, backbone)
-        return self._module
+            self.input_processor = read_processor(self.path, self.editor, backbone)
+            self.editor.to(device_of(backbone))
+            self.backbone = backbone
+        return self.editor
 
     def processor(self, backbone: Backbone) -> SubBatchEncoder:
         """What edit data is tokenized with: the backbone's processor, or SERAC's, which adds its own tokens."""
-        return self.attach(backbone).input_processor()
+        self.attach(backbone)
+        return self.input_processor
 
     def start(self, backbone: Backbone) -> EditState:
         """An empty sequence of edits on `backbone`; `add` edits to it, `model()` is the post-edit model."""
-        module = self.attach(backbone)
-        return WeightEdits(module) if isinstance(module, WeightEditorModule) else MemoryEdits(module)
+        editor = self.attach(backbone)
+        return MemoryEdits(editor, backbone) if isinstance(editor, SERAC) else WeightEdits(editor, backbone)
 
     def encode(
         self,
@@ -290,9 +312,7 @@ class Editor:
                     f"edit requests {start}..{start + len(group) - 1}: a batched edit needs images for all requests or for none"
                 )
             images = [t[2] for t in group] if all(with_image) else None
-            groups.append(
-                move_data_to_device(encode([t[0] for t in group], [t[1] for t in group], images), device_of(backbone))
-            )
+            groups.append(to_device(encode([t[0] for t in group], [t[1] for t in group], images), device_of(backbone)))
         return groups
 
     def edit(
@@ -326,7 +346,7 @@ def _records(loader: Iterable[EditBatch], device: torch.device, limit: int | Non
     """The one-record EditBatches of `loader` (the first `limit`), on `device`."""
     seen = 0
     for batch in loader:
-        for record in record_batches(move_data_to_device(batch, device)):
+        for record in record_batches(to_device(batch, device)):
             if seen == limit:
                 return
             seen += 1

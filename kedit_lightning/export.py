@@ -1,30 +1,16 @@
-"""The editor artifact: a trained editor as `editor.safetensors` + `editor.json`, saved, loaded and verified.
+"""Writing editor artifacts from Lightning: a training module's editor, a checkpoint's, or the one a fit ends with.
 
-    editor.safetensors  the trained editor's state dict (`module.editor`; tensors only, no pickle)
-    editor.json         format and version, method, the training module's hyper-parameters, the
-                        backbone fingerprint (family, config hash, edited parameter names and
-                        shapes), validation metrics, package version, the training config, where
-                        the weights came from, and the sha256 of editor.safetensors
-
-An editor is rebuilt the way it was built for training: the method's LightningModule is created
-from the recorded hyper-parameters (jsonargparse turns the JSON back into specs), given the
-backbone to edit, asked to `build_editor(backbone)`, and the saved state is loaded into its
-editor. So an artifact needs nothing beyond what training needed: for SERAC, the scope encoder
-and counterfactual model sources named in its hyper-parameters (their weights come from the
-artifact). Methods plug in through `METHODS`, name -> training module class.
-
-Loading refuses what it cannot trust, with a message naming the file and the problem: JSON that
-does not parse or lacks a field, a format newer than this package, a weights file safetensors
-cannot read (truncated) or whose sha256 differs from the recorded one (changed after export),
-tensors that do not fit the editor the JSON describes, and a backbone whose fingerprint differs
-(`check_fingerprint` says what differs: family, config hash, which parameter's shape).
+The artifact (see `artifact.py`, which reads and verifies it without Lightning) holds the plain
+editor's state dict and its constructor config, so it is rebuilt without the training module;
+the module's hyper-parameters and training config are recorded beside them. SERAC's artifact
+also holds the tokenizers of its classifier and counterfactual model. Every artifact written is
+loaded again at once, as `Editor.from_pretrained` loads it, so one that could not be used is
+never left behind silently. Methods plug in through `METHODS`, name -> training module class.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import hashlib
 import importlib
 import json
 import os
@@ -37,39 +23,30 @@ from typing import Any
 import torch
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.cli import instantiate_module
 from lightning.pytorch.utilities import rank_zero_info
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
 import kedit_lightning
-from kedit_lightning.backbones import Backbone, BackboneSpec
+from kedit_lightning.artifact import (
+    CARD_FILE,
+    EDITORS,
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    check_fingerprint,
+    sha256_of,
+    write_tokenizers,
+)
+from kedit_lightning.backbones import BackboneSpec
+from kedit_lightning.editor import Editor
 from kedit_lightning.modules.editing import REPORT_KEY, EditorModule
 from kedit_lightning.modules.ft import FTModule
 from kedit_lightning.modules.mend import MENDModule
 from kedit_lightning.modules.serac import SERACModule
 
-FORMAT = "kedit-editor"
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "editor.safetensors"
-CARD_FILE = "editor.json"
-# Written into every Lightning checkpoint by `ExportEditor`, so an export of that checkpoint
-# carries the validation metrics of the weights it holds.
-_CARD_FIELDS = ("format", "format_version", "method", "hyper_parameters", "backbone_fingerprint", "weights")
-
-
-class ArtifactError(ValueError):
-    """An editor artifact that is missing, malformed, truncated or changed after export."""
-
-
-class FingerprintMismatch(ValueError):
-    """An editor applied to (or exported for) a backbone other than the one it was trained on."""
-
-
 METHODS: dict[str, type[EditorModule]] = {"mend": MENDModule, "ft": FTModule, "serac": SERACModule}
-"""Each editing method's training module; its editor is `module.editor`. A `WeightEditorModule`'s
-edits are new weights (`module.edit`); SERAC's go into a memory that a router answers from."""
+"""Each editing method's training module; its editor is `module.editor`, of the class `EDITORS` names for the method."""
 
 
 def method_of_module(module: LightningModule) -> str:
@@ -111,116 +88,6 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# -- fingerprints ----------------------------------------------------------------------------
-def fingerprint_problems(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
-    """What differs between the fingerprint an editor was trained on and a backbone's, one line each."""
-    problems = []
-    if expected["family"] != actual["family"]:
-        problems.append(
-            f"family: the editor was trained on {expected['family']!r}, the backbone is {actual['family']!r}"
-        )
-    if expected["config_hash"] != actual["config_hash"]:
-        problems.append(
-            f"config hash: the editor was trained on a model with config hash {expected['config_hash']}, the backbone's is {actual['config_hash']} (another architecture or size)"
-        )
-    want, have = expected["edit_params"], actual["edit_params"]
-    for name, shape in want.items():
-        if name not in have:
-            problems.append(f"edited parameter {name}: the backbone does not edit it")
-        elif list(have[name]) != list(shape):
-            problems.append(f"shape of {name}: the editor expects {list(shape)}, the backbone has {list(have[name])}")
-    problems += [
-        f"edited parameter {name}: the backbone edits it, the editor was not trained for it"
-        for name in have
-        if name not in want
-    ]
-    return problems
-
-
-def check_fingerprint(expected: Mapping[str, Any], actual: Mapping[str, Any], what: str) -> None:
-    problems = fingerprint_problems(expected, actual)
-    if problems:
-        raise FingerprintMismatch(f"{what} does not fit this backbone:\n  " + "\n  ".join(problems))
-
-
-# -- loading ---------------------------------------------------------------------------------
-def read_card(path: str | Path) -> dict[str, Any]:
-    """editor.json of the artifact in `path`, checked for format, version, method and required fields."""
-    card_path = Path(path) / CARD_FILE
-    if not Path(path).is_dir():
-        raise ArtifactError(f"{path}: no such editor directory")
-    if not card_path.is_file():
-        raise ArtifactError(f"{path}: no {CARD_FILE}, so this is not an exported editor")
-    try:
-        card = json.loads(card_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ArtifactError(f"{card_path}: not valid JSON ({err})") from err
-    if not isinstance(card, dict):
-        raise ArtifactError(f"{card_path}: expected a JSON object, got {type(card).__name__}")
-    missing = [name for name in _CARD_FIELDS if name not in card]
-    if missing:
-        raise ArtifactError(f"{card_path}: missing field(s) {missing}")
-    if card["format"] != FORMAT:
-        raise ArtifactError(f"{card_path}: format {card['format']!r} is not {FORMAT!r}")
-    if not isinstance(card["format_version"], int) or card["format_version"] > FORMAT_VERSION:
-        raise ArtifactError(
-            f"{card_path}: format version {card['format_version']!r}; this kedit-lightning ({kedit_lightning.__version__}) reads up to {FORMAT_VERSION}"
-        )
-    if card["method"] not in METHODS:
-        raise ArtifactError(f"{card_path}: unknown method {card['method']!r}; known: {sorted(METHODS)}")
-    return card
-
-
-def verify_weights(path: str | Path, card: Mapping[str, Any]) -> Path:
-    """editor.safetensors, refused if safetensors cannot read its header or its sha256 is not the recorded one."""
-    weights = Path(path) / card["weights"]["file"]
-    if not weights.is_file():
-        raise ArtifactError(f"{weights}: missing (the artifact's weights)")
-    try:
-        with safe_open(str(weights), framework="pt"):
-            pass
-    except SafetensorError as err:
-        raise ArtifactError(f"{weights}: not a readable safetensors file (truncated or corrupted): {err}") from err
-    digest = sha256_of(weights)
-    if digest != card["weights"]["sha256"]:
-        raise ArtifactError(
-            f"{weights}: sha256 {digest} differs from {card['weights']['sha256']} recorded in {CARD_FILE}; the weights were changed or truncated after export"
-        )
-    return weights
-
-
-def rebuild_module(card: Mapping[str, Any], path: str | Path, backbone: Backbone) -> EditorModule:
-    """The method's training module for `backbone` with the artifact's editor weights loaded (editor in eval mode, frozen).
-
-    The caller checks the fingerprint first; `path` holds the verified weights.
-    """
-    method = card["method"]
-    try:
-        module = instantiate_module(METHODS[method], card["hyper_parameters"])
-    except (argparse.ArgumentError, TypeError, ValueError) as err:
-        raise ArtifactError(
-            f"{path}: the hyper-parameters in {CARD_FILE} do not build a {method} module: {err}"
-        ) from err
-    module.backbone = backbone
-    module.build_editor(backbone)
-    try:
-        load_model(module.editor, str(Path(path) / card["weights"]["file"]), strict=True)
-    except RuntimeError as err:
-        raise ArtifactError(
-            f"{path}: the weights do not fit the {method} editor its hyper-parameters describe: {err}"
-        ) from err
-    module.editor.eval().requires_grad_(False)
-    return module.to(next(backbone.parameters()).device)
-
-
 # -- saving ----------------------------------------------------------------------------------
 def save_editor(
     out_dir: str | Path,
@@ -233,8 +100,8 @@ def save_editor(
 ) -> Path:
     """Write `editor` (default: `module.editor`), trained by `module`, as an artifact in `out_dir`; returns `out_dir`.
 
-    The artifact is then rebuilt onto `module.backbone` as a loader would, so one that could not
-    be loaded again is never left behind silently.
+    The artifact is then loaded onto `module.backbone` as `Editor.from_pretrained` loads it, so one
+    that could not be loaded again is never left behind silently.
     """
     out = Path(out_dir)
     if (out / CARD_FILE).exists() and not overwrite:
@@ -242,20 +109,22 @@ def save_editor(
             f"{out}: already holds an exported editor ({CARD_FILE}); choose another folder or allow overwriting"
         )
     method = method_of_module(module)
+    editor = editor if editor is not None else module.editor
     out.mkdir(parents=True, exist_ok=True)
     weights = out / WEIGHTS_FILE
     # Write beside and rename: a crash mid-write never leaves a half file under the final name.
     # One metadata entry: safetensors writes several in no fixed order, and the same editor should give the same bytes.
     partial = out / f".{WEIGHTS_FILE}.partial"
-    save_model(
-        editor if editor is not None else module.editor, str(partial), metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"}
-    )
+    save_model(editor, str(partial), metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"})
     os.replace(partial, weights)
+    write_tokenizers(out, module.input_processor())
     card = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "package_version": kedit_lightning.__version__,
         "method": method,
+        # The method's class, not type(editor): sharding (FSDP2's replicate) swaps in a subclass.
+        "editor": {"class": EDITORS[method].__name__, "config": jsonable(editor.config)},
         "module_class": f"{type(module).__module__}.{type(module).__qualname__}",
         "hyper_parameters": jsonable({k: v for k, v in module.hparams.items() if not k.startswith("_")}),
         "backbone_fingerprint": jsonable(module.backbone.fingerprint()),
@@ -264,8 +133,9 @@ def save_editor(
         "source": jsonable(source or {}),
         "weights": {"file": WEIGHTS_FILE, "sha256": sha256_of(weights), "bytes": weights.stat().st_size},
     }
+    # Written last: an artifact folder with editor.json in it is complete.
     (out / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-    rebuild_module(read_card(out), out, module.backbone)
+    Editor.from_pretrained(out).attach(module.backbone)
     return out
 
 

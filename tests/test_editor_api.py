@@ -1,6 +1,8 @@
 """The editing API and CLI: single, batched and sequential edits, exact restore, refusals, plain-transformers export."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from data_modules.datamodules import VQADataModule
 from data_modules.datasets import VQA_TEMPLATE
 from data_modules.encoding import IGNORE_INDEX
 from data_modules.records import EditRecord
+from kedit_lightning.artifact import COUNTERFACTUAL_TOKENIZER, SCOPE_TOKENIZER
 from kedit_lightning.cli import main
 from kedit_lightning.editor import Editor, EditRequest, NonFiniteEdit, curve_points, evaluate, evaluate_sequential
 from kedit_lightning.editors.serac import Router
@@ -106,7 +109,7 @@ def test_sequential_calls_match_one_call_with_batch_size_one(editor, backbone, r
 
 def test_a_non_finite_update_is_refused_and_the_model_left_unchanged(editor, backbone, records, world):
     before = snapshot(backbone)
-    editor.attach(backbone).editor.edit_lrs.data[-1] = float("nan")
+    editor.attach(backbone).edit_lrs.data[-1] = float("nan")
     with pytest.raises(NonFiniteEdit, match="edit group 1 of 1 gives non-finite values .* the backbone is unchanged"):
         editor.edit(backbone, records[:2], image_root=world / "images")
     assert same_weights(backbone, before)
@@ -262,20 +265,29 @@ def test_kedit_eval_scores_one_hop_edits_per_hop(fitted, world, base_dir, tmp_pa
 def test_sequential_evaluation_stops_at_a_non_finite_edit(editor, backbone, world):
     data = VQADataModule(str(world), train_file=VAL_FILE, val_file=VAL_FILE, batch_size=2, processor=backbone.processor)
     data.setup("validate")
-    editor.attach(backbone).editor.edit_lrs.data[:] = float("inf")
+    editor.attach(backbone).edit_lrs.data[:] = float("inf")
     with pytest.raises(NonFiniteEdit, match=r"sequential edit 1 \(.*val4.json:0\) .* stopped"):
         evaluate_sequential(editor, backbone, data.val_dataloader(), 3, progress=False)
 
 
-def test_serac_artifact_edits_through_its_memory_and_reproduces_validation(
-    serac_fitted, world, base_dir, records, tmp_path, capsys
+def test_serac_artifact_edits_through_its_memory_and_reproduces_validation_from_another_directory(
+    serac_fitted, world, base_dir, records, tmp_path, capsys, monkeypatch
 ):
-    editor = Editor.from_pretrained(serac_fitted.artifact)
+    artifact = Path(shutil.copytree(serac_fitted.artifact, tmp_path / "artifacts" / "serac"))
+    monkeypatch.chdir(artifact.parent)
+    editor = Editor.from_pretrained("serac")
     assert editor.method == "serac" and not editor.edits_weights
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     backbone = editor.load_backbone(str(base_dir))
-    data = VQADataModule(
-        str(world), train_file=VAL_FILE, val_file=VAL_FILE, batch_size=4, processor=editor.processor(backbone)
+    processor = editor.processor(backbone)
+    # The classifier's and counterfactual model's tokenizers come from inside the artifact.
+    assert Path(processor.scope_tokenizer.name_or_path).resolve() == (artifact / SCOPE_TOKENIZER).resolve()
+    assert (
+        Path(processor.counterfactual.tokenizer.name_or_path).resolve()
+        == (artifact / COUNTERFACTUAL_TOKENIZER).resolve()
     )
+    data = VQADataModule(str(world), train_file=VAL_FILE, val_file=VAL_FILE, batch_size=4, processor=processor)
     data.setup("validate")
     report = evaluate(editor, backbone, data.val_dataloader(), progress=False)
     validation = serac_fitted.module.last_report["val"]
@@ -286,7 +298,7 @@ def test_serac_artifact_edits_through_its_memory_and_reproduces_validation(
     edited = editor.edit(backbone, records[:2], image_root=world / "images")
     assert edited.n_edits == 2 and len(edited.memory.memory) == 2 and same_weights(backbone, before)
     query = editor.encode(backbone, records[:2], image_root=world / "images")[0]
-    serac = editor.attach(backbone).editor
+    serac = editor.attach(backbone)
     assert torch.equal(edited(query), Router(serac, backbone, serac.memory(backbone, query))(query))
     assert not torch.equal(
         edited(query), backbone(query)

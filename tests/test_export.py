@@ -1,4 +1,5 @@
-"""The editor artifact: what export writes, `kedit export`, the fresh-process round trip, and every refusal on load."""
+"""The editor artifact: what export writes, `kedit export`, the fresh-process round trip, loading without Lightning,
+and every refusal on load."""
 
 import json
 import os
@@ -16,24 +17,55 @@ from safetensors.torch import load_file
 from test_backbones import make_tokenizer
 
 import kedit_lightning
+from kedit_lightning.artifact import (
+    CARD_FILE,
+    COUNTERFACTUAL_TOKENIZER,
+    FORMAT_VERSION,
+    SCOPE_TOKENIZER,
+    WEIGHTS_FILE,
+    ArtifactError,
+    FingerprintMismatch,
+    fingerprint_problems,
+)
 from kedit_lightning.backbones import Blip2Backbone, load_backbone_spec
 from kedit_lightning.cli import main
 from kedit_lightning.editor import Editor
-from kedit_lightning.export import (
-    CARD_FILE,
-    FORMAT_VERSION,
-    WEIGHTS_FILE,
-    ArtifactError,
-    ExportEditor,
-    FingerprintMismatch,
-    export_module,
-    fingerprint_problems,
-    method_of_checkpoint,
-)
+from kedit_lightning.export import ExportEditor, export_module, jsonable, method_of_checkpoint
 from kedit_lightning.modules import FTModule
 
 REPORT_KEYS = {"reliability", "t_generality", "i_generality", "t_locality", "i_locality", "n_edits", "exact_match"}
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "backbones"
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs" / "backbones"
+# Loads each artifact given on the command line and applies one edit, in a process where importing
+# Lightning or jsonargparse fails: the load path of an artifact must need neither.
+WITHOUT_LIGHTNING = """
+import json
+import sys
+
+import torch
+
+
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {"lightning", "pytorch_lightning", "lightning_fabric", "jsonargparse"}:
+            raise ModuleNotFoundError(f"{name} is blocked: loading an artifact must not import it")
+
+
+sys.meta_path.insert(0, Blocked())
+from kedit_lightning.editor import Editor
+
+base, records, images, *artifacts = sys.argv[1:]
+record = json.loads(open(records).read())[:1]
+for artifact in artifacts:
+    editor = Editor.from_pretrained(artifact)
+    backbone = editor.load_backbone(base)
+    query = editor.encode(backbone, record, image_root=images)[0]
+    with torch.no_grad():
+        before = backbone(query)
+        after = editor.edit(backbone, record, image_root=images)(query)
+    assert not torch.equal(after, before), editor.method
+    print("edited with", editor.method)
+"""
 
 
 def card_of(artifact: Path) -> dict:
@@ -51,6 +83,7 @@ def test_fit_end_export_writes_the_documented_artifact(fitted):
     assert sorted(p.name for p in artifact.iterdir()) == [CARD_FILE, WEIGHTS_FILE]  # no pickle anywhere
     card = card_of(artifact)
     assert card["format_version"] == FORMAT_VERSION and card["method"] == "mend"
+    assert card["editor"] == {"class": "MEND", "config": json.loads(json.dumps(module.editor.config))}
     assert card["package_version"] == kedit_lightning.__version__
     assert card["backbone_fingerprint"] == module.backbone.fingerprint()
     assert set(card["backbone_fingerprint"]["edit_params"]) == set(module.backbone.edit_param_names)
@@ -172,20 +205,83 @@ def test_an_inconsistent_editor_json_is_refused_on_load(artifact_copy, change, m
         Editor.from_pretrained(artifact_copy)
 
 
+def test_a_version_1_artifact_is_refused_with_a_one_line_hint_to_re_export(artifact_copy, world, base_dir, capsys):
+    card = card_of(artifact_copy)
+    del card["editor"]
+    (artifact_copy / CARD_FILE).write_text(json.dumps({**card, "format_version": 1}))
+    with pytest.raises(ArtifactError, match="format version 1 does not record the editor's own config; re-export"):
+        Editor.from_pretrained(artifact_copy)
+    args = ["eval", "--editor", str(artifact_copy), "--backbone", str(base_dir), "--data", str(world / VAL_FILE)]
+    assert main([*args, "--images", str(world / "images"), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "kedit export" in error
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda editor: editor.clear(), "no `editor` section"),
+        (lambda editor: editor.update({"class": "SERAC"}), "names class 'SERAC'; a mend editor is a MEND"),
+    ],
+)
+def test_an_editor_section_that_does_not_fit_the_method_is_refused(artifact_copy, change, message):
+    card = card_of(artifact_copy)
+    change(card["editor"])
+    (artifact_copy / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(ArtifactError, match=message):
+        Editor.from_pretrained(artifact_copy)
+
+
+@pytest.mark.parametrize("method", ["fitted", "serac_fitted"])
+def test_the_rebuilt_editor_equals_the_exported_one_bitwise(method, request):
+    fitted = request.getfixturevalue(method)
+    rebuilt = Editor.from_pretrained(fitted.artifact).editor
+    assert type(rebuilt) is type(fitted.module.editor) and not rebuilt.training
+    assert jsonable(rebuilt.config) == card_of(fitted.artifact)["editor"]["config"]
+    mine, theirs = rebuilt.state_dict(), fitted.module.editor.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(mine[k].dtype == v.dtype and torch.equal(mine[k], v) for k, v in theirs.items())
+    assert not any(p.requires_grad for p in rebuilt.parameters())
+
+
+def test_a_serac_artifact_holds_its_config_and_its_tokenizers(serac_fitted):
+    artifact = serac_fitted.artifact
+    assert sorted(p.name for p in artifact.iterdir()) == sorted(
+        [CARD_FILE, WEIGHTS_FILE, SCOPE_TOKENIZER, COUNTERFACTUAL_TOKENIZER]
+    )
+    config = card_of(artifact)["editor"]["config"]
+    assert card_of(artifact)["editor"]["class"] == "SERAC"
+    assert config["scope_encoder"]["model_type"] == "bert" and config["language_model"]["model_type"] == "llama"
+    assert (config["kind"], config["image_scope"], config["counterfactual_image"]) == ("embedding", True, True)
+
+
+def test_artifacts_load_and_edit_with_lightning_and_jsonargparse_blocked(fitted, serac_fitted, world, base_dir):
+    command = [sys.executable, "-c", WITHOUT_LIGHTNING, str(base_dir), str(world / VAL_FILE), str(world / "images")]
+    done = subprocess.run(
+        [*command, str(fitted.artifact), str(serac_fitted.artifact)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["edited with mend", "edited with serac"]
+
+
 @pytest.mark.parametrize(
     "rank,message",
     [
-        (8, "the weights do not fit the mend editor its hyper-parameters describe"),
-        ("wide", "do not build a mend module"),
+        (8, "the weights do not fit the MEND its config in editor.json describes"),
+        ("wide", "the editor config in editor.json does not build a MEND"),
     ],
 )
-def test_hyper_parameters_that_do_not_match_the_weights_are_refused(artifact_copy, base_dir, rank, message):
+def test_an_editor_config_that_does_not_match_the_weights_is_refused(artifact_copy, rank, message):
     card = card_of(artifact_copy)
-    card["hyper_parameters"]["rank"] = rank
+    card["editor"]["config"]["rank"] = rank
     (artifact_copy / CARD_FILE).write_text(json.dumps(card))
-    editor = Editor.from_pretrained(artifact_copy)
     with pytest.raises(ArtifactError, match=message):
-        editor.load_backbone(str(base_dir))
+        Editor.from_pretrained(artifact_copy)
 
 
 def test_unreadable_artifacts_name_the_problem(artifact_copy, tmp_path):
@@ -241,7 +337,7 @@ def test_a_second_method_plugs_in_through_the_registry(base_dir, tmp_path):
     baseline.configure_model()
     editor = Editor.from_pretrained(export_module(baseline, tmp_path / "ft"))
     rebuilt = editor.attach(baseline.backbone)
-    assert editor.method == "ft" and (rebuilt.editor.lr, rebuilt.editor.steps) == (0.5, 2)
+    assert editor.method == "ft" and (rebuilt.lr, rebuilt.steps) == (0.5, 2)
     sub_batch = baseline.backbone.processor(["Question: What colour is the object? Short answer:"], ["red"], None)
     state = editor.start(baseline.backbone)
     state.add(sub_batch, "the edit", "")

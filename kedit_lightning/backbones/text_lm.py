@@ -37,7 +37,12 @@ class TextLMBackbone(Backbone):
         config = model.config
         check_vocab(tokenizer, config.vocab_size, config.name_or_path or f"{config.model_type} config")
         edit_params = list(edit_params) or default_edit_params(config, "", causal_wrapper=True)
-        super().__init__(model, SubBatchEncoder(tokenizer, None, self.prompt_template, max_length), edit_params)
+        super().__init__(model, self.sub_batch_encoder(tokenizer, max_length), edit_params)
+
+    @classmethod
+    def sub_batch_encoder(cls, tokenizer: Any, max_length: int | None = None) -> SubBatchEncoder:
+        """How a text LM's sub-batches are tokenized: the prompt as it is, no image processor."""
+        return SubBatchEncoder(tokenizer, None, cls.prompt_template, max_length)
 
     @staticmethod
     def build_model(config: Mapping[str, Any], dtype: torch.dtype | str = torch.float32) -> PreTrainedModel:

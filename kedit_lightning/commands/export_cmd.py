@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from kedit_lightning.artifact import read_card
 from kedit_lightning.commands.shared import reports_errors
-from kedit_lightning.export import METHODS, export_checkpoint, read_card
+from kedit_lightning.export import METHODS, export_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

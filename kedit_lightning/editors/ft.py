@@ -8,6 +8,9 @@ it is an `EditedModel` group like MEND's; each step is a group on top of the pre
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from kedit_lightning.editors.edited_model import EditedModel, StepInputs, WeightEditor, new_edit_groups
@@ -20,7 +23,15 @@ class FineTune(WeightEditor):
         super().__init__()
         self.lr = lr
         self.steps = steps
-        self.config = {"lr": lr, "steps": steps}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments as plain data: `FineTune.from_config(config)` rebuilds it (for artifacts)."""
+        return {"lr": self.lr, "steps": self.steps}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> FineTune:
+        return cls(**config)
 
     def forward(
         self,

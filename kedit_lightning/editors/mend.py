@@ -215,7 +215,7 @@ class MEND(WeightEditor):
                 raise ValueError(f"MEND edits 2-d weights; {name!r} has shape {shape}")
         self.param_names = list(self.param_shapes)
         self.transposed = sorted(transposed)
-        # Constructor arguments as plain data: `MEND(**editor.config)` rebuilds it (for artifacts).
+        # Constructor arguments as plain data: `MEND.from_config(editor.config)` rebuilds it (for artifacts).
         self.config = {
             "param_shapes": {n: list(s) for n, s in self.param_shapes.items()},
             "rank": rank,
@@ -249,6 +249,11 @@ class MEND(WeightEditor):
             }
         )
         self.edit_lrs = nn.Parameter(torch.full((len(self.param_names),), float(edit_lr)))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> MEND:
+        """The editor `config` (a `MEND.config`) describes, with fresh weights."""
+        return cls(**config)
 
     @classmethod
     def for_backbone(cls, backbone: Backbone, **hparams: Any) -> MEND:

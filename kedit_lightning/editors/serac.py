@@ -28,7 +28,7 @@ model to split each answer into the same token ids as the base (checked when enc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from data_modules.encoding import IGNORE_INDEX, SubBatch, SubBatchEncoder
 from kedit_lightning.backbones.base import Backbone
@@ -292,6 +293,7 @@ class CounterfactualModel(nn.Module):
     def __init__(self, model: nn.Module, image_dim: int | None = None, image_tokens: int = 32) -> None:
         super().__init__()
         self.model = model
+        self.image_dim = image_dim
         self.image_tokens = image_tokens
         hidden = model.get_input_embeddings().embedding_dim
         self.image_projection = image_projection(image_dim, hidden) if image_dim else None
@@ -386,6 +388,52 @@ class SERAC(nn.Module):
         self.counterfactual = counterfactual
         self.image_dim = image_dim
         self.threshold = threshold
+
+    @classmethod
+    def build(
+        cls,
+        scope_encoder: nn.Module,
+        language_model: nn.Module,
+        image_dim: int,
+        kind: ClassifierKind = "embedding",
+        image_scope: bool = True,
+        counterfactual_image: bool = True,
+        image_tokens: int = 32,
+        threshold: float = 0.5,
+    ) -> SERAC:
+        """SERAC around a transformers encoder (the classifier's) and causal LM (the counterfactual model's).
+
+        `image_dim` is the base model's input embedding width (its image features replace
+        placeholder embeddings); `image_scope` / `counterfactual_image` say which part reads images.
+        """
+        return cls(
+            ScopeClassifier(scope_encoder, kind, image_dim if image_scope else None),
+            CounterfactualModel(language_model, image_dim if counterfactual_image else None, image_tokens),
+            image_dim,
+            threshold,
+        )
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """`build`'s arguments as plain data, the two models as their transformers configs (for artifacts)."""
+        return {
+            "scope_encoder": self.classifier.encoder.config.to_dict(),
+            "language_model": self.counterfactual.model.config.to_dict(),
+            "image_dim": self.image_dim,
+            "kind": self.classifier.kind,
+            "image_scope": self.classifier.image_dim is not None,
+            "counterfactual_image": self.counterfactual.image_dim is not None,
+            "image_tokens": self.counterfactual.image_tokens,
+            "threshold": self.threshold,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> SERAC:
+        """The SERAC `config` (a `SERAC.config`) describes, with random weights of the right shapes."""
+        options = dict(config)
+        scope_encoder = AutoModel.from_config(AutoConfig.for_model(**options.pop("scope_encoder")))
+        language_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**options.pop("language_model")))
+        return cls.build(scope_encoder, language_model, **options)
 
     @property
     def reads_images(self) -> bool:

@@ -23,18 +23,10 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import grad_norm
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from data_modules.encoding import SubBatch, SubBatchEncoder
+from data_modules.encoding import SubBatchEncoder
 from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
 from kedit_lightning.editors.losses import masked_nll
-from kedit_lightning.editors.serac import (
-    SERAC,
-    ClassifierKind,
-    CounterfactualModel,
-    Router,
-    ScopeClassifier,
-    SERACEncoder,
-    SERACInputs,
-)
+from kedit_lightning.editors.serac import SERAC, ClassifierKind, SERACEncoder, SERACInputs
 from kedit_lightning.evaluation import HOPS
 from kedit_lightning.modules.editing import EditorModule
 
@@ -153,11 +145,15 @@ class SERACModule(EditorModule):
         encoder, scope_tokenizer = self.scope_encoder_spec.build()
         counterfactual = build_backbone(self.counterfactual_spec)
         counterfactual.model.requires_grad_(True)
-        self.editor = SERAC(
-            ScopeClassifier(encoder, hp.classifier, image_dim if hp.image_scope else None),
-            CounterfactualModel(counterfactual.model, image_dim if hp.counterfactual_image else None, hp.image_tokens),
+        self.editor = SERAC.build(
+            encoder,
+            counterfactual.model,
             image_dim,
-            hp.threshold,
+            kind=hp.classifier,
+            image_scope=hp.image_scope,
+            counterfactual_image=hp.counterfactual_image,
+            image_tokens=hp.image_tokens,
+            threshold=hp.threshold,
         )
         self.encoder = SERACEncoder(backbone.processor, scope_tokenizer, counterfactual.processor)
 
