@@ -22,7 +22,7 @@ The editor is rebuilt from the artifact alone (`artifact.py`); nothing here impo
 
 from __future__ import annotations
 
-import copy
+import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +38,9 @@ from data_modules.encoding import EditBatch, SubBatch, SubBatchEncoder
 from data_modules.records import EditRecord
 from kedit_lightning.artifact import check_fingerprint, read_card, read_processor, rebuild_editor, verify_weights
 from kedit_lightning.backbones import FAMILIES, Backbone
-from kedit_lightning.editors.serac import SERAC, Router
-from kedit_lightning.evaluation import HEADLINE, HOPS, EditedModel, EditMetrics, record_batches, with_weights
+from kedit_lightning.editors.edited_model import EditedModel, StepInputs
+from kedit_lightning.editors.serac import SERAC
+from kedit_lightning.evaluation import HEADLINE, HOPS, EditMetrics, evaluate_batch, record_batches
 
 
 class NonFiniteEdit(FloatingPointError):
@@ -124,95 +125,89 @@ def to_device(data: Any, device: torch.device) -> Any:
     return data
 
 
-class WeightEdits:
-    """Edits as new weights (MEND, FT), applied functionally: each starts from the weights the previous one left."""
+class EditSession:
+    """Edits in force on a backbone, one batched edit at a time, each on top of those before.
+
+    Weight edits (MEND, FT) are folded into the backbone's weights as they come (`EditedModel.fold`:
+    only finite ones); SERAC's stay in its memory. `model` with `head` answers with every edit in force,
+    `model.unedited()` gives the original model for the duration, `restore()` ends it all.
+    """
 
     def __init__(self, editor: nn.Module, backbone: Backbone) -> None:
         self.editor = editor
         self.backbone = backbone
-        self.weights: dict[str, torch.Tensor] | None = None
-
-    def _edited(self, sub_batch: SubBatch, what: str, consequence: str) -> dict[str, torch.Tensor]:
-        with torch.enable_grad():
-            weights = {name: w.detach() for name, w in self.editor(self.backbone, sub_batch, self.weights).items()}
-        check_finite(weights, what, consequence)
-        return weights
+        self.model = editor.edited_model(backbone)
+        self.head = -1  # the latest edit's group: its chain is every edit in force
+        self.n_edits = 0
 
     def add(self, sub_batch: SubBatch, what: str, consequence: str) -> None:
-        self.weights = self._edited(sub_batch, what, consequence)
+        """One batched edit (every row of `sub_batch`) on top of the edits in force."""
+        inputs = StepInputs(self.backbone, {"edit": sub_batch})
+        rows = inputs.rows("edit")
+        mark = self.model.mark()
+        group = self.editor(self.model, inputs, rows, on_top_of=torch.full((len(rows),), self.head), batched=True)
+        try:
+            self.model.fold()
+        except FloatingPointError as err:
+            self.model.drop_after(mark)
+            raise NonFiniteEdit(f"{what} gives {err}; {consequence}") from err
+        self.head = int(group[0])
+        self.n_edits += len(rows)
 
-    def model(self) -> EditedModel:
-        return self.backbone if self.weights is None else with_weights(self.backbone, self.weights)
+    def __call__(self, model: Any, inputs: StepInputs, rows: torch.Tensor, on_top_of: torch.Tensor | None = None):
+        """As an editor for `evaluate_batch`: a record's "edit" is the edits in force; a further (one-hop)
+        edit is a real one on top of them (dropped again by `scoring`)."""
+        if on_top_of is None:
+            return torch.full((len(rows),), self.head)
+        return self.editor(model, inputs, rows, on_top_of=on_top_of)
 
-    def model_with(self, sub_batch: SubBatch) -> EditedModel:
-        """The post-edit model with the edit of `sub_batch` on top, the edits in force left as they are."""
-        return with_weights(self.backbone, self._edited(sub_batch, "a further edit", "evaluation stopped"))
+    def edited_model(self, backbone: Backbone) -> Any:
+        return self.model
 
-
-class MemoryEdits:
-    """Edits kept in SERAC's memory beside the unchanged backbone; the post-edit model is its router."""
-
-    def __init__(self, serac: SERAC, backbone: Backbone) -> None:
-        self.serac = serac
-        self.backbone = backbone
-        self.memory = serac.memory(backbone)
-
-    def add(self, sub_batch: SubBatch, what: str, consequence: str) -> None:
-        self.serac.add_edits(self.memory, self.backbone, sub_batch)
-
-    def model(self) -> EditedModel:
-        return Router(self.serac, self.backbone, self.memory)
-
-    def model_with(self, sub_batch: SubBatch) -> EditedModel:
-        """The post-edit model with the edit of `sub_batch` on top, the edits in force left as they are."""
-        # A shallow copy is enough: EditMemory.add replaces its tensors (torch.cat), never writes into them.
-        memory = copy.copy(self.memory)
-        self.serac.add_edits(memory, self.backbone, sub_batch)
-        return Router(self.serac, self.backbone, memory)
-
-
-EditState = WeightEdits | MemoryEdits
+    def restore(self) -> None:
+        self.model.restore()
+        self.head = -1
+        self.n_edits = 0
 
 
 class EditedBackbone:
     """What `Editor.edit` returns: the post-edit model; `restore()` gives back the original exactly.
 
-    Weight edits are written into `backbone` itself; `original` is a copy of its edited weights
-    when this object was made. Memory edits (SERAC) live in `memory`; the weights never change.
+    Weight edits are written into `backbone` itself; memory edits (SERAC) live in the session's
+    memory and the weights never change.
     """
 
-    def __init__(self, backbone: Backbone) -> None:
-        self.backbone = backbone
-        self.original = {name: p.detach().clone() for name, p in backbone.editable_parameters().items()}
-        self.memory: MemoryEdits | None = None
-        self.n_edits = 0
+    def __init__(self, session: EditSession) -> None:
+        self.session = session
+        self.backbone = session.backbone
 
-    def __call__(self, sub_batch: SubBatch) -> torch.Tensor:
-        return self.backbone(sub_batch) if self.memory is None else self.memory.model()(sub_batch)
+    @property
+    def n_edits(self) -> int:
+        return self.session.n_edits
 
-    def write(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Copy `weights` into the backbone's edited parameters of the same names."""
-        params = self.backbone.editable_parameters()
-        unknown = set(weights) - set(params)
-        if unknown:
-            raise KeyError(f"the edit returned weights the backbone does not edit: {sorted(unknown)}")
+    @property
+    def edits_weights(self) -> bool:
+        return isinstance(self.session.model, EditedModel)
+
+    def answer_logits(self, sub_batch: SubBatch) -> torch.Tensor:
+        """[P, V] logits at the answer positions of `sub_batch`, with every edit in force."""
+        inputs = StepInputs(self.backbone, {"query": sub_batch})
+        rows = inputs.rows("query")
         with torch.no_grad():
-            for name, w in weights.items():
-                params[name].copy_(w)
+            return self.session.model.answer_logits(inputs, rows, torch.full((len(rows),), self.session.head))
 
     def restore(self) -> Backbone:
         """Put back the original weights, forget memory edits, and return the backbone (which can be edited again)."""
-        self.write(self.original)
-        self.memory = None
-        self.n_edits = 0
+        self.session.restore()
         return self.backbone
 
     def save_pretrained(self, path: str | Path) -> None:
         """An ordinary transformers model directory (model, tokenizer, image processor) of the edited model."""
-        if self.memory is not None:
+        if not self.edits_weights:
             raise TypeError(
-                "SERAC's edits live in a memory beside the unchanged base model (a classifier routes inputs to a counterfactual "
-                "model), so there are no edited weights to save as a transformers directory; keep the editor artifact and the edits"
+                "SERAC's edits live in a memory beside the unchanged base model (a classifier routes inputs to a "
+                "counterfactual model), so there are no edited weights to save as a transformers directory; keep "
+                "the editor artifact and the edits"
             )
         self.backbone.save_pretrained(path)
 
@@ -283,10 +278,9 @@ class Editor:
         self.attach(backbone)
         return self.input_processor
 
-    def start(self, backbone: Backbone) -> EditState:
-        """An empty sequence of edits on `backbone`; `add` edits to it, `model()` is the post-edit model."""
-        editor = self.attach(backbone)
-        return MemoryEdits(editor, backbone) if isinstance(editor, SERAC) else WeightEdits(editor, backbone)
+    def start(self, backbone: Backbone) -> EditSession:
+        """No edits yet on `backbone`; `add` edits to it."""
+        return EditSession(self.attach(backbone), backbone)
 
     def encode(
         self,
@@ -329,16 +323,23 @@ class Editor:
         Pass the returned `EditedBackbone` back in to keep editing sequentially with the same `restore()` point.
         Raises `NonFiniteEdit` (the backbone unchanged) when any weight update is not finite.
         """
-        edited = backbone if isinstance(backbone, EditedBackbone) else EditedBackbone(backbone)
+        edited = backbone if isinstance(backbone, EditedBackbone) else EditedBackbone(self.start(backbone))
         groups = self.encode(edited.backbone, requests, batch_size, image_root, kind, vqa_template)
-        state = edited.memory if edited.memory is not None else self.start(edited.backbone)
-        for number, sub_batch in enumerate(groups, start=1):
-            state.add(sub_batch, f"edit group {number} of {len(groups)}", "refused, the backbone is unchanged")
-        if isinstance(state, WeightEdits):
-            edited.write(state.weights)
-        else:
-            edited.memory = state
-        edited.n_edits += len(requests)
+        before = {name: p.detach().clone() for name, p in edited.backbone.editable_parameters().items()}
+        state = (edited.session.head, edited.session.n_edits, edited.session.model.mark())
+        try:
+            for number, sub_batch in enumerate(groups, start=1):
+                edited.session.add(
+                    sub_batch, f"edit group {number} of {len(groups)}", "refused, the backbone is unchanged"
+                )
+        except NonFiniteEdit:
+            # All or nothing: the groups of this call that went in come out again.
+            edited.session.head, edited.session.n_edits = state[0], state[1]
+            edited.session.model.drop_after(state[2])
+            with torch.no_grad():
+                for name, p in edited.backbone.editable_parameters().items():
+                    p.copy_(before[name])
+            raise
         return edited
 
 
@@ -357,13 +358,26 @@ def _origin(record: Mapping[str, Any], position: int) -> str:
     return record["meta"][0]["origin"] if "meta" in record else f"record {position}"
 
 
-def score_records(
-    backbone: Backbone, records: Iterable[Mapping[str, Any]], state: EditState, hops: Sequence[str] = HOPS
-) -> dict[str, Any]:
-    """The edit report of `records`, all scored on the post-edit model of `state` (one-hop edits go on top of it)."""
-    metrics = EditMetrics(hops).to(device_of(backbone))
-    for record in records:
-        metrics.update(backbone, record, state.model(), state.model_with)
+def _batches(loader: Iterable[EditBatch], device: torch.device, limit: int | None = None) -> Iterator[EditBatch]:
+    """The batches of `loader` on `device`, cut to the first `limit` records."""
+    seen = 0
+    for batch in loader:
+        size = batch["edit_inner"]["input_ids"].shape[0]
+        if limit is not None and seen + size > limit:
+            if seen < limit:
+                yield from (to_device(r, device) for r in itertools.islice(record_batches(batch), limit - seen))
+            return
+        seen += size
+        yield to_device(batch, device)
+
+
+def score(session: EditSession, batches: Iterable[EditBatch], hops: Sequence[str] = HOPS) -> dict[str, Any]:
+    """The edit report of `batches`' records on the edits in force (one-hop edits go on top, then are dropped)."""
+    metrics = EditMetrics(hops).to(device_of(session.backbone))
+    for batch in batches:
+        mark = session.model.mark()
+        evaluate_batch(session, session.backbone, batch, metrics)
+        session.model.drop_after(mark)
     return metrics.compute()
 
 
@@ -372,13 +386,12 @@ def evaluate(
 ) -> dict[str, Any]:
     """Edit each record on its own, from the unedited model, and score it: what validation reports."""
     metrics = EditMetrics(hops).to(device_of(backbone))
+    plain = editor.attach(backbone)
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
-    for position, record in enumerate(
-        tqdm(_records(loader, device_of(backbone)), total=total, desc="editing", disable=not progress)
-    ):
-        state = editor.start(backbone)
-        state.add(record["edit_inner"], f"the edit of {_origin(record, position)}", "evaluation stopped")
-        metrics.update(backbone, record, state.model(), state.model_with)
+    with tqdm(total=total, desc="editing", disable=not progress) as bar:
+        for batch in _batches(loader, device_of(backbone)):
+            evaluate_batch(plain, backbone, batch, metrics)
+            bar.update(batch["edit_inner"]["input_ids"].shape[0])
     return metrics.compute()
 
 
@@ -408,23 +421,22 @@ def evaluate_sequential(
     """
     device = device_of(backbone)
     marks = set(curve_points(n_edits))
-    state, earliest, curve, done = editor.start(backbone), [], [], 0
-    with tqdm(total=n_edits, desc="sequential edits", disable=not progress) as bar:
-        for record in _records(loader, device, n_edits):
-            state.add(record["edit_inner"], f"sequential edit {done + 1} ({_origin(record, done)})", "stopped")
-            done += 1
-            if len(earliest) < probe:
-                earliest.append(record)
-            if done in marks:
-                report = score_records(backbone, earliest, state, hops)
-                curve.append({"n_edits": done, **{key: report[key] for key in HEADLINE}})
-            bar.update()
-    if done < n_edits:
-        raise ValueError(f"{n_edits} sequential edits asked for, but the data has only {done} records")
-    final = score_records(
-        backbone,
-        tqdm(_records(loader, device, n_edits), total=n_edits, desc="scoring", disable=not progress),
-        state,
-        hops,
-    )
+    session, earliest, curve, done = editor.start(backbone), [], [], 0
+    try:
+        with tqdm(total=n_edits, desc="sequential edits", disable=not progress) as bar:
+            for record in _records(loader, device, n_edits):
+                what = f"sequential edit {done + 1} ({_origin(record, done)})"
+                session.add(record["edit_inner"], what, "stopped")
+                done += 1
+                if len(earliest) < probe:
+                    earliest.append(record)
+                if done in marks:
+                    report = score(session, earliest, hops)
+                    curve.append({"n_edits": done, **{key: report[key] for key in HEADLINE}})
+                bar.update()
+        if done < n_edits:
+            raise ValueError(f"{n_edits} sequential edits asked for, but the data has only {done} records")
+        final = score(session, _batches(loader, device, n_edits), hops)
+    finally:
+        session.restore()
     return {**final, "sequential": {"probe_edits": len(earliest), "curve": curve}}

@@ -165,7 +165,8 @@ def evaluate_batch(
         queries["port"] = port
     logits = model.answer_logits(inputs, inputs.rows(*queries), torch.cat(list(queries.values())))
     post = inputs.split(logits, list(queries))
-    pre = inputs.split(model.answer_logits(inputs, inputs.rows("loc", "loc_image")), ("loc", "loc_image"))
+    with model.unedited():  # the original model, also where edits are already folded into the weights
+        pre = inputs.split(model.answer_logits(inputs, inputs.rows("loc", "loc_image")), ("loc", "loc_image"))
     labels = {key: inputs.labels[inputs.rows(key)] for key in queries}
     metrics.update(labels, post, pre, batch.get("port_hops", ()))
     return post

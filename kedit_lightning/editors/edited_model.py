@@ -110,6 +110,7 @@ class EditedModel:
         self.parents: list[int] = []
         self.terms: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {n: [] for n in self.names}
         self._padded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.original: dict[str, torch.Tensor] | None = None  # the weights before the first `fold`
 
     # -- groups -------------------------------------------------------------------------------
     def new_groups(self, parents: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -246,6 +247,66 @@ class EditedModel:
                 w = w - (update.T if isinstance(self.modules[name], Conv1D) else update).to(w.dtype)
             dense[name] = w
         return dense
+
+    # -- edits in force for good (the editing API, sequential evaluation) ---------------------
+    @torch.no_grad()
+    def fold(self) -> dict[str, torch.Tensor]:
+        """Write every group into the backbone's weights (in place) and forget the terms: from now on
+        the unedited rows (group -1) see these edits. Refused, with nothing written and the terms
+        dropped, when a folded weight is not finite; returns the written weights."""
+        dense = self.weights()
+        for group in self.terms.values():
+            group.clear()
+        self._padded.clear()
+        bad = [name for name, w in dense.items() if not bool(torch.isfinite(w).all())]
+        if bad:
+            raise FloatingPointError(f"non-finite values in {len(bad)} edited weight(s) ({', '.join(bad[:3])})")
+        if self.original is None:
+            self.original = {name: w.detach().clone() for name, w in self.backbone.editable_parameters().items()}
+        _write(self.backbone, dense)
+        return dense
+
+    @contextmanager
+    def unedited(self) -> Iterator[None]:
+        """The backbone's original weights, for the duration (pre-edit answers after `fold`)."""
+        if self.original is None:
+            yield
+            return
+        folded = {name: w.detach().clone() for name, w in self.backbone.editable_parameters().items()}
+        _write(self.backbone, self.original)
+        try:
+            yield
+        finally:
+            _write(self.backbone, folded)
+
+    def mark(self) -> int:
+        """A point to `drop_after`: the number of groups so far."""
+        return len(self.parents)
+
+    def drop_after(self, mark: int) -> None:
+        """Forget the groups opened since `mark` (edits tried, not kept)."""
+        del self.parents[mark:]
+        for name in self.names:
+            kept = [(u[g < mark], v[g < mark], g[g < mark]) for u, v, g in self.terms[name]]
+            self.terms[name] = [t for t in kept if len(t[2])]
+        self._padded.clear()
+
+    def restore(self) -> None:
+        """The original weights back, bit for bit, and no edits."""
+        if self.original is not None:
+            _write(self.backbone, self.original)
+        self.original = None
+        self.parents.clear()
+        for group in self.terms.values():
+            group.clear()
+        self._padded.clear()
+
+
+@torch.no_grad()
+def _write(backbone: Backbone, weights: Mapping[str, torch.Tensor]) -> None:
+    params = backbone.editable_parameters()
+    for name, w in weights.items():
+        params[name].copy_(w)
 
 
 def new_edit_groups(
