@@ -20,7 +20,6 @@ edits, each starting from what the previous one left.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +31,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from data_modules.datasets import VQA_TEMPLATE, DataKind, PromptBuilder, load_image
-from data_modules.encoding import EditBatch, SubBatch, SubBatchEncoder
+from data_modules.encoding import IGNORE_INDEX, EditBatch, SubBatch, SubBatchEncoder
 from data_modules.records import EditRecord
 from kedit_lightning.backbones import FAMILIES, Backbone
-from kedit_lightning.editors.serac import Router
+from kedit_lightning.editors.edited_model import StepInputs
+from kedit_lightning.editors.serac import MemoryEditedModel
 from kedit_lightning.evaluation import HEADLINE, HOPS, EditedModel, EditMetrics, record_batches, with_weights
 from kedit_lightning.export import METHODS, check_fingerprint, read_card, rebuild_module, verify_weights
 from kedit_lightning.modules.editing import EditorModule, WeightEditorModule
@@ -137,24 +137,47 @@ class WeightEdits:
 
 
 class MemoryEdits:
-    """Edits kept in SERAC's memory beside the unchanged backbone; the post-edit model is its router."""
+    """Edits kept in SERAC's memory beside the unchanged backbone, each call's edits a group on top of the last."""
 
     def __init__(self, module: EditorModule) -> None:
         self.module = module
-        self.memory = module.editor.memory(module.backbone)
+        self.memory = module.editor.edited_model(module.backbone)
+        self.group = torch.tensor([-1])
+
+    def _edit(self, sub_batch: SubBatch) -> torch.Tensor:
+        """A new group holding the edits of `sub_batch`, on top of the edits in force."""
+        inputs = StepInputs(self.module.backbone, {"edits": sub_batch}, prefix=False)
+        rows = inputs.rows("edits")
+        return self.module.editor.edit(self.memory, inputs, rows, self.group.expand(len(rows)), batched=True)[:1]
 
     def add(self, sub_batch: SubBatch, what: str, consequence: str) -> None:
-        self.module.editor.add_edits(self.memory, self.module.backbone, sub_batch)
+        self.group = self._edit(sub_batch)
 
     def model(self) -> EditedModel:
-        return Router(self.module.editor, self.module.backbone, self.memory)
+        return MemoryRouted(self.memory, self.group)
 
     def model_with(self, sub_batch: SubBatch) -> EditedModel:
         """The post-edit model with the edit of `sub_batch` on top, the edits in force left as they are."""
-        # A shallow copy is enough: EditMemory.add replaces its tensors (torch.cat), never writes into them.
-        memory = copy.copy(self.memory)
-        self.module.editor.add_edits(memory, self.module.backbone, sub_batch)
-        return Router(self.module.editor, self.module.backbone, memory)
+        return MemoryRouted(self.memory, self._edit(sub_batch))
+
+
+class MemoryRouted:
+    """sub-batch -> logits aligned with its labels: the backbone's, its answer positions answered by
+    `memory` under `group` (until the editing API moves onto answer logits)."""
+
+    def __init__(self, memory: MemoryEditedModel, group: torch.Tensor) -> None:
+        self.memory = memory
+        self.group = group
+
+    @torch.no_grad()
+    def __call__(self, sub_batch: SubBatch) -> torch.Tensor:
+        backbone = self.memory.backbone
+        logits = backbone(sub_batch).clone()
+        inputs = StepInputs(backbone, {"queries": sub_batch})
+        rows = inputs.rows("queries")
+        answers = self.memory.answer_logits(inputs, rows, self.group.expand(len(rows)))
+        logits[sub_batch["labels"] != IGNORE_INDEX] = answers.to(logits.dtype)
+        return logits
 
 
 EditState = WeightEdits | MemoryEdits
