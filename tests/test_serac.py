@@ -12,7 +12,9 @@ from data_modules.datasets import EditCollator, EditExample
 from data_modules.encoding import IGNORE_INDEX
 from data_modules.word_tokenizer import PROMPT_TEXTS, build_word_tokenizer
 from kedit_lightning.backbones import load_backbone_spec
-from kedit_lightning.editors.serac import EditMemory, Router, SERACEncoder, Tokens
+from kedit_lightning.editors.edited_model import StepInputs
+from kedit_lightning.editors.serac import SERACEncoder
+from kedit_lightning.evaluation import SUB_BATCH_OF, EditMetrics, evaluate_batch, record_batches
 from kedit_lightning.modules.serac import ScopeEncoderSpec, SERACModule, balanced_bce
 
 TINY_BERT = {
@@ -115,42 +117,56 @@ def batch(module):
     return edit_batch(module)
 
 
+def answers(backbone, sub_batch) -> torch.Tensor:
+    """The backbone's full forward at the answer positions: what an unedited row must give."""
+    return backbone(sub_batch)[sub_batch["labels"] != IGNORE_INDEX]
+
+
 def test_empty_memory_is_the_base_model(module, batch):
-    router = Router(module.editor, module.backbone, module.editor.memory(module.backbone))
-    for key in ("edit_inner", "loc", "loc_image"):
-        assert torch.equal(router(batch[key]), module.backbone(batch[key]))
+    model = module.editor.edited_model(module.backbone)
+    keys = ("edit_inner", "loc", "loc_image")
+    inputs = StepInputs(module.backbone, {key: batch[key] for key in keys})
+    for key in keys:
+        rows = inputs.rows(key)
+        for groups in (None, torch.full((len(rows),), -1)):
+            torch.testing.assert_close(model.answer_logits(inputs, rows, groups), answers(module.backbone, batch[key]))
 
 
-def test_in_scope_goes_to_the_counterfactual_and_the_rest_to_the_base(module, batch):
+def test_in_scope_goes_to_the_counterfactual_and_the_rest_to_the_base(tokenizer_dir):
+    module = make_module(tokenizer_dir)
+    batch = edit_batch(module)
     serac, backbone = module.editor, module.backbone
-    edit = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in batch["edit_inner"].items()}
-    queries = batch["edit_outer"]
-    memory = serac.memory(backbone, edit)
-    classifier = serac.classifier
+    inputs = StepInputs(backbone, {key: batch[key] for key in ("edit_inner", "edit_outer")})
+    queries = inputs.rows("edit_outer")
+    model = serac.edited_model(backbone)
+    group = serac(model, inputs, inputs.rows("edit_inner")[:1])
+    groups = group.expand(len(queries))
     # Put the threshold between the best and the worst input's score: some rows in scope, the others not.
     with torch.no_grad():
-        scores, _ = memory.lookup(serac.read(backbone, queries).query)
-        classifier.bias -= (scores.max() + scores.min()) / 2
-        memory = serac.memory(backbone, edit)
-    router = Router(serac, backbone, memory)
-    inputs = serac.read(backbone, queries)
-    in_scope, entry = router.route(inputs)
+        scores = serac.classifier.score_all(model.scope, serac.read(inputs, queries).query, model.keys)[:, 0]
+        serac.classifier.bias -= (scores.max() + scores.min()) / 2
+        model = serac.edited_model(backbone)
+        group = serac(model, inputs, inputs.rows("edit_inner")[:1])
+    in_scope, entry = model.route(serac.read(inputs, queries).query, groups)
     assert in_scope.any() and (~in_scope).any()
     assert (entry == 0).all()
-    logits, base = router(queries), backbone(queries)
-    assert torch.equal(logits[~in_scope], base[~in_scope])
+    logits = model.answer_logits(inputs, queries, groups)
+    labels = batch["edit_outer"]["labels"]
+    positions = in_scope.unsqueeze(1).expand_as(labels)[labels != IGNORE_INDEX]
+    base = answers(backbone, batch["edit_outer"])
+    torch.testing.assert_close(logits[~positions], base[~positions])
     rows = in_scope.nonzero().flatten()
+    read = serac.read(inputs, queries[rows])
     with torch.no_grad():
         cf_logits, cf_labels = serac.counterfactual(
-            Tokens.of(edit, "cf").rows(torch.zeros_like(rows)),
-            inputs.counterfactual.rows(rows),
-            inputs.counterfactual_labels[rows],
-            inputs.image_tokens[rows],
+            model.counterfactual.rows(torch.zeros_like(rows)),
+            read.counterfactual,
+            read.counterfactual_labels,
+            read.image_tokens,
+            read.has_image,
         )
-    answer = queries["labels"][rows] != IGNORE_INDEX
-    torch.testing.assert_close(logits[rows][answer], cf_logits[cf_labels != IGNORE_INDEX])
-    assert not torch.equal(logits[rows][answer], base[rows][answer])
-    assert (logits[rows][~answer] == 0).all()
+    torch.testing.assert_close(logits[positions], cf_logits[cf_labels != IGNORE_INDEX])
+    assert not torch.equal(logits[positions], base[positions])
 
 
 def test_memory_with_many_edits_returns_the_right_entry(module):
@@ -160,27 +176,25 @@ def test_memory_with_many_edits_returns_the_right_entry(module):
     encoder, red, blue = module.input_processor(), *draw_images()
     edits = encoder(prompts, ["Velor"] * len(prompts), [red if i % 3 else blue for i in range(len(prompts))])
     serac = module.editor
-    memory = EditMemory(serac.classifier)
-    inputs = serac.read(module.backbone, edits)
-    for start in range(0, len(prompts), 16):  # added in several calls
+    model = serac.edited_model(module.backbone)
+    inputs = StepInputs(module.backbone, {"edits": edits}, prefix=False)
+    group = serac(model, inputs, torch.arange(16), batched=True)
+    for start in range(16, len(prompts), 16):  # added in several calls, each on top of the last
         rows = torch.arange(start, min(start + 16, len(prompts)))
-        memory.add(inputs.descriptor.rows(rows), inputs.counterfactual.rows(rows))
-    assert len(memory) == len(prompts)
+        group = serac(model, inputs, rows, on_top_of=group[:1].expand(len(rows)), batched=True)
+    assert len(model) == len(prompts)
     order = torch.randperm(len(prompts))
-    _, entry = memory.lookup(inputs.descriptor.rows(order))
+    _, entry = model.route(serac.read(inputs, order).descriptor, group[:1].expand(len(prompts)))
     assert torch.equal(entry, order)
-    memory.clear()
-    assert len(memory) == 0
 
 
 def test_cross_encoder_scores_every_pair_as_it_scores_one(tokenizer_dir):
     module = make_module(tokenizer_dir, classifier="cross")
     batch = edit_batch(module)
     serac = module.editor
-    edits, queries = (
-        serac.read(module.backbone, batch["edit_inner"]).descriptor,
-        serac.read(module.backbone, batch["loc_image"]).query,
-    )
+    inputs = StepInputs(module.backbone, {key: batch[key] for key in ("edit_inner", "loc_image")}, prefix=False)
+    edits = serac.read(inputs, inputs.rows("edit_inner")).descriptor
+    queries = serac.read(inputs, inputs.rows("loc_image")).query
     every = serac.classifier.score_all(edits, queries)
     n = queries.has_image.shape[0]
     for e in range(n):
@@ -198,8 +212,7 @@ def test_classifier_loss_falls_and_the_base_stays_untouched(tokenizer_dir, tmp_p
     def classifier_loss() -> float:
         module.eval()
         with torch.no_grad():
-            inputs = {key: module.editor.read(module.backbone, batch[key]) for key in batch if key != "meta"}
-            return float(module._classifier_loss(inputs, batch)[0])
+            return float(module._classifier_loss(module.read_step(batch), batch)[0])
 
     before = classifier_loss()
     trainer = Trainer(
@@ -254,3 +267,78 @@ def test_answers_the_counterfactual_splits_differently_are_refused(module):
     encoder = SERACEncoder(module.backbone.processor, module.input_processor().scope_tokenizer, counterfactual)
     with pytest.raises(ValueError, match="answer 'Velor'.*same answer tokens"):
         encoder(["Where is this object located?"], ["Velor"], draw_images()[:1])
+
+
+def oracle_metrics(module: SERACModule, batch: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The old straightforward way: each record alone, its edit the only memory entry, each sub-batch read
+    on its own, scored pair by pair and routed row by row (full forwards, no shared inputs).
+    The report, and the post-edit answer logits per sub-batch (records in order)."""
+    serac, backbone = module.editor, module.backbone
+    metrics, every_post = EditMetrics(), {name: [] for name in SUB_BATCH_OF.values()}
+    for record in record_batches(batch):
+        post, pre, labels = {}, {}, {}
+        for name in SUB_BATCH_OF.values():
+            sub_batch = record[name]
+            inputs = StepInputs(backbone, {"edit": record["edit_inner"], "query": sub_batch}, prefix=False)
+            edit, query = serac.read(inputs, inputs.rows("edit")), serac.read(inputs, inputs.rows("query"))
+            base = answers(backbone, sub_batch)
+            with torch.no_grad():
+                in_scope = torch.sigmoid(serac.classifier(edit.descriptor, query.query)) >= serac.threshold
+                if bool(in_scope):
+                    cf_logits, cf_labels = serac.counterfactual(
+                        edit.counterfactual, query.counterfactual, query.counterfactual_labels, query.image_tokens
+                    )
+                    routed = cf_logits[cf_labels != IGNORE_INDEX]
+                    routed = torch.nn.functional.pad(
+                        routed, (0, base.shape[-1] - routed.shape[-1]), value=torch.finfo(routed.dtype).min
+                    )
+            post[name], pre[name], labels[name] = (routed if bool(in_scope) else base), base, sub_batch["labels"]
+            every_post[name].append(post[name])
+        metrics.update(labels, post, pre)
+    return metrics.compute(), {name: torch.cat(logits) for name, logits in every_post.items()}
+
+
+def test_batched_evaluation_matches_each_record_alone(tokenizer_dir):
+    module = make_module(tokenizer_dir)
+    batch = edit_batch(module)
+    serac, backbone = module.editor, module.backbone
+    # Threshold at the median score of every (edit, input) pair: some inputs in scope, the others not.
+    inputs = StepInputs(backbone, {key: batch[key] for key in SUB_BATCH_OF.values()}, prefix=False)
+    edits = serac.read(inputs, inputs.rows("edit_inner")).descriptor
+    with torch.no_grad():
+        scores = serac.classifier.score_all(edits, serac.read(inputs, inputs.rows(*SUB_BATCH_OF.values())).query)
+        serac.classifier.bias -= scores.median()
+    metrics = EditMetrics()
+    post = evaluate_batch(serac, backbone, batch, metrics)
+    oracle, oracle_post = oracle_metrics(module, batch)
+    for name, logits in oracle_post.items():
+        torch.testing.assert_close(post[name], logits, rtol=1e-4, atol=1e-4)
+    # Both sides of the threshold were taken: some locality input answered by the counterfactual model.
+    report = metrics.compute()
+    assert min(report["t_locality"], report["i_locality"]) < 1.0
+    assert report.keys() == oracle.keys()
+    for key, value in report.items():
+        assert value == pytest.approx(oracle[key], abs=1e-6), key
+
+
+def test_rows_route_only_to_their_own_groups_entries(tokenizer_dir):
+    module = make_module(tokenizer_dir)
+    # Record 0's rephrase is record 2's prompt: routed over the whole memory it would go to record 2's edit.
+    batch = edit_batch(module)
+    serac, backbone = module.editor, module.backbone
+    with torch.no_grad():
+        serac.classifier.bias += 100.0  # everything in scope of every entry: only the groups decide
+    inputs = StepInputs(backbone, {key: batch[key] for key in ("edit_inner", "edit_outer")})
+    model = serac.edited_model(backbone)
+    groups = serac(model, inputs, inputs.rows("edit_inner"))
+    queries = inputs.rows("edit_outer")
+    in_scope, entry = model.route(serac.read(inputs, queries).query, groups)
+    assert in_scope.all()
+    assert torch.equal(entry, torch.arange(len(EDITS)))
+    logits = model.answer_logits(inputs, queries, groups)
+    for record in range(len(EDITS)):
+        alone = serac.edited_model(backbone)
+        group = serac(alone, inputs, inputs.rows("edit_inner")[record : record + 1])
+        expected = alone.answer_logits(inputs, queries[record : record + 1], group)
+        start = int(inputs.answer_counts(queries[:record]).sum())
+        torch.testing.assert_close(logits[start : start + expected.shape[0]], expected)

@@ -29,30 +29,37 @@ from kedit_lightning.editors.losses import per_example_nll
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """Per edited weight name: (u [R, out], v [R, in]) rank-one terms, or captured (x [R, in], delta [R, out])."""
 
-_PAD_VALUES = {"labels": IGNORE_INDEX}
-
 
 class StepInputs:
     """The sub-batches of one step stacked into one right-padded batch, their frozen prefix computed once.
 
     Every tensor field the sub-batches share is stacked (SERAC's extra tokens too); `pixel_values` are
     encoded once per distinct image into `image_features` (one row per input row that has an image).
+    `prefix=False` skips the frozen prefix (`state` None) for callers that need only tokens and image features.
     """
 
-    def __init__(self, backbone: Backbone, sub_batches: Mapping[str, SubBatch]) -> None:
+    def __init__(self, backbone: Backbone, sub_batches: Mapping[str, SubBatch], prefix: bool = True) -> None:
         self.names = list(sub_batches)
         sizes = [sub_batches[name]["input_ids"].shape[0] for name in self.names]
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         self.slices = {name: slice(start, start + size) for name, start, size in zip(self.names, starts, sizes)}
         keys = [k for k, v in sub_batches[self.names[0]].items() if isinstance(v, torch.Tensor) and k != "pixel_values"]
-        self.fields = {k: _stack([sub_batches[n][k] for n in self.names], _PAD_VALUES.get(k, 0)) for k in keys}
+        # Label fields (the backbone's, SERAC's counterfactual ones) pad with the ignore index, the rest with 0.
+        self.fields = {
+            k: _stack([sub_batches[n][k] for n in self.names], IGNORE_INDEX if k.endswith("labels") else 0)
+            for k in keys
+        }
         has_image = [sub_batches[n].get("pixel_values") is not None for n in self.names]
         device = self.fields["input_ids"].device
         self.has_image = torch.cat([torch.full((s,), h, device=device) for s, h in zip(sizes, has_image)])
         pixels = [sub_batches[n]["pixel_values"] for n, h in zip(self.names, has_image) if h]
         with torch.no_grad():
             self.image_features = backbone.encode_images(torch.cat(pixels)) if pixels else None
-        self.state = backbone.prefix(self.fields["input_ids"], self.fields["attention_mask"], self.image_features)
+        self.state = (
+            backbone.prefix(self.fields["input_ids"], self.fields["attention_mask"], self.image_features)
+            if prefix
+            else None
+        )
 
     @property
     def labels(self) -> torch.Tensor:
@@ -95,24 +102,12 @@ def edited_module(backbone: Backbone, name: str) -> nn.Module:
     return module
 
 
-class EditedModel:
-    """A backbone with pending low-rank weight edits, organised in groups (see the module docstring).
+class EditGroups:
+    """Edit groups (see the module docstring): each group's parent, -1 for the unedited model."""
 
-    `capture` gives the rows (x, delta) of the edit loss's gradient at every edited weight, `add`
-    stores rank-one terms as new groups, `answer_logits` answers rows each under its group, and
-    `weights` folds every group into dense weights (for saving, or to edit on from there).
-    """
-
-    def __init__(self, backbone: Backbone) -> None:
-        self.backbone = backbone
-        self.names = list(backbone.edit_param_names)
-        self.modules = {name: edited_module(backbone, name) for name in self.names}
+    def __init__(self) -> None:
         self.parents: list[int] = []
-        self.terms: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {n: [] for n in self.names}
-        self._padded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.original: dict[str, torch.Tensor] | None = None  # the weights before the first `fold`
 
-    # -- groups -------------------------------------------------------------------------------
     def new_groups(self, parents: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Open one group on top of each of `parents` (-1: the unedited model); their ids."""
         parents = [int(p) for p in parents]
@@ -122,13 +117,11 @@ class EditedModel:
         self.parents += parents
         return torch.arange(first, first + len(parents))
 
-    def add(self, terms: Factors, groups: torch.Tensor) -> None:
-        """Add rank-one terms (u [R, out], v [R, in]) per weight; `groups` [R] is each term's group."""
-        for name, (u, v) in terms.items():
-            self.terms[name].append((u, v, groups.to(u.device)))
-        self._padded.clear()
+    def mark(self) -> int:
+        """A point to `drop_after`: the number of groups so far."""
+        return len(self.parents)
 
-    def _chains(self, groups: torch.Tensor) -> torch.Tensor:
+    def chains(self, groups: torch.Tensor) -> torch.Tensor:
         """[N, D]: each row's group and its ancestors (padded with -1)."""
         chains = []
         for group in groups.tolist():
@@ -139,6 +132,30 @@ class EditedModel:
             chains.append(chain)
         depth = max((len(c) for c in chains), default=0)
         return torch.tensor([c + [-1] * (depth - len(c)) for c in chains], dtype=torch.long).view(len(chains), depth)
+
+
+class EditedModel(EditGroups):
+    """A backbone with pending low-rank weight edits, organised in groups (see the module docstring).
+
+    `capture` gives the rows (x, delta) of the edit loss's gradient at every edited weight, `add`
+    stores rank-one terms as new groups, `answer_logits` answers rows each under its group, and
+    `weights` folds every group into dense weights (for saving, or to edit on from there).
+    """
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.names = list(backbone.edit_param_names)
+        self.modules = {name: edited_module(backbone, name) for name in self.names}
+        self.terms: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {n: [] for n in self.names}
+        self._padded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.original: dict[str, torch.Tensor] | None = None  # the weights before the first `fold`
+
+    def add(self, terms: Factors, groups: torch.Tensor) -> None:
+        """Add rank-one terms (u [R, out], v [R, in]) per weight; `groups` [R] is each term's group."""
+        for name, (u, v) in terms.items():
+            self.terms[name].append((u, v, groups.to(u.device)))
+        self._padded.clear()
 
     def _padded_terms(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(u [G + 1, r, out], v [G + 1, r, in]): each group's terms zero-padded to the most any group has;
@@ -174,7 +191,7 @@ class EditedModel:
         self, groups: torch.Tensor | None, record: dict[str, list[torch.Tensor]] | None = None
     ) -> Iterator[None]:
         """Hooks that subtract each row's edits from the edited layers' outputs (and record x, y)."""
-        chains = None if groups is None else self._chains(groups)
+        chains = None if groups is None else self.chains(groups)
         active = chains is not None and chains.shape[1] > 0 and any(self.terms[n] for n in self.names)
 
         def hook(name: str):
@@ -279,10 +296,6 @@ class EditedModel:
         finally:
             _write(self.backbone, folded)
 
-    def mark(self) -> int:
-        """A point to `drop_after`: the number of groups so far."""
-        return len(self.parents)
-
     def drop_after(self, mark: int) -> None:
         """Forget the groups opened since `mark` (edits tried, not kept)."""
         del self.parents[mark:]
@@ -310,7 +323,7 @@ def _write(backbone: Backbone, weights: Mapping[str, torch.Tensor]) -> None:
 
 
 def new_edit_groups(
-    model: EditedModel, n_rows: int, on_top_of: torch.Tensor | None, batched: bool
+    model: EditGroups, n_rows: int, on_top_of: torch.Tensor | None, batched: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(each edit row's new group [n], each row's weight in the edit loss [n]) for `n_rows` edit rows:
     a group per row (each row its own loss), or with `batched` one group for all (the mean loss)."""

@@ -18,17 +18,20 @@ Mitchell, Lin, Bosselut, Manning and Finn, "Memory-Based Model Editing at Scale"
    image's base-model features mapped into its embedding space by a trained projection, and the
    input, and answers as if the edit were true.
 4. Routing. In-scope inputs get the counterfactual model's logits, the rest the base model's,
-   unchanged.
+   unchanged. `MemoryEditedModel` is SERAC's edited model: memory entries in edit groups (as
+   `EditedModel`'s), each input routed among the entries of its own group and their ancestors.
 
 The classifier and the counterfactual model read their own tokens. `SERACEncoder` adds them to
-every sub-batch in the data pipeline, next to the backbone's, so no forward re-tokenizes text.
+every sub-batch in the data pipeline, next to the backbone's, so no forward re-tokenizes text;
+`SERAC.read` takes them, and the images' base-model features, from a `StepInputs`.
 Routed logits are placed on the base model's answer positions, which needs the counterfactual
 model to split each answer into the same token ids as the base (checked when encoding).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,7 +42,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from data_modules.encoding import IGNORE_INDEX, SubBatch, SubBatchEncoder
-from kedit_lightning.backbones.base import Backbone
+from kedit_lightning.backbones.base import Backbone, answer_read_mask
+from kedit_lightning.editors.edited_model import EditGroups, StepInputs, new_edit_groups
 
 ClassifierKind = Literal["embedding", "cross"]
 # Sub-batch keys that SERACEncoder adds: classifier tokens of the prompt alone (an input) and of
@@ -55,12 +59,13 @@ class Tokens:
     mask: torch.Tensor
 
     @classmethod
-    def of(cls, sub_batch: SubBatch, name: str) -> Tokens:
-        if f"{name}_ids" not in sub_batch:
+    def of(cls, fields: SubBatch, name: str) -> Tokens:
+        if f"{name}_ids" not in fields:
             raise KeyError(
-                f"the sub-batch has no {name}_ids: SERAC reads data encoded by SERACEncoder (SERACModule makes it the DataModule's processor)"
+                f"the inputs have no {name}_ids: SERAC reads data encoded by SERACEncoder "
+                "(SERACModule makes it the DataModule's processor)"
             )
-        return cls(sub_batch[f"{name}_ids"], sub_batch[f"{name}_mask"])
+        return cls(fields[f"{name}_ids"], fields[f"{name}_mask"])
 
     def rows(self, index: torch.Tensor) -> Tokens:
         return Tokens(self.ids[index], self.mask[index])
@@ -97,14 +102,27 @@ class ScopeInput:
 
 @dataclass
 class SERACInputs:
-    """One sub-batch as SERAC reads it."""
+    """Rows of a step as SERAC reads them."""
 
     query: ScopeInput  # the prompt, for the classifier
-    descriptor: ScopeInput  # prompt + target, for the classifier, when the sub-batch holds edits
+    descriptor: ScopeInput  # prompt + target, for the classifier, when the rows are edits
     counterfactual: Tokens  # prompt + target, counterfactual tokens
     counterfactual_labels: torch.Tensor  # [B, L]: the target's tokens, -100 elsewhere
-    image_tokens: torch.Tensor | None  # [B, N, D]: the base model's image features, None for text-only
+    image_tokens: torch.Tensor | None  # [B, N, D]: the base model's image features (zero where has_image is
+    # False), None when no row has an image or SERAC reads none
+    has_image: torch.Tensor  # [B] bool
     labels: torch.Tensor  # the base model's labels
+
+    def rows(self, index: torch.Tensor) -> SERACInputs:
+        return SERACInputs(
+            self.query.rows(index),
+            self.descriptor.rows(index),
+            self.counterfactual.rows(index),
+            self.counterfactual_labels[index],
+            None if self.image_tokens is None else self.image_tokens[index],
+            self.has_image[index],
+            self.labels[index],
+        )
 
 
 def pack(masks: Sequence[torch.Tensor], *values: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -239,48 +257,6 @@ class ScopeClassifier(nn.Module):
         return self._cross(edits.rows(edit_rows), inputs.rows(input_rows)).view(n_inputs, n_edits)
 
 
-class EditMemory:
-    """The edits in force: their classifier descriptors, counterfactual descriptors and, for an
-    embedding classifier, their keys (embedded once, when added)."""
-
-    def __init__(self, classifier: ScopeClassifier) -> None:
-        self.classifier = classifier
-        self.clear()
-
-    def clear(self) -> None:
-        self.scope: ScopeInput | None = None
-        self.counterfactual: Tokens | None = None
-        self.keys: ScopeKeys | None = None
-
-    def __len__(self) -> int:
-        return 0 if self.scope is None else int(self.scope.has_image.shape[0])
-
-    @torch.no_grad()
-    def add(self, scope: ScopeInput, counterfactual: Tokens) -> None:
-        """Add edits: their classifier descriptors and counterfactual descriptors, row for row."""
-        if scope.has_image.shape[0] != counterfactual.ids.shape[0]:
-            raise ValueError(
-                f"{scope.has_image.shape[0]} scope descriptors for {counterfactual.ids.shape[0]} counterfactual descriptors"
-            )
-        self.scope = scope if self.scope is None else ScopeInput.cat([self.scope, scope])
-        self.counterfactual = (
-            counterfactual if self.counterfactual is None else Tokens.cat([self.counterfactual, counterfactual])
-        )
-        if self.classifier.kind == "embedding":
-            keys = self.classifier.embed(scope)
-            if self.keys is not None:
-                image = None if keys.image is None else torch.cat([self.keys.image, keys.image])
-                keys = ScopeKeys(torch.cat([self.keys.text, keys.text]), image)
-            self.keys = keys
-
-    @torch.no_grad()
-    def lookup(self, inputs: ScopeInput) -> tuple[torch.Tensor, torch.Tensor]:
-        """(score [X], entry index [X]) of each input's best-scoring edit; the memory must not be empty."""
-        if len(self) == 0:
-            raise LookupError("the edit memory is empty")
-        return self.classifier.score_all(self.scope, inputs, self.keys).max(dim=1)
-
-
 class CounterfactualModel(nn.Module):
     """A causal LM answering as if an edit were true: reads [edit descriptor, image, input].
 
@@ -308,14 +284,23 @@ class CounterfactualModel(nn.Module):
         return self.image_projection(image_tokens)
 
     def forward(
-        self, edits: Tokens, inputs: Tokens, labels: torch.Tensor, image_tokens: torch.Tensor | None = None
+        self,
+        edits: Tokens,
+        inputs: Tokens,
+        labels: torch.Tensor,
+        image_tokens: torch.Tensor | None = None,
+        has_image: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`has_image` [B] (None: every row) masks out the image tokens of rows without an image."""
         embed = self.model.get_input_embeddings()
         ignore = torch.full_like(edits.ids, IGNORE_INDEX)
         masks, pieces, label_pieces = [edits.mask], [embed(edits.ids)], [ignore]
         if self.image_projection is not None and image_tokens is not None:
             projected = self.project_images(image_tokens.to(pieces[0].dtype))
-            masks.append(torch.ones(projected.shape[:2], dtype=edits.mask.dtype, device=projected.device))
+            image_mask = torch.ones(projected.shape[:2], dtype=edits.mask.dtype, device=projected.device)
+            if has_image is not None:
+                image_mask = image_mask * has_image.to(image_mask.dtype).unsqueeze(1)
+            masks.append(image_mask)
             pieces.append(projected)
             label_pieces.append(torch.full(projected.shape[:2], IGNORE_INDEX, dtype=labels.dtype, device=labels.device))
         masks.append(inputs.mask)
@@ -439,88 +424,183 @@ class SERAC(nn.Module):
     def reads_images(self) -> bool:
         return self.classifier.image_projection is not None or self.counterfactual.image_projection is not None
 
-    def read(self, backbone: Backbone, sub_batch: SubBatch) -> SERACInputs:
-        """The sub-batch's SERAC tokens, with the frozen base model's features of its images."""
-        labels = sub_batch["labels"]
-        rows, device = labels.shape[0], labels.device
-        pixel_values = sub_batch.get("pixel_values")
-        has_image = torch.full((rows,), pixel_values is not None, dtype=torch.bool, device=device)
+    def read(self, inputs: StepInputs, rows: torch.Tensor) -> SERACInputs:
+        """`rows` of `inputs` as SERAC reads them: their SERAC tokens, and the base model's features of
+        their images (encoded once per distinct image by `StepInputs`)."""
+        labels = inputs.labels[rows]
+        image_rows = inputs.image_rows(rows)
+        has_image = image_rows >= 0
         image_tokens, pooled = None, None
-        if self.reads_images and pixel_values is not None:
-            with torch.no_grad():
-                image_tokens = backbone.image_features(pixel_values).detach()
+        if self.reads_images and inputs.image_features is not None and bool(has_image.any()):
+            features = inputs.image_features.detach()[image_rows.clamp(min=0)]
+            image_tokens = features * has_image.to(features.dtype).view(-1, 1, 1)
             pooled = image_tokens.mean(dim=1).float()
         if self.classifier.image_projection is not None and pooled is None:
-            pooled = torch.zeros(rows, self.image_dim, device=device)
+            pooled = torch.zeros(len(rows), self.image_dim, device=labels.device)
+        counterfactual, counterfactual_labels = _trimmed(
+            Tokens.of(inputs.fields, COUNTERFACTUAL).rows(rows), inputs.fields[f"{COUNTERFACTUAL}_labels"][rows]
+        )
         return SERACInputs(
-            query=ScopeInput(Tokens.of(sub_batch, SCOPE_QUERY), pooled, has_image),
-            descriptor=ScopeInput(Tokens.of(sub_batch, SCOPE_EDIT), pooled, has_image),
-            counterfactual=Tokens.of(sub_batch, COUNTERFACTUAL),
-            counterfactual_labels=sub_batch[f"{COUNTERFACTUAL}_labels"],
+            query=ScopeInput(_trimmed(Tokens.of(inputs.fields, SCOPE_QUERY).rows(rows))[0], pooled, has_image),
+            descriptor=ScopeInput(_trimmed(Tokens.of(inputs.fields, SCOPE_EDIT).rows(rows))[0], pooled, has_image),
+            counterfactual=counterfactual,
+            counterfactual_labels=counterfactual_labels,
             image_tokens=image_tokens,
+            has_image=has_image,
             labels=labels,
         )
 
+    def edited_model(self, backbone: Backbone) -> MemoryEditedModel:
+        """An empty memory beside `backbone`: the unedited model."""
+        return MemoryEditedModel(self, backbone)
+
     @torch.no_grad()
-    def add_edits(self, memory: EditMemory, backbone: Backbone, edits: SubBatch) -> None:
-        """Add the edits of `edits` (a sub-batch such as `edit_inner`, an edit per row) to `memory`."""
-        inputs = self.read(backbone, edits)
-        memory.add(inputs.descriptor, inputs.counterfactual)
+    def forward(
+        self,
+        model: MemoryEditedModel,
+        inputs: StepInputs,
+        rows: torch.Tensor,
+        on_top_of: torch.Tensor | None = None,
+        batched: bool = False,
+    ) -> torch.Tensor:
+        """Add the edits of `rows` of `inputs` (prompt + new answer) to `model`'s memory: each row one entry
+        in a new group on top of `on_top_of` (default: the unedited model), or with `batched` all rows in
+        one group. Returns each row's group."""
+        groups, _ = new_edit_groups(model, len(rows), on_top_of, batched)
+        edits = self.read(inputs, rows)
+        model.add(edits.descriptor, edits.counterfactual, groups)
+        return groups
 
-    def memory(self, backbone: Backbone, *edits: SubBatch) -> EditMemory:
-        """A memory holding `edits` (sub-batches), added in order; empty when none is given."""
-        memory = EditMemory(self.classifier)
-        for sub_batch in edits:
-            self.add_edits(memory, backbone, sub_batch)
-        return memory
+
+def _trimmed(tokens: Tokens, *aligned: torch.Tensor) -> tuple[Tokens, ...]:
+    """Right-padded rows cut to their longest (stacked sub-batches are padded to the widest of them)."""
+    width = int(tokens.mask.sum(1).max()) if tokens.mask.numel() else 0
+    return (Tokens(tokens.ids[:, :width], tokens.mask[:, :width]), *(t[:, :width] for t in aligned))
 
 
-class Router:
-    """SERAC's post-edit model: sub-batch -> logits aligned with its labels (an `EditedModel`).
+class MemoryEditedModel(EditGroups):
+    """SERAC's edited model: memory entries (an edit's classifier and counterfactual descriptors, and for an
+    embedding classifier its keys, embedded once when added) in edit groups, beside the unchanged backbone.
 
-    Each input goes to its best-scoring memory entry; in scope, the counterfactual model answers
-    conditioned on that entry, and its logits fill the input's answer positions (other positions
-    are zero); out of scope, the row is the base model's logits, unchanged. An empty memory is the
-    base model itself.
+    `answer_logits` routes each input among the entries of its group and their ancestors: in scope
+    (sigmoid of the best score >= threshold), the counterfactual model answers given that entry; out
+    of scope, in group -1, or with no entry in its chain, the backbone answers, unchanged.
     """
 
-    def __init__(self, serac: SERAC, backbone: Backbone, memory: EditMemory) -> None:
+    def __init__(self, serac: SERAC, backbone: Backbone) -> None:
+        super().__init__()
         self.serac = serac
         self.backbone = backbone
-        self.memory = memory
+        self.scope: ScopeInput | None = None
+        self.counterfactual: Tokens | None = None
+        self.keys: ScopeKeys | None = None
+        self.entry_groups = torch.empty(0, dtype=torch.long)
 
-    def route(self, inputs: SERACInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(in scope [B] bool, memory entry [B]) for each input."""
-        score, entry = self.memory.lookup(inputs.query)
+    def __len__(self) -> int:
+        return int(self.entry_groups.shape[0])
+
+    @torch.no_grad()
+    def add(self, scope: ScopeInput, counterfactual: Tokens, groups: torch.Tensor) -> None:
+        """Add entries: classifier and counterfactual descriptors row for row, each row in its group of `groups`."""
+        if not scope.has_image.shape[0] == counterfactual.ids.shape[0] == groups.shape[0]:
+            raise ValueError(
+                f"{scope.has_image.shape[0]} scope descriptors, {counterfactual.ids.shape[0]} counterfactual "
+                f"descriptors, {groups.shape[0]} groups: one of each per entry"
+            )
+        self.scope = scope if self.scope is None else ScopeInput.cat([self.scope, scope])
+        self.counterfactual = (
+            counterfactual if self.counterfactual is None else Tokens.cat([self.counterfactual, counterfactual])
+        )
+        self.entry_groups = torch.cat([self.entry_groups, groups.cpu()])
+        if self.serac.classifier.kind == "embedding":
+            keys = self.serac.classifier.embed(scope)
+            if self.keys is not None:
+                image = None if keys.image is None else torch.cat([self.keys.image, keys.image])
+                keys = ScopeKeys(torch.cat([self.keys.text, keys.text]), image)
+            self.keys = keys
+
+    @torch.no_grad()
+    def route(self, query: ScopeInput, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(in scope [X] bool, memory entry [X]) of each input, among the entries of its group's chain."""
+        scores = self.serac.classifier.score_all(self.scope, query, self.keys)  # [X, E]
+        chains = self.chains(groups)
+        # Padding (-1) in a chain never matches: entries are in groups >= 0.
+        allowed = (self.entry_groups.view(1, -1, 1) == chains.unsqueeze(1)).any(-1).to(scores.device)
+        score, entry = scores.masked_fill(~allowed, float("-inf")).max(dim=1)
         return torch.sigmoid(score) >= self.serac.threshold, entry
 
     @torch.no_grad()
-    def __call__(self, sub_batch: SubBatch) -> torch.Tensor:
-        if len(self.memory) == 0:
-            return self.backbone(sub_batch)
-        inputs = self.serac.read(self.backbone, sub_batch)
-        in_scope, entry = self.route(inputs)
-        if not bool(in_scope.any()):
-            return self.backbone(sub_batch)
-        rows = in_scope.nonzero().flatten()
-        image_tokens = None if inputs.image_tokens is None else inputs.image_tokens[rows]
+    def answer_logits(self, inputs: StepInputs, rows: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """[P, V] logits at the answer positions of `rows` (row-major), each row under its group (None: unedited).
+
+        One classifier pass for the rows with a group, one counterfactual forward for the in-scope rows,
+        one backbone resume for the rest.
+        """
+        labels = inputs.labels[rows]
+        in_scope = torch.zeros(len(rows), dtype=torch.bool, device=labels.device)
+        vocab = self.backbone.model.get_output_embeddings().weight.shape[0]
+        parts = {}
+        if groups is not None and len(self) and bool((groups >= 0).any()):
+            edited = (groups >= 0).nonzero().flatten()
+            queries = self.serac.read(inputs, rows[edited.to(rows.device)])
+            routed, entry = self.route(queries.query, groups[edited])
+            if bool(routed.any()):
+                in_scope[edited[routed.cpu()].to(labels.device)] = True
+                parts[True] = self._counterfactual_answers(
+                    queries.rows(routed.nonzero().flatten()), entry[routed], vocab
+                )
+        if bool((~in_scope).any()):
+            rest = (~in_scope).nonzero().flatten()
+            parts[False] = self.backbone.resume(
+                inputs.state.rows(rows[rest.to(rows.device)]), answer_read_mask(labels[rest])
+            )
+        answers = labels != IGNORE_INDEX
+        positions_in_scope = in_scope.unsqueeze(1).expand_as(answers)[answers]
+        dtype = parts[False].dtype if False in parts else parts[True].dtype
+        logits = torch.empty(int(answers.sum()), vocab, dtype=dtype, device=labels.device)
+        for routed_in, part in parts.items():
+            logits[positions_in_scope == routed_in] = part.to(dtype)
+        return logits
+
+    # -- edits in force for good (the editing API): the memory keeps them, nothing to fold ----------
+    def fold(self) -> None:
+        """Nothing to write: SERAC's edits stay in the memory, the weights never change."""
+
+    @contextmanager
+    def unedited(self) -> Iterator[None]:
+        """Rows in group -1 already get the unedited backbone: nothing to swap."""
+        yield
+
+    def drop_after(self, mark: int) -> None:
+        """Forget the groups opened since `mark` and their entries (edits tried, not kept)."""
+        del self.parents[mark:]
+        keep = self.entry_groups < mark
+        if bool(keep.all()):
+            return
+        rows = keep.nonzero().flatten()
+        self.entry_groups = self.entry_groups[rows]
+        self.scope = self.scope.rows(rows.to(self.scope.has_image.device)) if len(rows) else None
+        self.counterfactual = self.counterfactual.rows(rows.to(self.counterfactual.ids.device)) if len(rows) else None
+        if self.keys is not None:
+            index = rows.to(self.keys.text.device)
+            image = None if self.keys.image is None else self.keys.image[index]
+            self.keys = ScopeKeys(self.keys.text[index], image) if len(rows) else None
+
+    def restore(self) -> None:
+        """An empty memory again."""
+        self.drop_after(0)
+
+    def _counterfactual_answers(self, queries: SERACInputs, entries: torch.Tensor, vocab: int) -> torch.Tensor:
+        """[P, vocab]: the counterfactual model's logits at the answer positions of `queries`, given `entries`."""
         cf_logits, cf_labels = self.serac.counterfactual(
-            self.memory.counterfactual.rows(entry[rows]),
-            inputs.counterfactual.rows(rows),
-            inputs.counterfactual_labels[rows],
-            image_tokens,
+            self.counterfactual.rows(entries.to(self.counterfactual.ids.device)),
+            queries.counterfactual,
+            queries.counterfactual_labels,
+            queries.image_tokens,
+            queries.has_image,
         )
         answers = cf_logits[cf_labels != IGNORE_INDEX]
-        if bool((~in_scope).any()):
-            logits = self.backbone(sub_batch).clone()
-        else:
-            vocab = self.backbone.model.get_output_embeddings().weight.shape[0]
-            logits = inputs.labels.new_zeros((*inputs.labels.shape, vocab), dtype=answers.dtype)
-        logits[rows] = 0
         # Vocabularies may differ in size (padding rows, added image tokens): ids the other lacks never win.
-        vocab = logits.shape[-1]
         if answers.shape[-1] < vocab:
             answers = F.pad(answers, (0, vocab - answers.shape[-1]), value=torch.finfo(answers.dtype).min)
-        answer_positions = (inputs.labels != IGNORE_INDEX) & in_scope.unsqueeze(1)
-        logits[answer_positions] = answers[:, :vocab].to(logits.dtype)
-        return logits
+        return answers[:, :vocab]

@@ -7,8 +7,9 @@ not the unrelated text (`loc`) and image (`loc_image`) inputs; with `hard_negati
 in-scope inputs of the batch's other edits. The counterfactual model learns, by NLL, to give the
 new answer to the in-scope inputs given the edit. The base model stays frozen and unchanged.
 
-Validation puts each held-out record's edit alone in a fresh memory and scores the router (the
-post-edit model) with the same metrics, logging, checkpointing and FT comparison as MEND.
+A training step reads all five sub-batches from one `StepInputs` (each distinct image encoded once,
+no backbone prefix). Validation is `evaluate_batch`: each held-out record's edit in its own group of
+one memory, scored with the same metrics, logging, checkpointing and FT comparison as MEND.
 """
 
 from __future__ import annotations
@@ -23,10 +24,16 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import grad_norm
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from data_modules.encoding import SubBatchEncoder
+from data_modules.encoding import IGNORE_INDEX, SubBatchEncoder
 from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
+from kedit_lightning.editors.edited_model import StepInputs
 from kedit_lightning.editors.losses import masked_nll
-from kedit_lightning.editors.serac import SERAC, ClassifierKind, SERACEncoder, SERACInputs
+from kedit_lightning.editors.serac import (
+    SERAC,
+    ClassifierKind,
+    SERACEncoder,
+    SERACInputs,
+)
 from kedit_lightning.evaluation import HOPS
 from kedit_lightning.modules.editing import EditorModule
 
@@ -208,14 +215,21 @@ class SERACModule(EditorModule):
         edits = inputs["edit_inner"].counterfactual
         losses = []
         for key in IN_SCOPE:
+            query = inputs[key]
             logits, labels = self.editor.counterfactual(
-                edits, inputs[key].counterfactual, inputs[key].counterfactual_labels, inputs[key].image_tokens
+                edits, query.counterfactual, query.counterfactual_labels, query.image_tokens, query.has_image
             )
-            losses.append(masked_nll(logits, labels))
+            losses.append(masked_nll(logits[labels != IGNORE_INDEX], labels))
         return torch.stack(losses).mean()
 
+    def read_step(self, batch: Mapping[str, Any]) -> dict[str, SERACInputs]:
+        """Every sub-batch of a training step as SERAC reads it, from one `StepInputs` (images encoded once)."""
+        keys = (*IN_SCOPE, *OUT_OF_SCOPE)
+        step = StepInputs(self.backbone, {key: batch[key] for key in keys}, prefix=False)
+        return {key: self.editor.read(step, step.rows(key)) for key in keys}
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        inputs = {key: self.editor.read(self.backbone, batch[key]) for key in (*IN_SCOPE, *OUT_OF_SCOPE)}
+        inputs = self.read_step(batch)
         classifier_loss, classifier_accuracy = self._classifier_loss(inputs, batch)
         counterfactual_loss = self._counterfactual_loss(inputs)
         loss = classifier_loss + counterfactual_loss
