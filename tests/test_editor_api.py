@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import VAL_FILE
+from oracle import dense_edit
 from transformers import Blip2ForConditionalGeneration
 
 from data_modules.datamodules import VQADataModule
@@ -15,8 +16,16 @@ from data_modules.encoding import IGNORE_INDEX
 from data_modules.records import EditRecord
 from kedit_lightning.artifact import COUNTERFACTUAL_TOKENIZER, SCOPE_TOKENIZER
 from kedit_lightning.cli import main
-from kedit_lightning.editor import Editor, EditRequest, NonFiniteEdit, curve_points, evaluate, evaluate_sequential
-from kedit_lightning.editors.serac import Router
+from kedit_lightning.editor import (
+    EditedBackbone,
+    Editor,
+    EditRequest,
+    NonFiniteEdit,
+    curve_points,
+    evaluate,
+    evaluate_sequential,
+)
+from kedit_lightning.editors.edited_model import StepInputs
 from kedit_lightning.evaluation import HEADLINE
 from kedit_lightning.metrics import answer_token_accuracy
 
@@ -81,12 +90,12 @@ def test_request_forms_give_the_same_edit(editor, backbone, records, world):
 def test_a_batched_edit_is_one_update_and_differs_from_sequential(editor, backbone, records, world, fitted):
     images, names = world / "images", list(editor.fingerprint["edit_params"])
     two = records[:2]
-    batched = editor.edit(backbone, two, image_root=images)
-    batched_weights = {n: backbone.model.get_parameter(n).detach().clone() for n in names}
-    # One batched update is the trained editor's update on the collated sub-batch.
     collated = editor.encode(backbone, two, image_root=images)[0]
     assert collated["input_ids"].shape[0] == 2
-    expected = fitted.module.editor.eval()(backbone, collated, dict(batched.original))
+    # One batched update is the trained editor's update on the collated sub-batch (the per-record oracle's).
+    expected = dense_edit(editor.attach(backbone), backbone, collated)
+    batched = editor.edit(backbone, two, image_root=images)
+    batched_weights = {n: backbone.model.get_parameter(n).detach().clone() for n in names}
     assert all(torch.allclose(batched_weights[n], expected[n], atol=1e-6) for n in names)
     batched.restore()
     editor.edit(backbone, two, batch_size=1, image_root=images)
@@ -95,6 +104,7 @@ def test_a_batched_edit_is_one_update_and_differs_from_sequential(editor, backbo
 
 def test_sequential_calls_match_one_call_with_batch_size_one(editor, backbone, records, world):
     images, names = world / "images", list(editor.fingerprint["edit_params"])
+    original = snapshot(backbone)
     in_one_call = editor.edit(backbone, records[:3], batch_size=1, image_root=images)
     final = {n: backbone.model.get_parameter(n).detach().clone() for n in names}
     in_one_call.restore()
@@ -104,7 +114,7 @@ def test_sequential_calls_match_one_call_with_batch_size_one(editor, backbone, r
     assert edited.n_edits == 3
     assert all(torch.allclose(backbone.model.get_parameter(n), final[n], atol=1e-6) for n in names)
     edited.restore()
-    assert all(torch.equal(backbone.model.get_parameter(n), in_one_call.original[n]) for n in names)
+    assert same_weights(backbone, original)
 
 
 def test_a_non_finite_update_is_refused_and_the_model_left_unchanged(editor, backbone, records, world):
@@ -203,21 +213,25 @@ def test_kedit_eval_sequential_reports_the_earliest_edits_as_edits_accumulate(fi
 
 
 @pytest.mark.parametrize("method", ["fitted", "serac_fitted"])
-def test_a_further_edit_goes_on_top_of_the_edits_in_force_and_leaves_them(method, request, base_dir, records, world):
+def test_a_further_edit_goes_on_top_of_the_edits_in_force_and_restore_takes_all_back(
+    method, request, base_dir, records, world
+):
     editor = Editor.from_pretrained(request.getfixturevalue(method).artifact)
     backbone = editor.load_backbone(str(base_dir))
     first, second = editor.encode(backbone, records[:2], batch_size=1, image_root=world / "images")
     both = editor.encode(backbone, records[:2], image_root=world / "images")[0]
     state = editor.start(backbone)
+    unedited = EditedBackbone(state).answer_logits(both)
     state.add(first, "edit 1", "stopped")
-    before = state.model()(both)
-    on_top = state.model_with(second)(both)
-    sequential = editor.start(backbone)
-    for sub_batch in (first, second):
-        sequential.add(sub_batch, "edit", "stopped")
-    assert torch.allclose(on_top, sequential.model()(both), atol=1e-5)
-    assert not torch.allclose(on_top, before, atol=1e-3)  # the second edit counts ...
-    assert torch.equal(state.model()(both), before)  # ... and is not kept
+    after_first = EditedBackbone(state).answer_logits(both)
+    state.add(second, "edit 2", "stopped")
+    after_both = EditedBackbone(state).answer_logits(both)
+    assert not torch.allclose(after_both, after_first, atol=1e-3)  # the second edit counts
+    state.restore()
+    assert torch.equal(EditedBackbone(state).answer_logits(both), unedited)
+    again = editor.start(backbone)
+    again.add(first, "edit 1", "stopped")
+    torch.testing.assert_close(EditedBackbone(again).answer_logits(both), after_first)
 
 
 def test_kedit_eval_scores_one_hop_edits_per_hop(fitted, world, base_dir, tmp_path):
@@ -255,8 +269,10 @@ def test_kedit_eval_scores_one_hop_edits_per_hop(fitted, world, base_dir, tmp_pa
         edit, port_edit, question = editor.encode(backbone, [record, *ask], batch_size=1, image_root=world / "images")
         state = editor.start(backbone)
         state.add(edit, "the edit", "stopped")
-        without.append(answer_token_accuracy(state.model()(question), question["labels"]).item())
-        after.append(answer_token_accuracy(state.model_with(port_edit)(question), question["labels"]).item())
+        without.append(answer_token_accuracy(EditedBackbone(state).answer_logits(question), question["labels"]).item())
+        state.add(port_edit, "the one-hop edit", "stopped")
+        after.append(answer_token_accuracy(EditedBackbone(state).answer_logits(question), question["labels"]).item())
+        state.restore()
     assert report["portability"]["1-hop"] == pytest.approx(sum(after) / 3, abs=1e-6)
     assert after != without  # the one-hop edit matters here
     assert main([*args, "--hops", "2", "--require-port"]) == 2  # no 2-hop question in this file
@@ -296,17 +312,22 @@ def test_serac_artifact_edits_through_its_memory_and_reproduces_validation_from_
 
     before = snapshot(backbone)
     edited = editor.edit(backbone, records[:2], image_root=world / "images")
-    assert edited.n_edits == 2 and len(edited.memory.memory) == 2 and same_weights(backbone, before)
+    assert edited.n_edits == 2 and len(edited.session.model) == 2 and same_weights(backbone, before)
     query = editor.encode(backbone, records[:2], image_root=world / "images")[0]
     serac = editor.attach(backbone)
-    assert torch.equal(edited(query), Router(serac, backbone, serac.memory(backbone, query))(query))
+    memory, inputs = serac.edited_model(backbone), StepInputs(backbone, {"query": query})
+    rows = inputs.rows("query")
+    with torch.no_grad():
+        groups = serac(memory, inputs, rows, batched=True)
+        assert torch.equal(edited.answer_logits(query), memory.answer_logits(inputs, rows, groups))
+        unedited = memory.answer_logits(inputs, rows)
     assert not torch.equal(
-        edited(query), backbone(query)
-    )  # the edits' own prompts are routed to the counterfactual model
+        edited.answer_logits(query), unedited
+    )  # the edits' own prompts go to the counterfactual model
     with pytest.raises(TypeError, match="no edited weights to save"):
         edited.save_pretrained(world / "never")
     edited.restore()
-    assert edited.memory is None and torch.equal(edited(query), backbone(query))
+    assert len(edited.session.model) == 0 and torch.equal(edited.answer_logits(query), unedited)
     args = [
         "edit",
         "--editor",

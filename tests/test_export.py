@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from oracle import dense_edit
 import torch
 from conftest import VAL_FILE, VAL_RECORDS, base_spec
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -61,8 +62,8 @@ for artifact in artifacts:
     backbone = editor.load_backbone(base)
     query = editor.encode(backbone, record, image_root=images)[0]
     with torch.no_grad():
-        before = backbone(query)
-        after = editor.edit(backbone, record, image_root=images)(query)
+        before = backbone(query)[query["labels"] != -100]
+    after = editor.edit(backbone, record, image_root=images).answer_logits(query)
     assert not torch.equal(after, before), editor.method
     print("edited with", editor.method)
 """
@@ -339,7 +340,9 @@ def test_a_second_method_plugs_in_through_the_registry(base_dir, tmp_path):
     rebuilt = editor.attach(baseline.backbone)
     assert editor.method == "ft" and (rebuilt.lr, rebuilt.steps) == (0.5, 2)
     sub_batch = baseline.backbone.processor(["Question: What colour is the object? Short answer:"], ["red"], None)
+    expected = dense_edit(baseline.editor, baseline.backbone, sub_batch)  # two plain gradient steps
     state = editor.start(baseline.backbone)
     state.add(sub_batch, "the edit", "")
-    expected = baseline.edit(sub_batch)
-    assert state.weights.keys() == expected.keys() and all(torch.equal(state.weights[k], expected[k]) for k in expected)
+    weights = baseline.backbone.editable_parameters()
+    for name, w in expected.items():
+        torch.testing.assert_close(weights[name].detach(), w, rtol=1e-4, atol=1e-6)
