@@ -99,13 +99,16 @@ def main() -> None:
     backbone_params = sum(p.numel() for p in module.backbone.parameters())
     editor_params = sum(p.numel() for p in module.editor.parameters())
     print(
-        f"backbone       {args.backbone} ({backbone_params / 1e6:.1f} M parameters, {args.dtype}), device {trainer.strategy.root_device}"
+        f"backbone       {args.backbone} ({backbone_params / 1e6:.1f} M parameters, {args.dtype}), device "
+        f"{trainer.strategy.root_device}"
     )
     print(
-        f"editor         {editor_params / 1e6:.2f} M parameters, rank {args.rank}, {len(module.editor.param_names)} edited weights"
+        f"editor         {editor_params / 1e6:.2f} M parameters, rank {args.rank}, {len(module.editor.param_names)} "
+        "edited weights"
     )
     print(
-        f"step time      {step * 1e3:.1f} ms (median of {len(timed)}; min {min(timed) * 1e3:.1f}, max {max(timed) * 1e3:.1f})"
+        f"step time      {step * 1e3:.1f} ms (median of {len(timed)}; min {min(timed) * 1e3:.1f}, max "
+        f"{max(timed) * 1e3:.1f})"
     )
     print(f"edits/s        {args.edits / step:.2f} ({args.edits} edits a step)")
     if trainer.strategy.root_device.type == "cuda":

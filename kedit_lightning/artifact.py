@@ -83,7 +83,8 @@ def fingerprint_problems(expected: Mapping[str, Any], actual: Mapping[str, Any])
         )
     if expected["config_hash"] != actual["config_hash"]:
         problems.append(
-            f"config hash: the editor was trained on a model with config hash {expected['config_hash']}, the backbone's is {actual['config_hash']} (another architecture or size)"
+            f"config hash: the editor was trained on a model with config hash {expected['config_hash']}, the "
+            f"backbone's is {actual['config_hash']} (another architecture or size)"
         )
     want, have = expected["edit_params"], actual["edit_params"]
     for name, shape in want.items():
@@ -127,7 +128,8 @@ def read_card(path: str | Path) -> dict[str, Any]:
     version = card["format_version"]
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ArtifactError(
-            f"{card_path}: format version {version!r}; this kedit-lightning ({kedit_lightning.__version__}) reads up to {FORMAT_VERSION}"
+            f"{card_path}: format version {version!r}; this kedit-lightning ({kedit_lightning.__version__}) reads up "
+            f"to {FORMAT_VERSION}"
         )
     if version < FORMAT_VERSION:
         raise ArtifactError(
@@ -161,7 +163,8 @@ def verify_weights(path: str | Path, card: Mapping[str, Any]) -> Path:
     digest = sha256_of(weights)
     if digest != card["weights"]["sha256"]:
         raise ArtifactError(
-            f"{weights}: sha256 {digest} differs from {card['weights']['sha256']} recorded in {CARD_FILE}; the weights were changed or truncated after export"
+            f"{weights}: sha256 {digest} differs from {card['weights']['sha256']} recorded in {CARD_FILE}; the "
+            "weights were changed or truncated after export"
         )
     return weights
 

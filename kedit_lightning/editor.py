@@ -104,7 +104,8 @@ def request_triple(
     for name in ("prompt", "target"):
         if not isinstance(fields[name], str) or not fields[name].strip():
             raise ValueError(
-                f"edit request {index}: field {name!r} must be a non-empty string (a dict gives prompt/target or src/alt), got {fields[name]!r}"
+                f"edit request {index}: field {name!r} must be a non-empty string (a dict gives prompt/target or "
+                f"src/alt), got {fields[name]!r}"
             )
     image = fields["image"]
     return fields["prompt"], fields["target"], None if image is None else _open_image(image, image_root, index)
@@ -252,7 +253,8 @@ class Editor:
         return not isinstance(self.editor, SERAC)
 
     def load_backbone(self, source: str, dtype: str | None = None, device: str | torch.device = "cpu") -> Backbone:
-        """The backbone family this editor was trained on, from a hub id or directory, checked against the fingerprint."""
+        """The backbone family this editor was trained on, from a hub id or directory, checked against
+        the fingerprint."""
         family = self.fingerprint["family"]
         if family not in FAMILIES:
             raise ValueError(f"{self.path}: backbone family {family!r} is not one of {sorted(FAMILIES)}")
@@ -291,7 +293,8 @@ class Editor:
         kind: DataKind = "vqa",
         vqa_template: str = VQA_TEMPLATE,
     ) -> list[SubBatch]:
-        """Requests as edit sub-batches of `batch_size` (None: one), tokenized with `processor(backbone)`, on its device."""
+        """Requests as edit sub-batches of `batch_size` (None: one), tokenized with `processor(backbone)`,
+        on its device."""
         prompts = PromptBuilder(kind, vqa_template)
         triples = [request_triple(r, i, prompts, image_root) for i, r in enumerate(requests)]
         if not triples:
@@ -303,7 +306,8 @@ class Editor:
             with_image = [t[2] is not None for t in group]
             if any(with_image) != all(with_image):
                 raise ValueError(
-                    f"edit requests {start}..{start + len(group) - 1}: a batched edit needs images for all requests or for none"
+                    f"edit requests {start}..{start + len(group) - 1}: a batched edit needs images for all requests "
+                    "or for none"
                 )
             images = [t[2] for t in group] if all(with_image) else None
             groups.append(to_device(encode([t[0] for t in group], [t[1] for t in group], images), device_of(backbone)))

@@ -65,7 +65,8 @@ def method_of_checkpoint(checkpoint: Mapping[str, Any], path: str | Path, method
     class_path = checkpoint.get("hyper_parameters", {}).get("_class_path")
     if class_path is None:
         raise ValueError(
-            f"{path}: the checkpoint does not record its LightningModule class (it was not trained through train.py); name the method, one of {sorted(METHODS)}"
+            f"{path}: the checkpoint does not record its LightningModule class (it was not trained through "
+            f"train.py); name the method, one of {sorted(METHODS)}"
         )
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)

@@ -124,7 +124,7 @@ def mend_step_losses(editor: MEND, backbone: Backbone, batch: Mapping[str, Any])
     for record in record_batches(batch):
         params = mend_weights(editor, backbone, record["edit_inner"])
 
-        def post(key: str) -> torch.Tensor:
+        def post(key: str, record: dict = record, params: dict = params) -> torch.Tensor:
             return answers(backbone(record[key], params), record[key]["labels"])
 
         with torch.no_grad():

@@ -10,10 +10,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from oracle import dense_edit
 import torch
 from conftest import VAL_FILE, VAL_RECORDS, base_spec
 from lightning.pytorch.loggers import TensorBoardLogger
+from oracle import dense_edit
 from safetensors.torch import load_file
 from test_backbones import make_tokenizer
 

@@ -113,7 +113,8 @@ class DecoderSplit:
         for name in backbone.edit_param_names:
             if not name.startswith(layers_prefix):
                 raise ValueError(
-                    f"{backbone.family}: edited parameter {name!r} is not inside a decoder layer ({layers_prefix}N...); "
+                    f"{backbone.family}: edited parameter {name!r} is not inside a decoder layer "
+                    f"({layers_prefix}N...); "
                     "editing splits the forward at the first edited decoder layer"
                 )
             indices.add(int(name[len(layers_prefix) :].split(".")[0]))
@@ -288,7 +289,8 @@ class Backbone(nn.Module, ABC):
                 if name not in available:
                     close = [n for n in available if n.rsplit(".", 2)[-1] == name.rsplit(".", 2)[-1]][:5]
                     raise KeyError(
-                        f"{type(self).__name__}: no parameter named {name!r} (from pattern {pattern!r}); similar: {close}"
+                        f"{type(self).__name__}: no parameter named {name!r} (from pattern {pattern!r}); similar: "
+                        f"{close}"
                     )
                 if name not in names:
                     names.append(name)

@@ -297,11 +297,13 @@ class MEND(WeightEditor):
         for name, w in params.items():
             if tuple(w.shape) != self.param_shapes[name]:
                 raise ValueError(
-                    f"MEND was built for {name!r} of shape {self.param_shapes[name]}, the backbone's is {tuple(w.shape)}"
+                    f"MEND was built for {name!r} of shape {self.param_shapes[name]}, the backbone's is "
+                    f"{tuple(w.shape)}"
                 )
             if (name in self.transposed) != isinstance(model.modules[name], Conv1D):
                 raise ValueError(
-                    f"MEND's layout for {name!r} (transposed={name in self.transposed}) does not match the backbone's module"
+                    f"MEND's layout for {name!r} (transposed={name in self.transposed}) does not match the "
+                    "backbone's module"
                 )
 
     def forward(

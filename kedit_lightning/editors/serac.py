@@ -343,8 +343,9 @@ class SERACEncoder(SubBatchEncoder):
             base_answer, cf_answer = base_labels[base_labels != IGNORE_INDEX], cf_labels[cf_labels != IGNORE_INDEX]
             if not torch.equal(base_answer, cf_answer):
                 raise ValueError(
-                    f"answer {targets[row]!r}: the counterfactual model's tokenizer gives ids {cf_answer.tolist()}, the base's "
-                    f"{base_answer.tolist()}; SERAC's routed logits need the same answer tokens (use a counterfactual LM with the base's tokenizer)"
+                    f"answer {targets[row]!r}: the counterfactual model's tokenizer gives ids {cf_answer.tolist()}, "
+                    f"the base's {base_answer.tolist()}; SERAC's routed logits need the same answer tokens (use a "
+                    "counterfactual LM with the base's tokenizer)"
                 )
         return {
             **sub_batch,

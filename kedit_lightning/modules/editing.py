@@ -115,8 +115,9 @@ class EditorModule(LightningModule, ABC):
         if not bool((gathered == gathered[0]).all()):
             raise RuntimeError(
                 "validation with a sharded backbone (ModelParallelStrategy) needs every rank's batch to run the same "
-                "forwards: here some ranks' records have portability questions or one-hop edits and others not. Validate "
-                "on a file where every record has the same ones (eval.json; or hops: [k] with require_port: true), or with DDP"
+                "forwards: here some ranks' records have portability questions or one-hop edits and others not. "
+                "Validate on a file where every record has the same ones (eval.json; or hops: [k] with "
+                "require_port: true), or with DDP"
             )
 
     def _evaluate(self, batch: Mapping[str, Any], metrics: EditMetrics, log_examples: bool) -> None:

