@@ -4,8 +4,8 @@
     python benchmarks/fsdp_memory.py --backbone configs/backbones/llava-1.5-7b.yaml --no-activations
 
 Parameter rows: the config's model on the meta device (instant) and the formula in
-BENCHMARKS.md (FSDP section). Activations: the bytes one training record's `MENDModule._record_losses`
-(bf16 autocast, CPU) leaves saved for the step's backward, on the synthetic world's first VQA record
+BENCHMARKS.md (FSDP section). Activations: the bytes one training record's outer loss (`outer_losses`,
+bf16 autocast, CPU) leaves saved for the step's backward, on the synthetic world's first VQA record
 (word tokenizer: prompts a little shorter than with real subword tokenizers). The model runs at full
 width with its depth cut (--lm-layers, --vision-layers), the edited layers renumbered to stay on top:
 nothing below the first edited layer, nor the frozen vision side, saves anything for backward.
@@ -30,6 +30,7 @@ from kedit_lightning.backbones import FAMILIES, BackboneSpec, expand_braces, loa
 from kedit_lightning.editors.mend import MEND
 from kedit_lightning.evaluation import record_batches
 from kedit_lightning.modules import MENDModule
+from kedit_lightning.modules.mend import outer_losses
 from kedit_lightning.sharding import shard_units
 
 GB = 1e9
@@ -125,9 +126,9 @@ def activation_bytes(spec: BackboneSpec, data_dir: str, rank: int) -> tuple[int,
         torch.autocast("cpu", dtype=torch.bfloat16),
         torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack),
     ):
-        losses = module._record_losses(record)
+        losses = outer_losses(module.editor, module.backbone, record)
     # Counted while `losses` keeps the record's graph, as a step does until its backward; the
-    # edit's own graph (capture_factors) is already freed, after the gradient it was built for.
+    # edit's own graph (the capture) is already freed, after the gradient it was built for.
     nbytes = saved.nbytes()
     del losses
     return nbytes, max(

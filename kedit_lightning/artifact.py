@@ -52,9 +52,9 @@ COUNTERFACTUAL_TOKENIZER = "counterfactual_tokenizer"
 _CARD_FIELDS = ("format", "format_version", "method", "hyper_parameters", "backbone_fingerprint", "weights")
 
 EDITORS: dict[str, type[nn.Module]] = {"mend": MEND, "ft": FineTune, "serac": SERAC}
-"""Each editing method's editor class; `cls.from_config(editor.config)` rebuilds an editor. MEND and
-FT edit by returning new weights (`editor(backbone, sub_batch, params)`); SERAC keeps edits in a
-memory that a router answers from."""
+"""Each editing method's editor class; `cls.from_config(editor.config)` rebuilds an editor. Each edits
+the edited model it makes (`editor.edited_model(backbone)`) when called: MEND and FT with low-rank
+weight changes, SERAC with memory entries."""
 
 
 class ArtifactError(ValueError):

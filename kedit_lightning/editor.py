@@ -64,14 +64,6 @@ Request = EditRequest | EditRecord | Mapping[str, Any]
 optionally `image`, or in the public record layout (`src`, `alt`, `image`)."""
 
 
-def check_finite(weights: Mapping[str, torch.Tensor], what: str, consequence: str) -> None:
-    bad = [name for name, w in weights.items() if not bool(torch.isfinite(w).all())]
-    if bad:
-        raise NonFiniteEdit(
-            f"{what} gives non-finite values in {len(bad)} edited weight(s) ({', '.join(bad[:3])}); {consequence}"
-        )
-
-
 def _open_image(image: Image.Image | str | Path, image_root: str | Path | None, index: int) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
 from data_modules.encoding import IGNORE_INDEX, SUB_BATCH_KEYS, SubBatch
@@ -26,6 +27,13 @@ from kedit_lightning.editors.mend import MEND
 from kedit_lightning.evaluation import EditMetrics, record_batches
 
 Weights = dict[str, torch.Tensor]
+
+
+def run_with(backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+    """The whole model's logits (aligned with labels) with `params` standing in for the named weights."""
+    if not params:
+        return backbone(sub_batch)
+    return functional_call(backbone, {f"model.{name}": value for name, value in params.items()}, (sub_batch,))
 
 
 def answers(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -54,7 +62,7 @@ def capture_factors(
     leaves = {name: w.detach().requires_grad_(name in modules) for name, w in params.items()}
     try:
         with torch.enable_grad():
-            loss = masked_nll(answers(backbone(sub_batch, leaves), sub_batch["labels"]), sub_batch["labels"])
+            loss = masked_nll(answers(run_with(backbone, sub_batch, leaves), sub_batch["labels"]), sub_batch["labels"])
             flat = [out for name in names for out in outputs[name]]
             grads = iter(torch.autograd.grad(loss, flat, allow_unused=True, materialize_grads=True))
     finally:
@@ -78,7 +86,7 @@ def edit_gradients(
     weights = {**backbone.editable_parameters(), **(params or {})}
     leaves = {name: w.detach().requires_grad_() for name, w in weights.items()}
     with torch.enable_grad():
-        loss = masked_nll(answers(backbone(sub_batch, leaves), sub_batch["labels"]), sub_batch["labels"])
+        loss = masked_nll(answers(run_with(backbone, sub_batch, leaves), sub_batch["labels"]), sub_batch["labels"])
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
     return dict(zip(leaves, grads))
 
@@ -125,7 +133,7 @@ def mend_step_losses(editor: MEND, backbone: Backbone, batch: Mapping[str, Any])
         params = mend_weights(editor, backbone, record["edit_inner"])
 
         def post(key: str, record: dict = record, params: dict = params) -> torch.Tensor:
-            return answers(backbone(record[key], params), record[key]["labels"])
+            return answers(run_with(backbone, record[key], params), record[key]["labels"])
 
         with torch.no_grad():
             pre = {key: answers(backbone(record[key]), record[key]["labels"]) for key in ("loc", "loc_image")}
@@ -142,7 +150,7 @@ def evaluate_batch(editor: nn.Module, backbone: Backbone, batch: Mapping[str, An
             params = {k: v.detach() for k, v in dense_edit(editor, backbone, record["edit_inner"]).items()}
         with torch.no_grad():
             labels = {key: record[key]["labels"] for key in SUB_BATCH_KEYS}
-            post = {key: answers(backbone(record[key], params), labels[key]) for key in SUB_BATCH_KEYS}
+            post = {key: answers(run_with(backbone, record[key], params), labels[key]) for key in SUB_BATCH_KEYS}
             pre = {key: answers(backbone(record[key]), labels[key]) for key in ("loc", "loc_image")}
             hops = ()
             if "port" in record:
@@ -160,6 +168,6 @@ def evaluate_batch(editor: nn.Module, backbone: Backbone, batch: Mapping[str, An
                     one = {
                         k: (v[row : row + 1] if isinstance(v, torch.Tensor) else v) for k, v in record["port"].items()
                     }
-                    logits.append(answers(backbone(one, weights), one["labels"]))
+                    logits.append(answers(run_with(backbone, one, weights), one["labels"]))
                 post["port"], labels["port"], hops = torch.cat(logits), record["port"]["labels"], record["port_hops"]
         metrics.update(labels, post, pre, hops)

@@ -26,6 +26,7 @@ import torch
 import yaml
 from lightning import Callback, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
+from oracle import run_with
 from test_ddp import Poison, Recorder, launch_environment, trainer
 from test_mend_module import make_module
 from torch.distributed.tensor import DTensor
@@ -74,7 +75,7 @@ def edit_probe(module: MENDModule, record: dict, bf16: bool) -> dict[str, dict[s
         module.editor(model, inputs, inputs.rows("edit"), batched=True)
         params = model.weights()
         with torch.no_grad():
-            post = module.backbone(record["edit_outer"], params)
+            post = run_with(module.backbone, record["edit_outer"], params)
             image = module.backbone.image_features(record["edit_inner"]["pixel_values"])
     module.train(was_training)
     return {

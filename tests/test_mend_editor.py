@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import answers, capture_factors, edit_gradients
+from oracle import answers, capture_factors, edit_gradients, run_with
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
@@ -142,7 +142,9 @@ def test_an_edit_raises_the_target_probability(kind):
     target = batch["labels"][0] != -100
     with torch.no_grad():
         pre = backbone(batch).softmax(-1)[0, target, batch["labels"][0, target]]
-        post = backbone(batch, edited(editor, backbone, batch)).softmax(-1)[0, target, batch["labels"][0, target]]
+        post = run_with(backbone, batch, edited(editor, backbone, batch)).softmax(-1)[
+            0, target, batch["labels"][0, target]
+        ]
     assert post.item() > max(0.3, 2 * pre.item())
 
 
@@ -245,7 +247,7 @@ def test_the_edit_is_differentiable_in_every_editor_parameter(opt):
     editor = MEND.for_backbone(opt, rank=8, edit_lr=1e-2).train()
     weights = edited(editor, opt, encode(opt, EDIT))
     outer = encode(opt, OUTER)
-    loss = masked_nll(answers(opt(outer, weights), outer["labels"]), outer["labels"])
+    loss = masked_nll(answers(run_with(opt, outer, weights), outer["labels"]), outer["labels"])
     loss.backward()
     assert (editor.edit_lrs.grad != 0).all()
     for transform in editor.transforms.values():

@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from data_modules.encoding import IGNORE_INDEX, SubBatch, SubBatchEncoder
 from kedit_lightning.backbones.loading import bare_model_prefix, decoder_layout
@@ -140,9 +139,8 @@ class Backbone(nn.Module, ABC):
 
     `forward(sub_batch)` returns logits aligned with `sub_batch["labels"]`: `logits[:, t]` is the
     model's distribution for `labels[:, t]` (the causal shift is done here, once, so losses and
-    metrics compare positions directly). `forward(sub_batch, params)` runs the same model with
-    some parameters replaced functionally, which is how editors apply an edit and still
-    backpropagate into the editor.
+    metrics compare positions directly). Editing runs the model split at the first edited layer
+    (`prefix`, then `resume` as often as needed).
     """
 
     family: ClassVar[str]
@@ -181,10 +179,7 @@ class Backbone(nn.Module, ABC):
     ) -> torch.Tensor:
         """Unshifted logits [B, T, V] for every position of `input_ids` (image placeholders included)."""
 
-    def forward(self, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        if params:
-            # Re-enter this method with the given tensors standing in for the named parameters.
-            return functional_call(self, {f"model.{name}": value for name, value in params.items()}, (sub_batch,))
+    def forward(self, sub_batch: SubBatch) -> torch.Tensor:
         logits = self.model_logits(sub_batch["input_ids"], sub_batch["attention_mask"], sub_batch.get("pixel_values"))
         # Position t-1 predicts token t; position 0 predicts nothing (its label is always -100).
         return torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)
