@@ -38,7 +38,7 @@ from data_modules.encoding import EditBatch, SubBatch, SubBatchEncoder
 from data_modules.records import EditRecord
 from kedit_lightning.artifact import check_fingerprint, read_card, read_processor, rebuild_editor, verify_weights
 from kedit_lightning.backbones import FAMILIES, Backbone
-from kedit_lightning.editors.edited_model import EditedModel, StepInputs
+from kedit_lightning.editors.edited_model import StepInputs, WeightEditedModel
 from kedit_lightning.editors.serac import SERAC
 from kedit_lightning.evaluation import HEADLINE, HOPS, EditMetrics, evaluate_batch, record_batches
 
@@ -121,7 +121,7 @@ def to_device(data: Any, device: torch.device) -> Any:
 class EditSession:
     """Edits in force on a backbone, one batched edit at a time, each on top of those before.
 
-    Weight edits (MEND, FT) are folded into the backbone's weights as they come (`EditedModel.fold`:
+    Weight edits (MEND, FT) are folded into the backbone's weights as they come (`WeightEditedModel.fold`:
     only finite ones); SERAC's stay in its memory. `model` with `head` answers with every edit in force,
     `model.unedited()` gives the original model for the duration, `restore()` ends it all.
     """
@@ -180,7 +180,7 @@ class EditedBackbone:
 
     @property
     def edits_weights(self) -> bool:
-        return isinstance(self.session.model, EditedModel)
+        return isinstance(self.session.model, WeightEditedModel)
 
     def answer_logits(self, sub_batch: SubBatch) -> torch.Tensor:
         """[P, V] logits at the answer positions of `sub_batch`, with every edit in force."""

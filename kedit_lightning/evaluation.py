@@ -1,7 +1,7 @@
 """Edit evaluation: the one loop that edits every record of a batch and scores the post-edit model.
 
-Each record is edited on its own from the unedited weights (an `EditedModel` group per record, all in
-one batched edit), so no record leaks into another; then every sub-batch of every record is answered
+Each record is edited on its own from the unedited weights (an edit group per record, all in one
+batched edit), so no record leaks into another; then every sub-batch of every record is answered
 under its record's edit in one forward, and the locality inputs once more unedited. The scores are
 the field's standard ones (DESIGN.md, "Metrics"): Reliability, T-/I-Generality, T-/I-Locality,
 Portability per hop, each as answer-token accuracy and exact match, averaged per edit.
@@ -13,28 +13,15 @@ question after a second edit on top of the record's own.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
 from data_modules.encoding import SUB_BATCH_KEYS, EditBatch, SubBatch
 from kedit_lightning.backbones.base import Backbone
-from kedit_lightning.editors.edited_model import StepInputs
+from kedit_lightning.editors.edited_model import Editor, StepInputs
 from kedit_lightning.metrics import EditAccuracy, EditLocality, PortabilityByHop
-
-
-class Editor(Protocol):
-    """What evaluation needs of an editor: a fresh edited model of a backbone, and a call that edits it
-    (`MEND`, `FineTune`, `SERAC`: one new group per row of `rows`, on top of `on_top_of`). A call, so
-    that module hooks (DDP's `replicate` under FSDP) see every edit."""
-
-    def edited_model(self, backbone: Backbone) -> Any: ...
-
-    def __call__(
-        self, model: Any, inputs: StepInputs, rows: torch.Tensor, on_top_of: torch.Tensor | None = None
-    ) -> torch.Tensor: ...
-
 
 HOPS = ("1-hop", "2-hop", "3-hop", "4-hop")
 ACCURACY_KEYS = ("reliability", "t_generality", "i_generality")

@@ -10,7 +10,7 @@ from oracle import evaluate_batch as oracle_evaluate_batch
 from test_backbones import TINY, draw_images, make_tokenizer, tiny_backbone
 
 from data_modules.encoding import SUB_BATCH_KEYS
-from kedit_lightning.editors.edited_model import EditedModel, StepInputs
+from kedit_lightning.editors.edited_model import StepInputs, WeightEditedModel
 from kedit_lightning.editors.ft import FineTune
 from kedit_lightning.editors.mend import MEND
 from kedit_lightning.evaluation import EditMetrics, evaluate_batch, flatten_report
@@ -113,7 +113,7 @@ def test_batched_and_sequential_edits_fold_into_the_oracle_weights(tokenizer, fa
     batch = make_batch(backbone)
     editor = trained_like(MEND.for_backbone(backbone, rank=8, edit_lr=1e-3)).eval()
     inputs = StepInputs(backbone, {"first": batch["edit_inner"], "second": batch["edit_outer"]})
-    model = EditedModel(backbone)
+    model = WeightEditedModel(backbone)
     with torch.no_grad():
         first = editor(model, inputs, inputs.rows("first"), batched=True)
         editor(model, inputs, inputs.rows("second")[:1], on_top_of=first[:1])

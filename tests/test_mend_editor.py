@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
 from kedit_lightning.backbones import TextLMBackbone
-from kedit_lightning.editors.edited_model import EditedModel, StepInputs
+from kedit_lightning.editors.edited_model import StepInputs, WeightEditedModel
 from kedit_lightning.editors.losses import masked_kl, masked_nll
 from kedit_lightning.editors.mend import MEND, RunningMoments, merge_moments
 
@@ -96,10 +96,10 @@ OUTER = [("the big city of france is", "rome"), ("who leads the city", "a big ci
 
 
 def edit_chain(editor, backbone, *batches):
-    """The dense weights after each batched edit in turn, each on top of the previous (one EditedModel),
+    """The dense weights after each batched edit in turn, each on top of the previous (one WeightEditedModel),
     and the model with the last group."""
     inputs = StepInputs(backbone, {str(i): batch for i, batch in enumerate(batches)})
-    model, group, weights = EditedModel(backbone), None, []
+    model, group, weights = WeightEditedModel(backbone), None, []
     for i in range(len(batches)):
         rows = inputs.rows(str(i))
         on_top_of = None if group is None else group[:1].expand(len(rows))

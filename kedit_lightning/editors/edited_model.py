@@ -14,8 +14,8 @@ it and its ancestors; group -1 is the unedited model.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import Any
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +102,48 @@ def edited_module(backbone: Backbone, name: str) -> nn.Module:
     return module
 
 
+class EditedModel(Protocol):
+    """A backbone with pending edits in groups: what every editor's `edited_model(backbone)` gives
+    (`WeightEditedModel` for MEND and fine-tuning, SERAC's `MemoryEditedModel`)."""
+
+    def new_groups(self, parents: Sequence[int] | torch.Tensor) -> torch.Tensor: ...
+
+    def answer_logits(self, inputs: StepInputs, rows: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """[P, V] logits at the answer positions of `rows`, each row under its group (None: unedited)."""
+
+    def fold(self) -> Any:
+        """Make every group an edit in force for all rows (weights: write them into the backbone)."""
+
+    def unedited(self) -> AbstractContextManager[None]:
+        """The original model for the duration (pre-edit answers after `fold`)."""
+
+    def mark(self) -> int: ...
+
+    def drop_after(self, mark: int) -> None:
+        """Forget the groups opened since `mark`."""
+
+    def restore(self) -> None:
+        """The original model back, bit for bit, and no edits."""
+
+
+class Editor(Protocol):
+    """An editor (`MEND`, `FineTune`, `SERAC`): `edited_model(backbone)` is a fresh, unedited model;
+    calling the editor edits it on `rows` of `inputs` (prompt + new answer), one new group per row on
+    top of `on_top_of` (None: the unedited model), or one for all rows with `batched`, and returns each
+    row's group. A call rather than a method, so module hooks (DDP's `replicate` under FSDP) see it."""
+
+    def edited_model(self, backbone: Backbone) -> EditedModel: ...
+
+    def __call__(
+        self,
+        model: EditedModel,
+        inputs: StepInputs,
+        rows: torch.Tensor,
+        on_top_of: torch.Tensor | None = None,
+        batched: bool = False,
+    ) -> torch.Tensor: ...
+
+
 class EditGroups:
     """Edit groups (see the module docstring): each group's parent, -1 for the unedited model."""
 
@@ -134,7 +176,7 @@ class EditGroups:
         return torch.tensor([c + [-1] * (depth - len(c)) for c in chains], dtype=torch.long).view(len(chains), depth)
 
 
-class EditedModel(EditGroups):
+class WeightEditedModel(EditGroups):
     """A backbone with pending low-rank weight edits, organised in groups (see the module docstring).
 
     `capture` gives the rows (x, delta) of the edit loss's gradient at every edited weight, `add`
@@ -336,7 +378,7 @@ def new_edit_groups(
 
 
 class WeightEditor(nn.Module):
-    """An editor whose edits are low-rank weight changes (MEND, fine-tuning): its edited model is an `EditedModel`."""
+    """An editor whose edits are low-rank weight changes (MEND, fine-tuning), on a `WeightEditedModel`."""
 
-    def edited_model(self, backbone: Backbone) -> EditedModel:
-        return EditedModel(backbone)
+    def edited_model(self, backbone: Backbone) -> WeightEditedModel:
+        return WeightEditedModel(backbone)

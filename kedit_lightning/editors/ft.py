@@ -3,7 +3,7 @@
 Given the same layers and the same budget of gradient steps as a learned editor (MEND uses one
 gradient of the edit loss), this is what the edit would do without meta-learning, so every
 report can show what meta-training buys. A step's update lr * sum_t delta_t x_t^T is low-rank, so
-it is an `EditedModel` group like MEND's; each step is a group on top of the previous one.
+it is a `WeightEditedModel` group like MEND's; each step is a group on top of the previous one.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kedit_lightning.editors.edited_model import EditedModel, StepInputs, WeightEditor, new_edit_groups
+from kedit_lightning.editors.edited_model import StepInputs, WeightEditedModel, WeightEditor, new_edit_groups
 
 
 class FineTune(WeightEditor):
@@ -35,7 +35,7 @@ class FineTune(WeightEditor):
 
     def forward(
         self,
-        model: EditedModel,
+        model: WeightEditedModel,
         inputs: StepInputs,
         rows: torch.Tensor,
         on_top_of: torch.Tensor | None = None,

@@ -4,7 +4,7 @@ For an edited Linear y = W x the gradient of the edit loss is a sum of rank-one 
 (delta_t = dL/dy_t), one per token. MEND maps each pair through a learned transform g (running
 normalisation, then a low-rank residual MLP that starts as the identity) to (x~_t, delta~_t) and edits
 W~ = W - alpha_l * sum_t delta~_t x~_t^T, with a learned step size alpha_l per layer. The edit is
-applied as low-rank terms of an `EditedModel`, so an outer loss on other inputs backpropagates into g
+applied as low-rank terms of a `WeightEditedModel`, so an outer loss on other inputs backpropagates into g
 and alpha. With identity g and no statistics yet, an edit is one step of gradient descent.
 
 Statistics change once per training step, never within it: every edit of a step normalises with the
@@ -23,7 +23,13 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from kedit_lightning.backbones.base import Backbone
-from kedit_lightning.editors.edited_model import EditedModel, StepInputs, WeightEditor, edited_module, new_edit_groups
+from kedit_lightning.editors.edited_model import (
+    StepInputs,
+    WeightEditedModel,
+    WeightEditor,
+    edited_module,
+    new_edit_groups,
+)
 
 _NORM_EPS = 1e-7
 
@@ -189,7 +195,7 @@ class MEND(WeightEditor):
     `param_shapes` maps each edited parameter name (as in `backbone.model.named_parameters()`)
     to its shape; names in `transposed` are stored [in, out] (GPT-2's Conv1D), all others
     [out, in] (nn.Linear). `MEND.for_backbone(backbone, ...)` fills both in from a backbone.
-    `edit(model, inputs, rows)` edits an `EditedModel` on rows of a step's inputs.
+    Calling it, `editor(model, inputs, rows)`, edits a `WeightEditedModel` on rows of a step's inputs.
     """
 
     def __init__(
@@ -289,7 +295,7 @@ class MEND(WeightEditor):
         for m, part in zip(moments, pending.split([m.packed_size() for m in moments], dim=1)):
             m.commit(part)
 
-    def check(self, model: EditedModel) -> None:
+    def check(self, model: WeightEditedModel) -> None:
         """Refuse a backbone whose edited weights differ from those this editor was built for."""
         params = model.backbone.editable_parameters()
         if list(params) != self.param_names:
@@ -308,7 +314,7 @@ class MEND(WeightEditor):
 
     def forward(
         self,
-        model: EditedModel,
+        model: WeightEditedModel,
         inputs: StepInputs,
         rows: torch.Tensor,
         on_top_of: torch.Tensor | None = None,

@@ -19,7 +19,7 @@ Mitchell, Lin, Bosselut, Manning and Finn, "Memory-Based Model Editing at Scale"
    input, and answers as if the edit were true.
 4. Routing. In-scope inputs get the counterfactual model's logits, the rest the base model's,
    unchanged. `MemoryEditedModel` is SERAC's edited model: memory entries in edit groups (as
-   `EditedModel`'s), each input routed among the entries of its own group and their ancestors.
+   `WeightEditedModel`'s), each input routed among the entries of its own group and their ancestors.
 
 The classifier and the counterfactual model read their own tokens. `SERACEncoder` adds them to
 every sub-batch in the data pipeline, next to the backbone's, so no forward re-tokenizes text;

@@ -1,7 +1,7 @@
 """Meta-training MEND (Mitchell et al., "Fast Model Editing at Scale", ICLR 2022).
 
 A step edits every record on its own from the frozen backbone's weights, all in one batched edit (an
-`EditedModel` group per record); then one forward asks each edited model for the new answer on the
+`WeightEditedModel` group per record); then one forward asks each edited model for the new answer on the
 rephrased prompt (cedit) and on another image of the same thing (iedit), and for unchanged output
 distributions on unrelated text and image inputs (cloc: KL against the unedited model, whose answers
 are cached per record across epochs). Only the editor learns: the transform at `lr`, the per-layer
