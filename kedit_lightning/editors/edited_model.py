@@ -13,8 +13,8 @@ it and its ancestors; group -1 is the unedited model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from data_modules.encoding import IGNORE_INDEX, SubBatch
-from kedit_lightning.backbones.base import Backbone, answer_read_mask
+from kedit_lightning.backbones.base import Backbone, PrefixState, answer_read_mask
 from kedit_lightning.editors.losses import per_example_nll
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -35,8 +35,12 @@ class StepInputs:
 
     Every tensor field the sub-batches share is stacked (SERAC's extra tokens too); `pixel_values` are
     encoded once per distinct image into `image_features` (one row per input row that has an image).
-    `prefix=False` skips the frozen prefix (`state` None) for callers that need only tokens and image features.
+    The prefix runs once per bucket of sub-batches of similar width (within `BUCKET_SPREAD`), so short
+    text-only rows are not padded to the width of image rows. `prefix=False` skips it (for callers that
+    need only tokens and image features).
     """
+
+    BUCKET_SPREAD = 1.25
 
     def __init__(self, backbone: Backbone, sub_batches: Mapping[str, SubBatch], prefix: bool = True) -> None:
         self.names = list(sub_batches)
@@ -55,11 +59,22 @@ class StepInputs:
         pixels = [sub_batches[n]["pixel_values"] for n, h in zip(self.names, has_image) if h]
         with torch.no_grad():
             self.image_features = backbone.encode_images(torch.cat(pixels)) if pixels else None
-        self.state = (
-            backbone.prefix(self.fields["input_ids"], self.fields["attention_mask"], self.image_features)
-            if prefix
-            else None
-        )
+        self.buckets: list[tuple[torch.Tensor, int, PrefixState | None]] = []
+        self.bucket_of = torch.empty(len(self.has_image), dtype=torch.long, device=device)
+        self.place_in_bucket = torch.empty_like(self.bucket_of)
+        widths = {n: sub_batches[n]["input_ids"].shape[1] for n in self.names}
+        for names in _buckets(widths, self.BUCKET_SPREAD):
+            rows = self.rows(*names)
+            width = max(widths[n] for n in names)
+            state = None
+            if prefix:
+                features = None if self.image_features is None else self.image_features[self.image_rows(rows)]
+                features = None if features is None else features[self.has_image[rows]]
+                ids, mask = self.fields["input_ids"][rows, :width], self.fields["attention_mask"][rows, :width]
+                state = backbone.prefix(ids, mask, features if features is not None and len(features) else None)
+            self.bucket_of[rows] = len(self.buckets)
+            self.place_in_bucket[rows] = torch.arange(len(rows), device=device)
+            self.buckets.append((rows, width, state))
 
     @property
     def labels(self) -> torch.Tensor:
@@ -82,6 +97,41 @@ class StepInputs:
         """Answer logits of the named sub-batches' rows (in order, as `rows(*names)`) -> one tensor per name."""
         sizes = [int(self.answer_counts(self.rows(name)).sum()) for name in names]
         return dict(zip(names, logits.split(sizes)))
+
+    def states(self, rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, PrefixState, torch.Tensor]]:
+        """`rows` by prefix bucket: (their positions in `rows`, their prefix state, their labels at its width)."""
+        buckets = self.bucket_of[rows]
+        for bucket in buckets.unique().tolist():
+            positions = (buckets == bucket).nonzero().flatten()
+            members, width, state = self.buckets[bucket]
+            yield positions, state.rows(self.place_in_bucket[rows[positions]]), self.labels[rows[positions], :width]
+
+    def answer_logits(
+        self,
+        backbone: Backbone,
+        rows: torch.Tensor,
+        around: Callable[[torch.Tensor], AbstractContextManager[None]] = lambda positions: nullcontext(),
+    ) -> torch.Tensor:
+        """[P, V] logits at the answer positions of `rows` (row-major) from their prefix states; `around(positions)`
+        wraps each bucket's pass (an edited model's hooks for the rows at those positions of `rows`)."""
+        per_row: list[torch.Tensor | None] = [None] * len(rows)
+        for positions, state, labels in self.states(rows):
+            with around(positions):
+                logits = backbone.resume(state, answer_read_mask(labels))
+            for position, part in zip(positions.tolist(), logits.split((labels != IGNORE_INDEX).sum(-1).tolist())):
+                per_row[position] = part
+        return torch.cat(per_row)
+
+
+def _buckets(widths: Mapping[str, int], spread: float) -> list[list[str]]:
+    """Names grouped, in order of width, so that no group's widest is over `spread` times its narrowest."""
+    groups: list[list[str]] = []
+    for name in sorted(widths, key=widths.get):
+        if groups and widths[name] <= spread * widths[groups[-1][0]]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
 
 
 def _stack(tensors: Sequence[torch.Tensor], pad_value: int) -> torch.Tensor:
@@ -261,8 +311,9 @@ class WeightEditedModel(EditGroups):
     # -- the three operations -------------------------------------------------------------------
     def answer_logits(self, inputs: StepInputs, rows: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
         """[P, V] logits at the answer positions of `rows` (row-major), each row under its group (None: unedited)."""
-        with self._applied(groups):
-            return self.backbone.resume(inputs.state.rows(rows), answer_read_mask(inputs.labels[rows]))
+        if groups is None:
+            return inputs.answer_logits(self.backbone, rows)
+        return inputs.answer_logits(self.backbone, rows, lambda positions: self._applied(groups[positions.cpu()]))
 
     def capture(
         self, inputs: StepInputs, rows: torch.Tensor, groups: torch.Tensor | None, weights: torch.Tensor
@@ -274,23 +325,31 @@ class WeightEditedModel(EditGroups):
         carry nothing and are dropped. Input rows do not interact, so each row's gradient rows are
         those of its own loss: one forward captures the edits of every record.
         """
-        state = inputs.state.rows(rows)
-        state.hidden = state.hidden.detach().requires_grad_()  # so the layers above are in the graph
-        labels = inputs.labels[rows]
-        record: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
-        with torch.enable_grad(), self._applied(groups, record):
-            logits = self.backbone.resume(state, answer_read_mask(labels))
-            loss = (per_example_nll(logits, labels) * weights).sum()
-            outputs = [record[n][1] for n in self.names]
-            grads = torch.autograd.grad(loss, outputs, allow_unused=True, materialize_grads=True)
-        width = labels.shape[1]
+        records, losses = [], []
+        with torch.enable_grad():
+            for positions, state, labels in inputs.states(rows):
+                state.hidden = state.hidden.detach().requires_grad_()  # so the layers above are in the graph
+                record: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
+                on = None if groups is None else groups[positions.cpu()]
+                with self._applied(on, record):
+                    logits = self.backbone.resume(state, answer_read_mask(labels))
+                losses.append((per_example_nll(logits, labels) * weights[positions.cpu()].to(logits.device)).sum())
+                records.append((positions, labels.shape[1], record))
+            outputs = [record[n][1] for _, _, record in records for n in self.names]
+            grads = iter(torch.autograd.grad(sum(losses), outputs, allow_unused=True, materialize_grads=True))
+        parts: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {n: [] for n in self.names}
+        for positions, width, record in records:
+            for name in self.names:
+                x = record[name][0].reshape(-1, record[name][0].shape[-1])
+                grad = next(grads)
+                delta = grad.reshape(-1, grad.shape[-1])
+                keep = (x != 0).any(-1) & (delta != 0).any(-1)
+                parts[name].append((x[keep], delta[keep], positions[keep.nonzero().flatten() // width]))
         factors, row_of = {}, {}
-        for name, grad in zip(self.names, grads):
-            x = record[name][0].reshape(-1, record[name][0].shape[-1])
-            delta = grad.reshape(-1, grad.shape[-1])
-            keep = (x != 0).any(-1) & (delta != 0).any(-1)
-            factors[name] = (x[keep], delta[keep])
-            row_of[name] = keep.nonzero().flatten() // width
+        for name in self.names:
+            x, delta, row = (torch.cat(t) for t in zip(*parts[name]))
+            order = torch.argsort(row, stable=True)  # the rows' order, as one forward over them would give
+            factors[name], row_of[name] = (x[order], delta[order]), row[order].cpu()
         return factors, row_of
 
     def weights(self) -> dict[str, torch.Tensor]:

@@ -42,7 +42,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from data_modules.encoding import IGNORE_INDEX, SubBatch, SubBatchEncoder
-from kedit_lightning.backbones.base import Backbone, answer_read_mask
+from kedit_lightning.backbones.base import Backbone
 from kedit_lightning.editors.edited_model import EditGroups, StepInputs, new_edit_groups
 
 ClassifierKind = Literal["embedding", "cross"]
@@ -552,9 +552,7 @@ class MemoryEditedModel(EditGroups):
                 )
         if bool((~in_scope).any()):
             rest = (~in_scope).nonzero().flatten()
-            parts[False] = self.backbone.resume(
-                inputs.state.rows(rows[rest.to(rows.device)]), answer_read_mask(labels[rest])
-            )
+            parts[False] = inputs.answer_logits(self.backbone, rows[rest.to(rows.device)])
         answers = labels != IGNORE_INDEX
         positions_in_scope = in_scope.unsqueeze(1).expand_as(answers)[answers]
         dtype = parts[False].dtype if False in parts else parts[True].dtype

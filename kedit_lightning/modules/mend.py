@@ -66,20 +66,15 @@ def outer_losses(
 ) -> dict[str, torch.Tensor]:
     """The outer loss's parts for a batch: every record edited on its own, one post-edit forward.
 
-    `pre`: the unedited answer logits on the locality inputs when known (else computed in the same
-    forward, and stored in `cache`)."""
+    `pre`: the unedited answer logits on the locality inputs when known (else computed, and stored in
+    `cache`)."""
     inputs = StepInputs(backbone, {key: batch[key] for key in ("edit_inner", *POST_EDIT)})
     model = editor.edited_model(backbone)
     edits = editor(model, inputs, inputs.rows("edit_inner"))
-    rows, groups = inputs.rows(*POST_EDIT), edits.repeat(len(POST_EDIT))
-    if pre is None:  # the unedited answers ride along in the same forward
-        rows = torch.cat([rows, inputs.rows(*LOCALITY)])
-        groups = torch.cat([groups, torch.full((len(rows) - len(groups),), -1)])
-    logits = model.answer_logits(inputs, rows, groups)
-    n_post = int(inputs.answer_counts(inputs.rows(*POST_EDIT)).sum())
-    post = inputs.split(logits[:n_post], POST_EDIT)
+    post = inputs.split(model.answer_logits(inputs, inputs.rows(*POST_EDIT), edits.repeat(len(POST_EDIT))), POST_EDIT)
     if pre is None:
-        pre = inputs.split(logits[n_post:], LOCALITY)
+        with torch.no_grad():  # a pass of its own: in the post-edit one, backward would run through these rows too
+            pre = inputs.split(model.answer_logits(inputs, inputs.rows(*LOCALITY)), LOCALITY)
         if cache is not None and "meta" in batch:
             counts = {name: inputs.answer_counts(inputs.rows(name)).tolist() for name in LOCALITY}
             cache.put([meta["origin"] for meta in batch["meta"]], pre, counts)
