@@ -115,7 +115,8 @@ class RunningMoments(nn.Module):
 
 
 class LowRankResidual(nn.Module):
-    """h = z + act(scale[mode] * (U V z + b) + shift[mode]), U [dim, rank], V [rank, dim]."""
+    """h = z + act(scale[mode] * (U V z + b) + shift[mode]), U [dim, rank], V [rank, dim]; `mode` is the
+    edited layer's index among those sharing the transform, or one per row of z."""
 
     def __init__(self, dim: int, rank: int, n_modes: int, activate: bool, init: str) -> None:
         super().__init__()
@@ -129,7 +130,7 @@ class LowRankResidual(nn.Module):
         self.mode_shift = nn.Parameter(torch.zeros(n_modes, dim))
         self.activate = activate
 
-    def forward(self, z: torch.Tensor, mode: int) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, mode: int | torch.Tensor) -> torch.Tensor:
         # F.linear on the parameters themselves: under autocast their bf16 copies are then cast
         # once per step and cached; `.T` views would be re-cast (and kept for backward) per edit.
         h = F.linear(F.linear(z, self.down), self.up, self.bias)
@@ -149,7 +150,7 @@ class ResidualMLP(nn.Module):
             LowRankResidual(dim, rank, n_modes, activate=i < n_hidden, init=init) for i in range(n_hidden + 1)
         )
 
-    def forward(self, z: torch.Tensor, mode: int) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, mode: int | torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             z = layer(z, mode)
         return z
@@ -177,7 +178,9 @@ class GradientTransform(nn.Module):
             self.x_mlp = ResidualMLP(x_dim, rank, n_hidden, n_modes, init)
             self.delta_mlp = ResidualMLP(delta_dim, rank, n_hidden, n_modes, init)
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, delta: torch.Tensor, mode: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x, delta = x.float(), delta.float()
         if self.norm:
             if self.training:
@@ -326,10 +329,17 @@ class MEND(WeightEditor):
         self.check(model)
         groups, weights = new_edit_groups(model, len(rows), on_top_of, batched)
         factors, row_of = model.capture(inputs, rows, on_top_of, weights)
-        for i, name in enumerate(self.param_names):
-            key, mode = self.route[name]
-            x, delta = self.transforms[key](*factors[name], mode)
-            # Float32 even under bf16 autocast: the terms are summed over every token of the edit.
-            with torch.autocast(x.device.type, enabled=False):
-                model.add({name: (self.edit_lrs[i] * delta.float(), x.float())}, groups[row_of[name]])
+        step = dict(zip(self.param_names, self.edit_lrs))
+        for key, transform in self.transforms.items():
+            # The layers sharing a transform go through it together (their modes row by row): one
+            # matmul per weight of the transform, and one gradient for it, instead of one per layer.
+            names = [name for name in self.param_names if self.route[name][0] == key]
+            sizes = [len(factors[name][0]) for name in names]
+            x, delta = (torch.cat([factors[name][i] for name in names]) for i in (0, 1))
+            modes = torch.cat([torch.full((n,), self.route[name][1], device=x.device) for name, n in zip(names, sizes)])
+            x, delta = transform(x, delta, modes)
+            for name, x_part, delta_part in zip(names, x.split(sizes), delta.split(sizes)):
+                # Float32 even under bf16 autocast: the terms are summed over every token of the edit.
+                with torch.autocast(x_part.device.type, enabled=False):
+                    model.add({name: (step[name] * delta_part.float(), x_part.float())}, groups[row_of[name]])
         return groups
