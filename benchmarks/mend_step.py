@@ -42,7 +42,7 @@ from data_modules.encoding import SUB_BATCH_KEYS, SubBatchEncoder
 from kedit_lightning.backbones import Backbone, build_backbone, load_backbone_spec
 from kedit_lightning.editors.mend import MEND
 from kedit_lightning.modules import MENDModule
-from kedit_lightning.modules.mend import outer_losses
+from kedit_lightning.modules.mend import editor_optimizer, outer_losses
 
 # The oracle is test code (tests/oracle.py), not part of the package: put the repository's tests/
 # folder on the path to import it rather than ship a second copy of the slow path in the library.
@@ -121,7 +121,7 @@ def compare_oracle(args, data: VQADataModule, backbone: Backbone, device: torch.
     ]
     fast = MEND.for_backbone(backbone, rank=args.rank).to(device).train()
     oracle = copy.deepcopy(fast)
-    optimizers = {e: torch.optim.Adam(e.parameters(), lr=1e-4) for e in (fast, oracle)}
+    optimizers = {e: editor_optimizer(e, lr=1e-4, lr_lr=1e-4) for e in (fast, oracle)}
     mixed = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
     autocast = torch.autocast(device.type, dtype=mixed) if mixed else nullcontext()
 

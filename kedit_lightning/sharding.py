@@ -56,7 +56,12 @@ def shard_backbone(backbone: Backbone, mesh: DeviceMesh) -> None:
     # backbone gathered as bfloat16 would store twice the bytes for the same computation).
     for unit in [*shard_units(backbone.model), backbone]:
         fully_shard(unit, mesh=mesh, ignored_params=edited)
-    for method in ("image_features", "prefix", "resume"):  # they read the root unit's weights (embeddings, head)
+    for method in (
+        "image_features",
+        "prefix",
+        "resume",
+        "head",
+    ):  # they read the root unit's weights (embeddings, head)
         register_fsdp_forward_method(backbone, method)
 
 

@@ -515,7 +515,7 @@ def test_prefix_then_resume_equals_the_full_forward(backbones, tokenizer, family
             sub_batch["pixel_values"] = images[r : r + 1] if images is not None and r < rows["n_image_rows"] else None
             logits = backbone(sub_batch)
             expected.append(logits[sub_batch["labels"] != IGNORE_INDEX])
-        got = backbone.resume(state.rows(index), answer_read_mask(labels))
+        got = backbone.head(backbone.resume(state.rows(index), answer_read_mask(labels)))
         torch.testing.assert_close(got, torch.cat(expected), rtol=1e-4, atol=1e-5)
 
 

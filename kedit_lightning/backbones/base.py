@@ -263,17 +263,21 @@ class Backbone(nn.Module, ABC):
         return PrefixState(hidden, args[1:], kwargs)
 
     def resume(self, state: PrefixState, read: torch.Tensor) -> torch.Tensor:
-        """[P, V] logits of the positions where `read` [N, T] is true, from `state` through the top layers."""
+        """[P, H]: the last layer's hidden states at the positions where `read` [N, T] is true, from `state`
+        through the top layers (`head` turns them into logits)."""
         split = self.split
         hidden = state.hidden
         for layer in split.layers[split.first :]:
             out = layer(hidden, *state.args, **state.kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        # The norm, output projection and head act per position: only the read ones are computed.
-        hidden = hidden[read]
-        for module in split.tail:
+        return hidden[read]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[P, V] logits of last-layer hidden states [P, H]: final norm, output projection, LM head, which
+        act per position, so only the positions read are computed."""
+        for module in self.split.tail:
             hidden = module(hidden)
-        return split.head(hidden)
+        return self.split.head(hidden)
 
     def resolve_param_names(self, patterns: Sequence[str]) -> list[str]:
         """Expand brace patterns into exact parameter names of `self.model`, failing on unknown ones."""

@@ -114,13 +114,19 @@ class StepInputs:
     ) -> torch.Tensor:
         """[P, V] logits at the answer positions of `rows` (row-major) from their prefix states; `around(positions)`
         wraps each bucket's pass (an edited model's hooks for the rows at those positions of `rows`)."""
-        per_row: list[torch.Tensor | None] = [None] * len(rows)
+        parts, order = [], []
         for positions, state, labels in self.states(rows):
             with around(positions):
-                logits = backbone.resume(state, answer_read_mask(labels))
-            for position, part in zip(positions.tolist(), logits.split((labels != IGNORE_INDEX).sum(-1).tolist())):
-                per_row[position] = part
-        return torch.cat(per_row)
+                parts.append(backbone.resume(state, answer_read_mask(labels)))
+            order.append(positions)
+        return _in_row_order(backbone.head(torch.cat(parts)), torch.cat(order), self.answer_counts(rows))
+
+
+def _in_row_order(answers: torch.Tensor, positions: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Answer-position values of rows taken in the order `positions` (of rows counting `counts` answers
+    each), back in row order."""
+    per_row = dict(zip(positions.tolist(), answers.split(counts[positions].tolist())))
+    return torch.cat([per_row[i] for i in range(len(counts))])
 
 
 def _buckets(widths: Mapping[str, int], spread: float) -> list[list[str]]:
@@ -325,18 +331,19 @@ class WeightEditedModel(EditGroups):
         carry nothing and are dropped. Input rows do not interact, so each row's gradient rows are
         those of its own loss: one forward captures the edits of every record.
         """
-        records, losses = [], []
+        records, hidden = [], []
         with torch.enable_grad():
             for positions, state, labels in inputs.states(rows):
                 state.hidden = state.hidden.detach().requires_grad_()  # so the layers above are in the graph
                 record: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
-                on = None if groups is None else groups[positions.cpu()]
-                with self._applied(on, record):
-                    logits = self.backbone.resume(state, answer_read_mask(labels))
-                losses.append((per_example_nll(logits, labels) * weights[positions.cpu()].to(logits.device)).sum())
+                with self._applied(None if groups is None else groups[positions.cpu()], record):
+                    hidden.append(self.backbone.resume(state, answer_read_mask(labels)))
                 records.append((positions, labels.shape[1], record))
+            order = torch.cat([positions for positions, _, _ in records])
+            logits = _in_row_order(self.backbone.head(torch.cat(hidden)), order, inputs.answer_counts(rows))
+            loss = (per_example_nll(logits, inputs.labels[rows]) * weights.to(logits.device)).sum()
             outputs = [record[n][1] for _, _, record in records for n in self.names]
-            grads = iter(torch.autograd.grad(sum(losses), outputs, allow_unused=True, materialize_grads=True))
+            grads = iter(torch.autograd.grad(loss, outputs, allow_unused=True, materialize_grads=True))
         parts: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {n: [] for n in self.names}
         for positions, width, record in records:
             for name in self.names:
