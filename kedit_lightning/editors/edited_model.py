@@ -272,16 +272,18 @@ class WeightEditedModel(EditGroups):
         return self._padded[name]
 
     def _correction(self, name: str, x: torch.Tensor, chains: torch.Tensor) -> torch.Tensor:
-        """sum over the groups in each row's chain of sum_r (v_r . x) u_r; x is [N, T, in]."""
-        u, v = self._padded_terms(name)
+        """sum over the groups in each row's chain of sum_r (v_r . x) u_r; x is [N, T, in].
+
+        In the layer's own dtype (a bf16 backbone's under autocast): the terms are cast once, before each
+        row gathers its group's, so backward keeps half-size copies."""
+        u, v = (t.to(x.dtype) for t in self._padded_terms(name))
         chains = torch.where(chains < 0, len(self.parents), chains).to(u.device)
         total = None
-        for level in range(chains.shape[1]):
-            group = chains[:, level]
-            with torch.autocast(x.device.type, enabled=False):
-                coeff = torch.bmm(x.float(), v[group].transpose(1, 2).float())  # [N, T, r]
-                part = torch.bmm(coeff, u[group].float())  # [N, T, out]
-            total = part if total is None else total + part
+        with torch.autocast(x.device.type, enabled=False):
+            for level in range(chains.shape[1]):
+                group = chains[:, level]
+                part = torch.bmm(torch.bmm(x, v[group].transpose(1, 2)), u[group])  # [N, T, r] then [N, T, out]
+                total = part if total is None else total + part
         return total
 
     @contextmanager
