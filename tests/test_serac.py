@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import TINY_BERT
 from lightning import Trainer
 from test_backbones import CONFIGS, TINY, draw_images, make_tokenizer
 from torch.utils.data import DataLoader
@@ -17,16 +18,6 @@ from kedit_lightning.editors.serac import SERACEncoder
 from kedit_lightning.evaluation import SUB_BATCH_OF, EditMetrics, evaluate_batch, record_batches
 from kedit_lightning.modules.serac import ScopeEncoderSpec, SERACModule, balanced_bce
 
-TINY_BERT = {
-    "model_type": "bert",
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-    "hidden_dropout_prob": 0.0,
-    "attention_probs_dropout_prob": 0.0,
-}
 # (prompt, new answer, rephrase, text-only locality prompt and answer, image locality question and answer)
 EDITS = [
     (
