@@ -136,8 +136,8 @@ def evaluate_batch(
     editor: Editor, backbone: Backbone, batch: EditBatch, metrics: EditMetrics
 ) -> dict[str, torch.Tensor]:
     """Edit every record of `batch` on its own and score it into `metrics`; the post-edit answer logits
-    per sub-batch. Forwards: one prefix, one edit capture (two with one-hop edits), one post-edit and
-    one pre-edit pass, whatever the number of records."""
+    per sub-batch. Passes: the frozen prefix (once per width bucket), one edit capture (two with one-hop
+    edits), one post-edit and one pre-edit pass, whatever the number of records."""
     names = [key for key in (*SUB_BATCH_KEYS, "port", "port_edit") if key in batch]
     inputs = StepInputs(backbone, {key: batch[key] for key in names})
     model = editor.edited_model(backbone)

@@ -103,7 +103,7 @@ class StepInputs:
         buckets = self.bucket_of[rows]
         for bucket in buckets.unique().tolist():
             positions = (buckets == bucket).nonzero().flatten()
-            members, width, state = self.buckets[bucket]
+            _, width, state = self.buckets[bucket]
             yield positions, state.rows(self.place_in_bucket[rows[positions]]), self.labels[rows[positions], :width]
 
     def answer_logits(
