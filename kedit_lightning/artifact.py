@@ -3,9 +3,10 @@
     editor.safetensors   the editor's state dict (tensors only, no pickle)
     editor.json          format and version, method, the editor's class and constructor config
                          (`editor`), the backbone fingerprint (family, config hash, edited parameter
-                         names and shapes), validation metrics, package version, the training
-                         module's hyper-parameters and config (a record; nothing is rebuilt from
-                         them), where the weights came from, and the sha256 of editor.safetensors
+                         names and shapes, a signature of the edited weights' values), validation
+                         metrics, package version, the training module's hyper-parameters and config
+                         (a record; nothing is rebuilt from them), where the weights came from, and
+                         the sha256 of editor.safetensors
     scope_tokenizer/, counterfactual_tokenizer/
                          SERAC only: the tokenizers its scope classifier and counterfactual model
                          read (`save_pretrained` folders)
@@ -19,18 +20,21 @@ Loading refuses what it cannot trust, with a message naming the file and the pro
 does not parse or lacks a field, a format newer than this package or older than the `editor`
 section, a weights file safetensors cannot read (truncated) or whose sha256 differs from the
 recorded one (changed after export), a config that does not build the editor or tensors that do
-not fit it, and a backbone whose fingerprint differs (`check_fingerprint` says what differs:
-family, config hash, which parameter's shape).
+not fit it, values outside sane ranges (`_SANE_CONFIG`: learning rates, rank, shapes, SERAC's
+threshold; non-finite tensors), and a backbone whose fingerprint differs (`check_fingerprint` says
+what differs: family, config hash, which parameter's shape, or other weights of the same architecture).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model
 from torch import nn
@@ -39,6 +43,7 @@ from transformers import AutoTokenizer
 import kedit_lightning
 from data_modules.encoding import SubBatchEncoder
 from kedit_lightning.backbones import Backbone, TextLMBackbone
+from kedit_lightning.backbones.base import weights_differ
 from kedit_lightning.editors.ft import FineTune
 from kedit_lightning.editors.mend import MEND
 from kedit_lightning.editors.serac import SERAC, SERACEncoder
@@ -100,10 +105,30 @@ def fingerprint_problems(expected: Mapping[str, Any], actual: Mapping[str, Any])
     return problems
 
 
-def check_fingerprint(expected: Mapping[str, Any], actual: Mapping[str, Any], what: str) -> None:
+def other_weights(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
+    """The edited parameters whose values differ from those the editor was trained on (`weights_differ`).
+
+    Fingerprints written before the `weights` entry existed have nothing to compare: none differ.
+    """
+    want, have = expected.get("weights", {}), actual.get("weights", {})
+    return [name for name, signature in want.items() if name in have and weights_differ(signature, have[name])]
+
+
+def check_fingerprint(
+    expected: Mapping[str, Any], actual: Mapping[str, Any], what: str, allow_other_weights: bool = False
+) -> None:
+    """Refuse a backbone of another architecture, and one of the same architecture with other weights
+    of the edited parameters unless `allow_other_weights` (the editor's statistics are of its base's)."""
     problems = fingerprint_problems(expected, actual)
     if problems:
         raise FingerprintMismatch(f"{what} does not fit this backbone:\n  " + "\n  ".join(problems))
+    differ = other_weights(expected, actual)
+    if differ and not allow_other_weights:
+        raise FingerprintMismatch(
+            f"{what} was trained on other weights of this architecture ({len(differ)} of "
+            f"{len(expected['weights'])} edited weights differ, e.g. {differ[0]}); pass --allow-other-weights "
+            "(allow_other_weights=True) to apply it anyway"
+        )
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -169,11 +194,78 @@ def verify_weights(path: str | Path, card: Mapping[str, Any]) -> Path:
     return weights
 
 
+MAX_LR = 1e2
+"""The largest edit learning rate (editor.json's, MEND's trained `edit_lrs`, FT's `lr`) an artifact may hold."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_lr(value: Any) -> bool:
+    return _is_number(value) and 0 < value <= MAX_LR
+
+
+def _are_shapes(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(shape, list) and shape and all(_is_count(d, 1) for d in shape) for shape in value.values()
+    )
+
+
+# What each method's editor config may hold, field -> (check, what a sane value is); read before building,
+# so a value that would allocate absurd shapes or blow up every edit is never used.
+_SANE_CONFIG: dict[str, dict[str, tuple[Any, str]]] = {
+    "mend": {
+        "edit_lr": (_is_lr, f"a finite number in (0, {MAX_LR:g}]"),
+        "rank": (lambda v: _is_count(v, 1), "an integer >= 1"),
+        "n_hidden": (lambda v: _is_count(v, 0), "an integer >= 0"),
+        "param_shapes": (_are_shapes, "a map of names to lists of positive integers"),
+    },
+    "ft": {
+        "lr": (_is_lr, f"a finite number in (0, {MAX_LR:g}]"),
+        "steps": (lambda v: _is_count(v, 1), "an integer >= 1"),
+    },
+    "serac": {
+        "threshold": (lambda v: _is_number(v) and 0 < v < 1, "a number strictly between 0 and 1"),
+        "image_tokens": (lambda v: _is_count(v, 1), "an integer >= 1"),
+    },
+}
+
+
+def check_editor_values(card: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse editor.json values outside sane ranges (`_SANE_CONFIG`), naming the field."""
+    config = card["editor"]["config"]
+    for name, (sane, description) in _SANE_CONFIG[card["method"]].items():
+        if name in config and not sane(config[name]):
+            raise ArtifactError(
+                f"{Path(path) / CARD_FILE}: editor.config.{name} is {config[name]!r}; it must be {description}"
+            )
+
+
+def check_editor_weights(editor: nn.Module, path: str | Path) -> None:
+    """Refuse non-finite weights, and MEND's trained learning rates outside (-MAX_LR, MAX_LR]."""
+    weights = Path(path) / WEIGHTS_FILE
+    for name, tensor in editor.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{weights}: tensor {name} holds non-finite values")
+    if isinstance(editor, MEND) and bool((editor.edit_lrs.abs() > MAX_LR).any()):
+        raise ArtifactError(
+            f"{weights}: tensor edit_lrs holds {editor.edit_lrs.abs().max().item():g}; trained edit learning rates "
+            f"must be within {MAX_LR:g}"
+        )
+
+
 def rebuild_editor(card: Mapping[str, Any], path: str | Path) -> nn.Module:
     """The artifact's editor, built from the config in editor.json with its weights loaded; in eval mode, frozen.
 
-    `card` comes from `read_card`; `path` holds the weights `verify_weights` checked.
+    `card` comes from `read_card`; `path` holds the weights `verify_weights` checked. Values outside
+    sane ranges are refused, in the config before building and in the weights after loading.
     """
+    check_editor_values(card, path)
     editor_class = EDITORS[card["method"]]
     try:
         editor = editor_class.from_config(card["editor"]["config"])
@@ -187,6 +279,7 @@ def rebuild_editor(card: Mapping[str, Any], path: str | Path) -> nn.Module:
         raise ArtifactError(
             f"{path}: the weights do not fit the {editor_class.__name__} its config in {CARD_FILE} describes: {err}"
         ) from err
+    check_editor_weights(editor, path)
     return editor.eval().requires_grad_(False)
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
 from kedit_lightning.editors.ft import FineTune
@@ -34,11 +37,49 @@ def metrics_table(columns: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+_UNLOGGED_RUNS: weakref.WeakKeyDictionary[Trainer, Path] = weakref.WeakKeyDictionary()
+
+
+def next_free_version(folder: Path) -> Path:
+    """`folder/version_N` for the smallest N that does not exist yet."""
+    return next(folder / f"version_{i}" for i in itertools.count() if not (folder / f"version_{i}").exists())
+
+
+def run_folder(trainer: Trainer) -> Path:
+    """Where a run's files (config.yaml, report.md) go: the logger's folder, or without a logger
+    `<default_root_dir>/runs/unlogged/version_N`, the next free one when first asked (then the same for
+    the whole run), so a later run never writes over them. Writers create it. On rank 0 only: nothing
+    is broadcast."""
+    logger = trainer.logger
+    logged = (getattr(logger, "log_dir", None) or logger.save_dir) if logger is not None else None
+    if logged is not None:
+        return Path(logged)
+    if trainer not in _UNLOGGED_RUNS:
+        _UNLOGGED_RUNS[trainer] = next_free_version(Path(trainer.default_root_dir) / "runs" / "unlogged")
+    return _UNLOGGED_RUNS[trainer]
+
+
+class RunFolderConfig(SaveConfigCallback):
+    """LightningCLI's config.yaml, written into `run_folder` (never the working directory):
+    `LightningCLI(..., save_config_callback=RunFolderConfig)`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "save_to_log_dir": False})
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        folder = run_folder(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        config_path = folder / self.config_filename
+        self.parser.save(
+            self.config, str(config_path), skip_none=False, overwrite=self.overwrite, multifile=self.multifile
+        )
+
+
 class CompareWithFineTuning(Callback):
     """At the end of a fit: score the FT baseline on the validation edits, print both side by side.
 
     The baseline fine-tunes the same edited layers with `steps` gradient steps at `lr`; with one
-    step it has the same gradient budget as MEND. The table also lands in the run's log folder.
+    step it has the same gradient budget as MEND. The table also lands in the run's folder (`run_folder`).
     """
 
     def __init__(self, lr: float = 1e-2, steps: int = 1) -> None:
@@ -65,16 +106,15 @@ class CompareWithFineTuning(Callback):
             else pl_module.last_report.get("val")
         )
         learned = {method: report} if report is not None else {}
-        # Read on every rank: under several processes `log_dir` is a broadcast from rank 0.
-        self._report(trainer.log_dir, {**learned, f"FT ({self.steps} step, lr {self.lr:g})": baseline_report})
+        self._report(trainer, {**learned, f"FT ({self.steps} step, lr {self.lr:g})": baseline_report})
 
     @rank_zero_only
-    def _report(self, log_dir: str | None, columns: dict[str, dict]) -> None:
+    def _report(self, trainer: Trainer, columns: dict[str, dict]) -> None:
         table = metrics_table(columns)
         print("\nHeld-out edits (validation split):\n" + table)
-        if log_dir:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            (Path(log_dir) / "report.md").write_text(table + "\n")
+        folder = run_folder(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.md").write_text(table + "\n")
 
 
 class TorchThreads(Callback):

@@ -244,9 +244,15 @@ class Editor:
         """True when edits become new weights (saveable as a transformers model); False for memory editors."""
         return not isinstance(self.editor, SERAC)
 
-    def load_backbone(self, source: str, dtype: str | None = None, device: str | torch.device = "cpu") -> Backbone:
+    def load_backbone(
+        self,
+        source: str,
+        dtype: str | None = None,
+        device: str | torch.device = "cpu",
+        allow_other_weights: bool = False,
+    ) -> Backbone:
         """The backbone family this editor was trained on, from a hub id or directory, checked against
-        the fingerprint."""
+        the fingerprint (see `attach` for `allow_other_weights`)."""
         family = self.fingerprint["family"]
         if family not in FAMILIES:
             raise ValueError(f"{self.path}: backbone family {family!r} is not one of {sorted(FAMILIES)}")
@@ -255,13 +261,19 @@ class Editor:
             source, edit_params=list(self.fingerprint["edit_params"]), dtype=getattr(torch, dtype)
         )
         backbone = backbone.to(device).eval()
-        self.attach(backbone)
+        self.attach(backbone, allow_other_weights=allow_other_weights)
         return backbone
 
-    def attach(self, backbone: Backbone) -> nn.Module:
-        """The editor, set to edit `backbone` (until another is given), on its device; refuses another fingerprint."""
+    def attach(self, backbone: Backbone, allow_other_weights: bool = False) -> nn.Module:
+        """The editor, set to edit `backbone` (until another is given), on its device.
+
+        Refuses another architecture, and other values of the edited weights than the base it was
+        trained on unless `allow_other_weights` (e.g. a further fine-tuned copy of that base).
+        """
         if self.backbone is not backbone:
-            check_fingerprint(self.fingerprint, backbone.fingerprint(), f"the editor in {self.path}")
+            check_fingerprint(
+                self.fingerprint, backbone.fingerprint(), f"the editor in {self.path}", allow_other_weights
+            )
             self.input_processor = read_processor(self.path, self.editor, backbone)
             self.editor.to(device_of(backbone))
             self.backbone = backbone

@@ -39,6 +39,7 @@ from kedit_lightning.artifact import (
     write_tokenizers,
 )
 from kedit_lightning.backbones import BackboneSpec
+from kedit_lightning.callbacks import next_free_version, run_folder
 from kedit_lightning.editor import Editor
 from kedit_lightning.modules.editing import REPORT_KEY, EditorModule
 from kedit_lightning.modules.ft import FTModule
@@ -255,36 +256,42 @@ def export_checkpoint(
 class ExportEditor(Callback):
     """Export the trained editor when a fit ends, into `dirpath/<run name>/<version>`.
 
-    The run name and version are the logger's (so a run's editor sits beside its logs under the
-    same name and never overwrites another run's); without a logger, or with `name` set, that
-    name (default `<method>-<backbone family>`) and its next free `version_N`. With `best=True`
-    and a ModelCheckpoint that saved a best checkpoint, that checkpoint's editor is exported,
-    else the final one; the validation report stored in the checkpoint (`REPORT_KEY`, written by
+    The run name and version are the logger's, so a run's editor sits beside its logs; without a
+    logger, or with `name` set, that name (default `<method>-<backbone family>`). An existing
+    folder is never written into: when the logger's version folder is taken (its logs were moved
+    away and the logger counts from 0 again), the editor goes to the name's next free `version_N`,
+    unless `overwrite` (then the logger's folder is replaced). With `best=True` and a ModelCheckpoint
+    that saved a best checkpoint, that checkpoint's editor is exported, else the final one; the
+    validation report stored in the checkpoint (`REPORT_KEY`, written by
     `EditorModule.on_save_checkpoint`) goes into the artifact.
     """
 
-    def __init__(self, dirpath: str = "checkpoints", name: str | None = None, best: bool = True) -> None:
+    def __init__(
+        self, dirpath: str = "checkpoints", name: str | None = None, best: bool = True, overwrite: bool = False
+    ) -> None:
         self.dirpath = Path(dirpath)
         self.name = name
         self.best = best
+        self.overwrite = overwrite
         self.exported: Path | None = None
 
     def run_dir(self, trainer: Trainer, pl_module: LightningModule) -> Path:
         logger = trainer.logger
         if logger is not None and self.name is None:
             version = logger.version
-            return self.dirpath / logger.name / (version if isinstance(version, str) else f"version_{version}")
-        name = self.name or f"{method_of_module(pl_module)}-{pl_module.backbone.family}"
-        taken = {p.name for p in (self.dirpath / name).glob("version_*")}
-        return self.dirpath / name / next(f"version_{i}" for i in range(len(taken) + 1) if f"version_{i}" not in taken)
+            logged = self.dirpath / logger.name / (version if isinstance(version, str) else f"version_{version}")
+            if self.overwrite or not logged.exists():
+                return logged
+            return next_free_version(self.dirpath / logger.name)
+        return next_free_version(
+            self.dirpath / (self.name or f"{method_of_module(pl_module)}-{pl_module.backbone.family}")
+        )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        log_dir = trainer.log_dir  # on every rank: under several processes it is a broadcast from rank 0
         if not trainer.is_global_zero:
             return
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if self.best else ""
-        config_file = Path(log_dir) / "config.yaml" if log_dir else None
-        config = training_config(config_file, pl_module)
+        config = training_config(run_folder(trainer) / "config.yaml", pl_module)
         out = self.run_dir(trainer, pl_module)
         if best:
             checkpoint = torch.load(best, map_location="cpu", weights_only=False)
@@ -300,11 +307,11 @@ class ExportEditor(Callback):
                 checkpoint.get(REPORT_KEY),
                 config,
                 source,
-                overwrite=True,
+                overwrite=self.overwrite,
             )
         else:
             source = {"checkpoint": None, "epoch": trainer.current_epoch, "global_step": trainer.global_step}
             self.exported = export_module(
-                pl_module, out, None, pl_module.last_report.get("val"), config, source, overwrite=True
+                pl_module, out, None, pl_module.last_report.get("val"), config, source, overwrite=self.overwrite
             )
         rank_zero_info(f"exported the editor to {self.exported}")

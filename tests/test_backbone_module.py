@@ -113,7 +113,9 @@ def test_built_from_a_spec_with_a_processor_directory(tokenizer, tmp_path):
     assert module.hparams["backbone"]["family"] == "minigpt4"
     assert module.hparams["backbone"]["processor"] == str(tmp_path / "tokenizer")
     again = BackboneModule(dict(module.hparams["backbone"]))  # what load_from_checkpoint passes back
-    assert again.backbone.fingerprint() == module.backbone.fingerprint()
+    # The same architecture (both have fresh random weights).
+    assert again.backbone.fingerprint()["config_hash"] == module.backbone.fingerprint()["config_hash"]
+    assert again.backbone.fingerprint()["edit_params"] == module.backbone.fingerprint()["edit_params"]
     batch = fact_batch(module.backbone)
     assert module(batch["with_image"]).shape[:2] == batch["with_image"]["labels"].shape
 

@@ -274,7 +274,7 @@ def test_artifacts_load_and_edit_with_lightning_and_jsonargparse_blocked(fitted,
     "rank,message",
     [
         (8, "the weights do not fit the MEND its config in editor.json describes"),
-        ("wide", "the editor config in editor.json does not build a MEND"),
+        ("wide", r"editor.json: editor.config.rank is 'wide'; it must be an integer >= 1"),
     ],
 )
 def test_an_editor_config_that_does_not_match_the_weights_is_refused(artifact_copy, rank, message):

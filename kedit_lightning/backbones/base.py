@@ -56,6 +56,28 @@ class _PrefixDone(Exception):
     """Raised by the pre-hook that ends a prefix forward at the first edited layer."""
 
 
+@torch.no_grad()
+def weight_signature(weight: torch.Tensor) -> list[float]:
+    """[root mean square, projection on a fixed +-1 pattern / sqrt(n)] of a weight's values.
+
+    Not a byte hash: the same weights in float32, bfloat16 or float16 give the same two numbers to
+    well under 1% (`weights_differ`), while other trained weights of the same shape give others.
+    The pattern is a multiplicative hash of each element's index; summed in float64 on the CPU and
+    rounded to 12 digits, the same values give the same numbers whatever their device and layout.
+    """
+    values = weight.detach().to("cpu", torch.float64).flatten()
+    index = torch.arange(values.numel(), dtype=torch.int64)
+    signs = ((index * 2654435761) >> 15 & 1).double() * 2 - 1
+    scale = values.numel() ** 0.5
+    return [float(f"{float(number):.12g}") for number in (values.norm() / scale, values @ signs / scale)]
+
+
+def weights_differ(expected: Sequence[float], actual: Sequence[float], tolerance: float = 1e-2) -> bool:
+    """Whether two `weight_signature`s are of other weights: either number off by more than `tolerance` x the rms."""
+    scale = max(abs(expected[0]), 1e-12)
+    return any(abs(a - b) > tolerance * scale for a, b in zip(expected, actual))
+
+
 def answer_read_mask(labels: torch.Tensor) -> torch.Tensor:
     """[N, T]: the positions whose next-token logits score an answer token (position t - 1 for label t)."""
     answers = labels != IGNORE_INDEX
@@ -302,12 +324,15 @@ class Backbone(nn.Module, ABC):
         return {name: params[name] for name in names}
 
     def fingerprint(self) -> dict[str, Any]:
-        """What an exported editor must match: family, config hash, edited names and shapes."""
+        """What an exported editor must match: family, config hash, edited names and shapes, and the
+        edited weights' values (`weight_signature`: other weights of the same architecture differ there)."""
         config_json = json.dumps(_stable_config_dict(self.model.config), sort_keys=True)
+        edited = self.editable_parameters()
         return {
             "family": self.family,
             "config_hash": hashlib.sha256(config_json.encode()).hexdigest()[:16],
-            "edit_params": {name: list(p.shape) for name, p in self.editable_parameters().items()},
+            "edit_params": {name: list(p.shape) for name, p in edited.items()},
+            "weights": {name: weight_signature(p) for name, p in edited.items()},
         }
 
     def save_pretrained(self, path: str | Path) -> None:

@@ -48,6 +48,11 @@ def add_editor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default=None, help="backbone dtype, e.g. bfloat16 (default: the one used in training)"
     )
+    parser.add_argument(
+        "--allow-other-weights",
+        action="store_true",
+        help="apply the editor to weights other than those of the base it was trained on (same architecture)",
+    )
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,4 +69,6 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_editor_and_backbone(args: argparse.Namespace) -> tuple[Editor, Backbone]:
     editor = Editor.from_pretrained(args.editor)
-    return editor, editor.load_backbone(args.backbone, dtype=args.dtype, device=args.device)
+    return editor, editor.load_backbone(
+        args.backbone, dtype=args.dtype, device=args.device, allow_other_weights=args.allow_other_weights
+    )

@@ -9,6 +9,8 @@ exported with `save_pretrained`, so `Family.from_pretrained(dir)` (or a Backbone
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatch
@@ -17,11 +19,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torchmetrics import MeanMetric
 
 from data_modules.encoding import IGNORE_INDEX, SubBatch, SubBatchEncoder
+from data_modules.synthetic import WORLD_FILE
 from kedit_lightning.backbones import (
     Backbone,
     BackboneSpec,
@@ -161,14 +166,94 @@ class BackboneModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def export(self, directory: str | Path) -> Path:
-        """Write the backbone as a transformers directory that `from_pretrained` reads back."""
+        """Write the backbone as a transformers directory that `from_pretrained` reads back, with
+        `BASE_RECORD`: the synthetic world it learned (when its data has one) and its hyper-parameters."""
         directory = Path(directory)
         self.backbone.save_pretrained(directory)
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        record = {
+            "world": world_record(getattr(datamodule, "data_dir", None)),
+            "hyper_parameters": {k: str(v) if isinstance(v, Path) else v for k, v in self.hparams.items()},
+        }
+        (directory / BASE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
         return directory
 
     def on_train_end(self) -> None:
         if self.export_dir is not None and self.trainer.is_global_zero:
             self.export(self.export_dir)
+
+
+BASE_RECORD = "kedit_base.json"
+"""What a base model `BackboneModule.export` wrote was trained on: its world, its bootstrap config."""
+
+
+def world_record(data_dir: str | Path | None) -> dict[str, Any] | None:
+    """The synthetic world in `data_dir` (its world.json's path, seed and sha256), or None when there is none."""
+    world = Path(data_dir) / WORLD_FILE if data_dir is not None else None
+    if world is None or not world.is_file():
+        return None
+    text = world.read_bytes()
+    seed = json.loads(text).get("seed")
+    return {"file": str(world.absolute()), "seed": seed, "sha256": hashlib.sha256(text).hexdigest()}
+
+
+def looks_local(source: str) -> bool:
+    """Whether `pretrained` names a folder rather than a hub id ("name" or "namespace/name")."""
+    path = Path(source)
+    return path.is_absolute() or source.startswith((".", "~")) or len(path.parts) > 2 or path.parent.is_dir()
+
+
+def prepare_base(spec: BackboneSpec, data_dir: str | Path | None = None) -> None:
+    """Check (and with `bootstrap`, build) the `pretrained` folder of `spec` for a run on `data_dir`'s world.
+
+    A missing folder is an error unless `bootstrap` is set and the folder is the one the bootstrap
+    config exports to (its `model.init_args.export_dir`; any folder when it names none): a typo
+    in `pretrained` then stops at once instead of starting a bootstrap into a new folder. An existing
+    folder with a `BASE_RECORD` is refused when it learned another synthetic world than `data_dir`'s
+    or was built from other contents of the bootstrap config: it is never reused silently, nor
+    replaced (delete it to rebuild). Hub ids are left to `from_pretrained`.
+    """
+    pretrained = spec.pretrained
+    if pretrained is None:
+        return
+    folder = Path(pretrained)
+    if not folder.exists():
+        if spec.bootstrap is None:
+            if looks_local(pretrained):
+                raise FileNotFoundError(f"backbone.pretrained: {pretrained}: no such model folder (and no bootstrap)")
+            return
+        target = (yaml.safe_load(Path(spec.bootstrap).read_text()) or {}).get("model", {}).get("init_args", {})
+        target = target.get("export_dir")
+        if target is not None and Path(target).absolute() != folder.absolute():
+            raise FileNotFoundError(
+                f"backbone.pretrained: {pretrained}: no such model folder; its bootstrap {spec.bootstrap} builds "
+                f"{target} (a typo? to build a base elsewhere, set export_dir in a copy of that config)"
+            )
+        bootstrap_backbone(spec.bootstrap, folder)
+    record_file = folder / BASE_RECORD
+    if not record_file.is_file():
+        if spec.bootstrap is not None:
+            rank_zero_warn(
+                f"backbone.pretrained: {pretrained} has no {BASE_RECORD} (built before bases recorded their world), "
+                "so which world it learned is not checked; delete it to rebuild it with the record"
+            )
+        return
+    record = json.loads(record_file.read_text())
+    world, built = record.get("world"), world_record(data_dir)
+    if world is not None and built is not None and world["sha256"] != built["sha256"]:
+        raise ValueError(
+            f"backbone.pretrained: {pretrained} learned the synthetic world {world['file']} (seed {world['seed']}), "
+            f"this run's data is {built['file']} (seed {built['seed']}); delete the folder to rebuild it on this "
+            "world, or name another"
+        )
+    bootstrap = record.get("bootstrap")
+    if spec.bootstrap is not None and bootstrap is not None:
+        digest = hashlib.sha256(Path(spec.bootstrap).read_bytes()).hexdigest()
+        if digest != bootstrap["sha256"]:
+            raise ValueError(
+                f"backbone.pretrained: {pretrained} was built from other contents of {bootstrap['config']} than "
+                f"{spec.bootstrap} has now; delete the folder to rebuild it, or name another"
+            )
 
 
 def bootstrap_backbone(config: str | Path, export_dir: str | Path, overrides: Sequence[str] = ()) -> Path:
@@ -190,6 +275,10 @@ def bootstrap_backbone(config: str | Path, export_dir: str | Path, overrides: Se
         save_config_callback=None,
         args=args,
     )
-    if not (Path(export_dir) / "config.json").is_file():
+    record_file = Path(export_dir) / BASE_RECORD
+    if not record_file.is_file():
         raise RuntimeError(f"{config}: training finished but wrote no model to {export_dir}")
+    record = json.loads(record_file.read_text())
+    record["bootstrap"] = {"config": str(config), "sha256": hashlib.sha256(Path(config).read_bytes()).hexdigest()}
+    record_file.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return Path(export_dir)

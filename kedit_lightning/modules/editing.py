@@ -12,7 +12,6 @@ import dataclasses
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,14 +67,11 @@ class EditorModule(LightningModule, ABC):
         return self
 
     def prepare_data(self) -> None:
-        if (
-            self.backbone_spec.pretrained
-            and self.backbone_spec.bootstrap
-            and not Path(self.backbone_spec.pretrained).exists()
-        ):
-            from kedit_lightning.modules.backbone import bootstrap_backbone
+        """Check the base model's folder against this run's world, bootstrapping it when missing (`prepare_base`)."""
+        from kedit_lightning.modules.backbone import prepare_base
 
-            bootstrap_backbone(self.backbone_spec.bootstrap, self.backbone_spec.pretrained)
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        prepare_base(self.backbone_spec, getattr(datamodule, "data_dir", None))
 
     def configure_model(self) -> None:
         if self.backbone is None:
