@@ -3,10 +3,16 @@
 A thin LightningCLI entry point: the model is any editor LightningModule (MEND, SERAC, or the
 BackboneModule that fine-tunes a base model), the data any of the package's DataModules, and
 everything else (trainer, callbacks, loggers) comes from the YAML config and the command line.
+A user error (missing or malformed config, unknown class path, missing file) is one line on
+stderr and exit code 2; `KEDIT_DEBUG=1 python train.py ...` shows the traceback instead.
 """
+
+import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+
+from kedit_lightning.errors import run_training_entry
 
 
 def main() -> None:
@@ -20,4 +26,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_training_entry(main))

@@ -2,13 +2,15 @@
 
 A subcommand module exposes `add_arguments(parser)` and `run(args) -> int`; it is imported only
 when its subcommand runs, so `kedit synth` never pays for importing Lightning or transformers.
+Every subcommand's user errors are reported here, as one line (`kedit --debug` for the traceback).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+
+from kedit_lightning.errors import OneLineParser, call_reporting_errors
 
 SUBCOMMANDS = {
     "synth": ("data_modules.synthetic", "write the embedded synthetic world (E-VQA, E-IC, VLKEB layouts + PNG images)"),
@@ -30,16 +32,21 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kedit", description="Meta-trained knowledge editors for multimodal LLMs.")
+    parser = OneLineParser(prog="kedit", description="Meta-trained knowledge editors for multimodal LLMs.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True)
     argv = sys.argv[1:] if argv is None else argv
-    chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    chosen = next((word for word in argv if not word.startswith("-")), None)
     for name, (module, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             importlib.import_module(module).add_arguments(sub_parser)
-    args = parser.parse_args(argv)
-    return importlib.import_module(SUBCOMMANDS[args.command][0]).run(args)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else 2
+    run = importlib.import_module(SUBCOMMANDS[args.command][0]).run
+    return call_reporting_errors(f"kedit {args.command}", lambda: run(args), args.debug)
 
 
 if __name__ == "__main__":

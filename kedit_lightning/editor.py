@@ -47,6 +47,13 @@ class NonFiniteEdit(FloatingPointError):
     """An edit whose new weights are not all finite; it is refused, never applied."""
 
 
+class WreckedModel(ValueError):
+    """An edited model whose weight norms moved past the bound; it is not saved."""
+
+
+MAX_NORM_RATIO = 2.0  # an edited weight's norm more than twice (or under half) the original's: a wrecked model
+
+
 @dataclass(frozen=True)
 class EditRequest:
     """One edit: after it, `prompt` (about `image`, or text-only when None) should be answered `target`.
@@ -194,15 +201,44 @@ class EditedBackbone:
         self.session.restore()
         return self.backbone
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """An ordinary transformers model directory (model, tokenizer, image processor) of the edited model."""
+    def norm_ratios(self) -> dict[str, tuple[float, float]]:
+        """Each edited weight's (original norm, current norm); equal before any edit and for memory edits."""
+        original = self.session.model.original if self.edits_weights else None
+        ratios = {}
+        for name, weight in self.backbone.editable_parameters().items():
+            now = weight.detach().float().norm().item()
+            ratios[name] = (now if original is None else original[name].float().norm().item(), now)
+        return ratios
+
+    def save_pretrained(self, path: str | Path, max_norm_ratio: float | None = MAX_NORM_RATIO) -> None:
+        """An ordinary transformers model directory (model, tokenizer, image processor) of the edited model.
+
+        Refused (`WreckedModel`, nothing written) when an edited weight's norm grew or shrank by more than
+        `max_norm_ratio` times; None saves whatever the edits did.
+        """
         if not self.edits_weights:
             raise TypeError(
                 "SERAC's edits live in a memory beside the unchanged base model (a classifier routes inputs to a "
                 "counterfactual model), so there are no edited weights to save as a transformers directory; keep "
                 "the editor artifact and the edits"
             )
+        if max_norm_ratio is not None:
+            name, (before, after) = max(self.norm_ratios().items(), key=lambda item: norm_factor(*item[1]))
+            if norm_factor(before, after) > max_norm_ratio:
+                raise WreckedModel(
+                    f"{path}: not saved: the {self.n_edits} edits changed the norm of {name} by "
+                    f"x{after / before:.3g} ({before:.4g} -> {after:.4g}), beyond the bound x{max_norm_ratio:g} "
+                    "(force it with max_norm_ratio=None, or kedit edit --force)"
+                )
         self.backbone.save_pretrained(path)
+
+
+def norm_factor(before: float, after: float) -> float:
+    """How many times a norm grew or shrank (>= 1); infinite when one side is zero and the other not."""
+    if before == after:
+        return 1.0
+    low, high = sorted((before, after))
+    return high / low if low > 0 else float("inf")
 
 
 class Editor:

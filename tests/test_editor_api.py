@@ -8,13 +8,14 @@ import pytest
 import torch
 from conftest import VAL_FILE
 from oracle import dense_edit
+from safetensors.torch import load_file, save_file
 from transformers import Blip2ForConditionalGeneration
 
 from data_modules.datamodules import VQADataModule
 from data_modules.datasets import VQA_TEMPLATE
 from data_modules.encoding import IGNORE_INDEX
 from data_modules.records import EditRecord
-from kedit_lightning.artifact import COUNTERFACTUAL_TOKENIZER, SCOPE_TOKENIZER
+from kedit_lightning.artifact import COUNTERFACTUAL_TOKENIZER, SCOPE_TOKENIZER, sha256_of
 from kedit_lightning.cli import main
 from kedit_lightning.editor import (
     EditedBackbone,
@@ -163,6 +164,7 @@ def test_kedit_edit_applies_a_data_file_and_saves_the_model(
         str(world / "images"),
         "--out",
         str(out),
+        "--sequential",
         "--batch-size",
         "2",
         "--device",
@@ -177,6 +179,50 @@ def test_kedit_edit_applies_a_data_file_and_saves_the_model(
         assert torch.allclose(plain.get_parameter(name), backbone.model.get_parameter(name), atol=1e-6)
     assert main(args) == 2  # never writes into a non-empty folder
     assert "is not empty" in capsys.readouterr().err
+
+
+def edit_args(editor_dir, base_dir, world, data, out) -> list[str]:
+    return [
+        *("edit", "--editor", str(editor_dir), "--backbone", str(base_dir), "--data", str(data)),
+        *("--images", str(world / "images"), "--out", str(out), "--device", "cpu"),
+    ]
+
+
+def test_kedit_edit_applies_a_twelve_record_file_as_one_batched_edit(
+    editor, backbone, fitted, world, base_dir, tmp_path, capsys
+):
+    data = world / "vqa" / "vqa_eval.json"
+    records = json.loads(data.read_text())
+    assert len(records) == 12
+    assert main(edit_args(fitted.artifact, base_dir, world, data, tmp_path / "edited")) == 0
+    out = capsys.readouterr().out
+    assert "applied 12 edits" in out and "as one batched edit" in out
+    assert all(f"{name}: " in out for name in editor.fingerprint["edit_params"])  # every edited weight's norm
+    plain = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "edited")
+    edited = editor.edit(backbone, records, image_root=world / "images")
+    assert edited.n_edits == 12 and edited.session.head == 0  # one edit group
+    for name in editor.fingerprint["edit_params"]:
+        assert torch.allclose(plain.get_parameter(name), backbone.model.get_parameter(name), atol=1e-6)
+
+
+def test_kedit_edit_refuses_to_save_a_wrecked_model_unless_forced(fitted, world, base_dir, tmp_path, capsys):
+    wrecking = tmp_path / "wrecking-editor"
+    shutil.copytree(fitted.artifact, wrecking)
+    weights = load_file(wrecking / "editor.safetensors")
+    weights["edit_lrs"] = weights["edit_lrs"] * 1e5
+    save_file(weights, wrecking / "editor.safetensors")
+    card = json.loads((wrecking / "editor.json").read_text())
+    card["weights"]["sha256"] = sha256_of(wrecking / "editor.safetensors")
+    (wrecking / "editor.json").write_text(json.dumps(card))
+    args = [*edit_args(wrecking, base_dir, world, world / "vqa" / "vqa_eval.json", tmp_path / "edited"), "--sequential"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not saved" in err and "beyond the bound x2" in err
+    ratio = float(err.split("by x")[1].split()[0])
+    assert ratio > 2
+    assert not (tmp_path / "edited").exists() or not any((tmp_path / "edited").iterdir())
+    assert main([*args, "--force"]) == 0
+    assert (tmp_path / "edited" / "config.json").is_file()
 
 
 def test_kedit_eval_sequential_reports_the_earliest_edits_as_edits_accumulate(fitted, world, base_dir, tmp_path):

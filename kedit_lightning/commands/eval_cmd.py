@@ -22,7 +22,6 @@ from kedit_lightning.commands.shared import (
     add_data_arguments,
     add_editor_arguments,
     load_editor_and_backbone,
-    reports_errors,
 )
 from kedit_lightning.editor import evaluate, evaluate_sequential
 from kedit_lightning.evaluation import HEADLINE, HOPS
@@ -70,7 +69,6 @@ def sequential_table(curve: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@reports_errors
 def run(args: argparse.Namespace) -> int:
     editor, backbone = load_editor_and_backbone(args)
     data = Path(args.data)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import zipfile
+from pathlib import Path
 
 from kedit_lightning.artifact import read_card
-from kedit_lightning.commands.shared import reports_errors
 from kedit_lightning.export import METHODS, export_checkpoint
 
 
@@ -23,8 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an artifact already in --out")
 
 
-@reports_errors
 def run(args: argparse.Namespace) -> int:
+    # torch.save writes a zip archive; an empty, truncated or foreign file fails here with its name,
+    # not deep inside torch.load.
+    if Path(args.checkpoint).is_file() and not zipfile.is_zipfile(args.checkpoint):
+        raise ValueError(f"{args.checkpoint}: not a PyTorch checkpoint (empty, truncated, or another kind of file)")
     out = export_checkpoint(
         args.checkpoint, args.out, method=args.method, backbone=args.backbone, overwrite=args.overwrite
     )

@@ -1,34 +1,15 @@
-"""What the `kedit export | edit | eval` subcommands share: error reporting, editor and data arguments, loading."""
+"""What the `kedit export | edit | eval` subcommands share: editor and data arguments, loading."""
 
 from __future__ import annotations
 
 import argparse
-import functools
-import sys
-from collections.abc import Callable
 
 import torch
+import transformers
 
 from data_modules.datasets import KINDS, VQA_TEMPLATE
 from kedit_lightning.backbones import Backbone
-from kedit_lightning.editor import Editor, NonFiniteEdit
-
-# Bad input (files, artifacts, data, arguments) is reported as one line, not a traceback.
-USER_ERRORS = (OSError, ValueError, NonFiniteEdit)
-
-
-def reports_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """A subcommand's `run` that prints bad-input errors to stderr and returns 2."""
-
-    @functools.wraps(run)
-    def checked(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except USER_ERRORS as err:
-            print(f"kedit {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
-            return 2
-
-    return checked
+from kedit_lightning.editor import Editor
 
 
 def add_editor_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,8 +48,26 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vqa-template", default=VQA_TEMPLATE, help="the question template ('{}' is the question)")
 
 
+def check_device_and_dtype(device: str, dtype: str | None) -> None:
+    """Refuse a device this machine lacks or a dtype torch does not have, before loading anything."""
+    try:
+        where = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device}: not a device ({err})") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device on this machine; use --device cpu")
+    if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"--dtype {dtype}: not a torch dtype (e.g. float32, bfloat16, float16)")
+
+
 def load_editor_and_backbone(args: argparse.Namespace) -> tuple[Editor, Backbone]:
-    editor = Editor.from_pretrained(args.editor)
+    check_device_and_dtype(args.device, args.dtype)
+    # transformers' per-load progress bar would put lines on stderr around an error's one line.
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        editor = Editor.from_pretrained(args.editor)
+    except KeyError as err:
+        raise ValueError(f"{args.editor}/editor.json: missing field {err}") from None
     return editor, editor.load_backbone(
         args.backbone, dtype=args.dtype, device=args.device, allow_other_weights=args.allow_other_weights
     )
