@@ -104,6 +104,7 @@ def test_edit_batch_supervises_only_the_answers_of_each_sub_batch(vqa_dir, encod
         "alt": records[1].alt,
         "image": "img/1.png",
         "origin": "<dict>:0",
+        "file": "<dict>",
         "index": 0,
     }
 
