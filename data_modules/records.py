@@ -70,7 +70,8 @@ class Problem:
 
 
 class DataError(ValueError):
-    """Bad input data; `problems` lists everything found, the message shows the first few.
+    """Bad input data; `problems` lists everything found, the message shows the first few (a single
+    problem is the whole one-line message).
 
     A plain message is accepted too: that is how a DataLoader worker's error is rebuilt in the
     main process (its problems already spelled out in the text).
@@ -82,6 +83,9 @@ class DataError(ValueError):
             super().__init__(problems)
             return
         self.problems = list(problems)
+        if len(self.problems) == 1:  # one problem, one line
+            super().__init__(str(self.problems[0]))
+            return
         lines = [str(p) for p in self.problems[:SHOWN_PROBLEMS]]
         if len(self.problems) > SHOWN_PROBLEMS:
             lines.append(f"... and {len(self.problems) - SHOWN_PROBLEMS} more")
