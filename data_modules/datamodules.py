@@ -34,6 +34,7 @@ from data_modules.datasets import (
     FactExample,
     PromptBuilder,
     edit_example,
+    length_problems,
 )
 from data_modules.encoding import SubBatchEncoder
 from data_modules.records import DEFAULT_MAX_IMAGE_PIXELS, DataError, EditRecord, check_images, read_records
@@ -229,6 +230,11 @@ class EditDataModule(LightningDataModule):
     def loader(self, split: str, shuffle: bool) -> DataLoader:
         if self.shard_specs[split] is not None:
             return self.stream_loader(split, train=shuffle)
+        problems = length_problems(
+            self.split_records(split), PromptBuilder(self.kind, self.vqa_template), self.require_processor()
+        )
+        if problems:
+            raise DataError(problems)
         dataset = self.build_dataset(split)
         sampler = None
         if shuffle:

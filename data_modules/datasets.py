@@ -147,6 +147,28 @@ def example_where(example: EditExample, field: str) -> Where:
     return example.meta.get("file", "<batch>"), example.meta.get("index", 0), field
 
 
+def length_problems(records: Sequence[EditRecord], prompts: PromptBuilder, encode: SubBatchEncoder) -> list[Problem]:
+    """Every edit row of `records` (as `EditCollator` builds them) longer than `encode` allows, checked
+    up front so a split fails before training, not at its first long batch."""
+    if encode.max_length is None or encode.truncate_prompts:
+        return []
+    rows: list[tuple[Where, str, str, bool]] = []
+    for position, r in enumerate(records):
+        file, index = r.where(position)
+        rows += [
+            ((file, index, "src"), prompts.edit_prompt(r.src), r.alt, True),
+            ((file, index, "rephrase"), prompts.edit_prompt(r.rephrase), r.alt, True),
+            ((file, index, "loc"), r.loc, r.loc_ans, False),
+            ((file, index, "m_loc_q"), prompts.question(r.m_loc_q), r.m_loc_a, True),
+        ]
+        rows += [
+            ((file, index, f"port_new[{k}]"), prompts.question(q.question), q.answer, True)
+            for k, q in enumerate(r.port)
+        ]
+    lengths = encode.lengths([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+    return [Problem(*row[0], encode.too_long(n)) for row, n in zip(rows, lengths) if n > encode.max_length]
+
+
 class EditDataset(Dataset):
     """Edit records of one split; images decoded per item, in whichever process asks."""
 

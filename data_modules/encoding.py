@@ -104,18 +104,14 @@ class SubBatchEncoder:
                 f"{len(prompts)} prompts, {len(targets)} targets and {len(images or [])} images do not line up"
             )
         has_image = images is not None
-        texts = [f"{self.prompt_format.render(p, has_image)} {t}" for p, t in zip(prompts, targets)]
+        texts = [self.text(p, t, has_image) for p, t in zip(prompts, targets)]
         enc = self.tokenizer(texts, return_offsets_mapping=True, add_special_tokens=True)
         rows, labels = [], []
         for row, (prompt, target) in enumerate(zip(prompts, targets)):
             ids, offsets = enc["input_ids"][row], enc["offset_mapping"][row]
             if self.max_length is not None and len(ids) > self.max_length:
                 if not self.truncate_prompts:
-                    raise TooLongError(
-                        row,
-                        f"prompt + answer is {len(ids)} tokens, more than the backbone's {self.max_length} positions "
-                        "(shorten it, or set truncate_prompts to cut the prompt from the left)",
-                    )
+                    raise TooLongError(row, self.too_long(len(ids)))
                 prompt, ids, offsets = self._truncate(row, prompt, target, has_image, len(ids) - self.max_length)
             start = len(self.prompt_format.render(prompt, has_image)) + 1
             is_target = [e >= start and e > s for s, e in offsets]
@@ -144,6 +140,21 @@ class SubBatchEncoder:
             "pixel_values": pixel_values,
         }
 
+    def text(self, prompt: str, target: str, has_image: bool) -> str:
+        """The text one row tokenizes: the rendered prompt, a space, the target."""
+        return f"{self.prompt_format.render(prompt, has_image)} {target}"
+
+    def lengths(self, prompts: Sequence[str], targets: Sequence[str], has_image: Sequence[bool]) -> list[int]:
+        """Token counts of rows, without images or tensors: for checking a whole split up front."""
+        texts = [self.text(p, t, i) for p, t, i in zip(prompts, targets, has_image)]
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+    def too_long(self, tokens: int) -> str:
+        return (
+            f"prompt + answer is {tokens} tokens, more than the backbone's {self.max_length} positions "
+            "(shorten it, or set truncate_prompts to cut the prompt from the left)"
+        )
+
     def _truncate(
         self, row: int, prompt: str, target: str, has_image: bool, excess: int
     ) -> tuple[str, list[int], list[tuple[int, int]]]:
@@ -162,7 +173,8 @@ class SubBatchEncoder:
             if excess >= len(starts):
                 raise TooLongError(row, f"the answer alone needs more than the backbone's {self.max_length} positions")
             prompt = prompt[starts[excess] :]
-            text = f"{self.prompt_format.render(prompt, has_image)} {target}"
-            enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+            enc = self.tokenizer(
+                self.text(prompt, target, has_image), return_offsets_mapping=True, add_special_tokens=True
+            )
             excess = len(enc["input_ids"]) - self.max_length
         return prompt, enc["input_ids"], enc["offset_mapping"]
