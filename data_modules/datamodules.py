@@ -12,6 +12,7 @@ Lightning adds no DistributedSampler to an IterableDataset).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,10 @@ from data_modules.datasets import (
     FactExample,
     PromptBuilder,
     edit_example,
+    length_problems,
 )
 from data_modules.encoding import SubBatchEncoder
-from data_modules.records import DataError, EditRecord, check_images, read_records
+from data_modules.records import DEFAULT_MAX_IMAGE_PIXELS, DataError, EditRecord, check_images, read_records
 from data_modules.shards import DEFAULT_SHUFFLE_BUFFER, ExampleBuilder, Shard, ShardStream, StreamLoader, resolve_shards
 from data_modules.synthetic import WORLD_FILE, write_synthetic_world
 from data_modules.word_tokenizer import save_world_tokenizer
@@ -66,7 +68,8 @@ class FactExamples:
     def __call__(self, record: EditRecord, images: Mapping[str, Image.Image]) -> list[FactExample]:
         facts = FactDataset([record], "", self.kind, self.vqa_template).facts
         return [
-            FactExample(prompt, target, None if field is None else images[field]) for _, prompt, target, field in facts
+            FactExample(prompt, target, None if field is None else images[field], (*record.where(), text_field))
+            for _, prompt, target, field, text_field in facts
         ]
 
 
@@ -91,6 +94,9 @@ class EditDataModule(LightningDataModule):
         val_shards: str | None = None,
         test_shards: str | None = None,
         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+        extra_image_roots: tuple[str, ...] = (),
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        truncate_prompts: bool = False,
     ) -> None:
         super().__init__()
         PromptBuilder(kind, vqa_template)  # fail on a bad kind or template at construction, not in a worker
@@ -107,6 +113,10 @@ class EditDataModule(LightningDataModule):
         self.synthesize = synthesize
         self.shard_specs = {"train": train_shards, "val": val_shards, "test": test_shards}
         self.shuffle_buffer = shuffle_buffer
+        # Image paths must stay inside image_root or these (relative to data_dir): e.g. ADS-Edit's `../nuscenes`.
+        self.extra_image_roots = [self.data_dir / root for root in extra_image_roots]
+        self.max_image_pixels = max_image_pixels
+        self.truncate_prompts = truncate_prompts
         self.records: dict[str, list[EditRecord]] = {}
         self.shards: dict[str, list[Shard]] = {}
 
@@ -124,7 +134,7 @@ class EditDataModule(LightningDataModule):
             raise ValueError(f"{type(self).__name__}: no {split}_file configured")
         path = self.data_dir / name
         records = read_records(path)
-        problems = check_images(records, self.image_root, str(path), verify=False)
+        problems = check_images(records, self.image_root, str(path), verify=False, extra_roots=self.extra_image_roots)
         if problems:
             raise DataError(problems)
         return records
@@ -143,7 +153,9 @@ class EditDataModule(LightningDataModule):
                 self.records[split] = self.read_split(split)
 
     def build_dataset(self, split: str) -> Dataset:
-        return EditDataset(self.split_records(split), self.image_root, self.kind, self.vqa_template)
+        return EditDataset(
+            self.split_records(split), self.image_root, self.kind, self.vqa_template, self.max_image_pixels
+        )
 
     def build_collator(self) -> Callable[[list[Any]], Any]:
         return EditCollator(self.require_processor())
@@ -208,11 +220,21 @@ class EditDataModule(LightningDataModule):
                 "(`datamodule.processor = backbone.processor`; LightningCLI links it from the model) "
                 "before loading batches"
             )
+        if self.truncate_prompts and not self.processor.truncate_prompts:
+            # A copy: the backbone's own encoder (used by the editing API too) keeps refusing long rows.
+            processor = copy.copy(self.processor)
+            processor.truncate_prompts = True
+            return processor
         return self.processor
 
     def loader(self, split: str, shuffle: bool) -> DataLoader:
         if self.shard_specs[split] is not None:
             return self.stream_loader(split, train=shuffle)
+        problems = length_problems(
+            self.split_records(split), PromptBuilder(self.kind, self.vqa_template), self.require_processor()
+        )
+        if problems:
+            raise DataError(problems)
         dataset = self.build_dataset(split)
         sampler = None
         if shuffle:
@@ -294,7 +316,7 @@ class FactsDataModule(EditDataModule):
         records = (
             self.split_records("train") + self.split_records("val") if split == "train" else self.split_records(split)
         )
-        return FactDataset(records, self.image_root, self.kind, self.vqa_template)
+        return FactDataset(records, self.image_root, self.kind, self.vqa_template, self.max_image_pixels)
 
     def build_collator(self) -> Callable[[list[Any]], Any]:
         return FactCollator(self.require_processor())

@@ -17,25 +17,54 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data_modules.encoding import EditBatch, SubBatch, SubBatchEncoder
-from data_modules.records import DataError, EditRecord, Problem
+from data_modules.encoding import EditBatch, SubBatch, SubBatchEncoder, TooLongError
+from data_modules.records import DEFAULT_MAX_IMAGE_PIXELS, DataError, EditRecord, Problem, too_many_pixels
 
 VQA_TEMPLATE = "Question: {} Short answer:"
 DataKind = Literal["vqa", "caption"]
 KINDS = ("vqa", "caption")
 
 
-def load_image(image_root: str | Path, record: EditRecord, field: str, position: int) -> Image.Image:
-    """Decode one image of a record as RGB; a `DataError` naming file, record and field if it fails."""
+Where = tuple[str, int, str]
+"""(file, record index, field) of one encoded row, for messages."""
+
+
+def load_image(
+    image_root: str | Path,
+    record: EditRecord,
+    field: str,
+    position: int,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> Image.Image:
+    """Decode one image of a record as RGB, its size checked from the header first; a `DataError`
+    naming file, record and field if it fails."""
     path = Path(image_root) / getattr(record, field)
+    file, index = record.where(position)
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            too_big = too_many_pixels(image, path, max_pixels)
+            if too_big is None:
+                return image.convert("RGB")
     except Exception as err:  # Pillow raises many types for missing or broken files
-        file, index = record.where(position)
         raise DataError(
             [Problem(file, index, field, f"cannot load image {path}: {type(err).__name__}: {err}")]
         ) from err
+    raise DataError([Problem(file, index, field, too_big)])
+
+
+def encode_rows(
+    encode: SubBatchEncoder,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    images: Sequence[Image.Image] | None,
+    where: Sequence[Where],
+) -> SubBatch:
+    """`encode(prompts, targets, images)`; a row too long for the backbone becomes a `DataError`
+    naming its file, record and field."""
+    try:
+        return encode(prompts, targets, images)
+    except TooLongError as err:
+        raise DataError([Problem(*where[err.row], err.detail)]) from None
 
 
 class PromptBuilder:
@@ -107,20 +136,54 @@ def edit_example(
             "alt": record.alt,
             "image": record.image,
             "origin": f"{file}:{index}",
+            "file": file,
             "index": index,
         },
     )
+
+
+def example_where(example: EditExample, field: str) -> Where:
+    """(file, index, field) of an example's row, for messages."""
+    return example.meta.get("file", "<batch>"), example.meta.get("index", 0), field
+
+
+def length_problems(records: Sequence[EditRecord], prompts: PromptBuilder, encode: SubBatchEncoder) -> list[Problem]:
+    """Every edit row of `records` (as `EditCollator` builds them) longer than `encode` allows, checked
+    up front so a split fails before training, not at its first long batch."""
+    if encode.max_length is None or encode.truncate_prompts:
+        return []
+    rows: list[tuple[Where, str, str, bool]] = []
+    for position, r in enumerate(records):
+        file, index = r.where(position)
+        rows += [
+            ((file, index, "src"), prompts.edit_prompt(r.src), r.alt, True),
+            ((file, index, "rephrase"), prompts.edit_prompt(r.rephrase), r.alt, True),
+            ((file, index, "loc"), r.loc, r.loc_ans, False),
+            ((file, index, "m_loc_q"), prompts.question(r.m_loc_q), r.m_loc_a, True),
+        ]
+        rows += [
+            ((file, index, f"port_new[{k}]"), prompts.question(q.question), q.answer, True)
+            for k, q in enumerate(r.port)
+        ]
+    lengths = encode.lengths([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+    return [Problem(*row[0], encode.too_long(n)) for row, n in zip(rows, lengths) if n > encode.max_length]
 
 
 class EditDataset(Dataset):
     """Edit records of one split; images decoded per item, in whichever process asks."""
 
     def __init__(
-        self, records: Sequence[EditRecord], image_root: str | Path, kind: DataKind, vqa_template: str = VQA_TEMPLATE
+        self,
+        records: Sequence[EditRecord],
+        image_root: str | Path,
+        kind: DataKind,
+        vqa_template: str = VQA_TEMPLATE,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self.records = list(records)
         self.image_root = Path(image_root)
         self.prompts = PromptBuilder(kind, vqa_template)
+        self.max_image_pixels = max_image_pixels
 
     def __len__(self) -> int:
         return len(self.records)
@@ -128,7 +191,7 @@ class EditDataset(Dataset):
     def __getitem__(self, position: int) -> EditExample:
         record = self.records[position]
         images = {
-            field: load_image(self.image_root, record, field, position)
+            field: load_image(self.image_root, record, field, position, self.max_image_pixels)
             for field in ("image", "image_rephrase", "m_loc")
         }
         return edit_example(record, images, self.prompts, position)
@@ -147,32 +210,45 @@ class EditCollator:
         port_hops         list[str], the hop of each `port` row ("1-hop".."4-hop")
         port_record       LongTensor [P], the batch row of the record each `port` row belongs to
         meta              one dict per record, plain values for showing examples: prompt (templated src),
-                          rephrase, pred, alt, image (path as in the file), origin ("FILE:INDEX"), index (int)
+                          rephrase, pred, alt, image (path as in the file), origin ("FILE:INDEX"), file, index (int)
+
+    A row longer than the backbone allows raises a `DataError` naming its record and field.
     """
 
     def __init__(self, processor: SubBatchEncoder) -> None:
         self.processor = processor
 
     def __call__(self, examples: Sequence[EditExample]) -> EditBatch:
-        encode = self.processor
+        def encode(field: str, prompts: list[str], targets: list[str], images: list | None) -> SubBatch:
+            where = [example_where(e, field) for e in examples]
+            return encode_rows(self.processor, prompts, targets, images, where)
+
         prompts = [e.prompt for e in examples]
         targets = [e.target for e in examples]
         images = [e.image for e in examples]
         batch: dict[str, Any] = {
-            "edit_inner": encode(prompts, targets, images),
-            "edit_outer": encode([e.rephrase for e in examples], targets, images),
-            "edit_outer_image": encode(prompts, targets, [e.image_rephrase for e in examples]),
-            "loc": encode([e.loc_prompt for e in examples], [e.loc_target for e in examples], None),
+            "edit_inner": encode("src", prompts, targets, images),
+            "edit_outer": encode("rephrase", [e.rephrase for e in examples], targets, images),
+            "edit_outer_image": encode("src", prompts, targets, [e.image_rephrase for e in examples]),
+            "loc": encode("loc", [e.loc_prompt for e in examples], [e.loc_target for e in examples], None),
             "loc_image": encode(
+                "m_loc_q",
                 [e.m_loc_prompt for e in examples],
                 [e.m_loc_target for e in examples],
                 [e.m_loc_image for e in examples],
             ),
         }
-        rows = [(row, hop, prompt, answer) for row, e in enumerate(examples) for hop, prompt, answer in e.port]
+        rows = [
+            (row, position, hop, prompt, answer)
+            for row, e in enumerate(examples)
+            for position, (hop, prompt, answer) in enumerate(e.port)
+        ]
         if rows:
-            batch["port"] = encode([r[2] for r in rows], [r[3] for r in rows], [examples[r[0]].image for r in rows])
-            batch["port_hops"] = [r[1] for r in rows]
+            where = [example_where(examples[r[0]], f"port_new[{r[1]}]") for r in rows]
+            batch["port"] = encode_rows(
+                self.processor, [r[3] for r in rows], [r[4] for r in rows], [examples[r[0]].image for r in rows], where
+            )
+            batch["port_hops"] = [r[2] for r in rows]
             batch["port_record"] = torch.tensor([r[0] for r in rows], dtype=torch.long)
         batch["meta"] = [e.meta for e in examples]
         return batch
@@ -185,6 +261,7 @@ class FactExample:
     prompt: str
     target: str
     image: Image.Image | None
+    where: Where = ("<facts>", 0, "src")
 
 
 class FactDataset(Dataset):
@@ -196,32 +273,39 @@ class FactDataset(Dataset):
     """
 
     def __init__(
-        self, records: Sequence[EditRecord], image_root: str | Path, kind: DataKind, vqa_template: str = VQA_TEMPLATE
+        self,
+        records: Sequence[EditRecord],
+        image_root: str | Path,
+        kind: DataKind,
+        vqa_template: str = VQA_TEMPLATE,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self.records = list(records)
         self.image_root = Path(image_root)
+        self.max_image_pixels = max_image_pixels
         build = PromptBuilder(kind, vqa_template)
-        # (record position, prompt, target, image field or None): strings only, images load per item.
-        self.facts: list[tuple[int, str, str, str | None]] = []
+        # (record position, prompt, target, image field or None, prompt field): strings only, images load per item.
+        self.facts: list[tuple[int, str, str, str | None, str]] = []
         for position, r in enumerate(self.records):
             if r.pred.strip():
                 self.facts += [
-                    (position, build.edit_prompt(r.src), r.pred, "image"),
-                    (position, build.edit_prompt(r.rephrase), r.pred, "image"),
-                    (position, build.edit_prompt(r.src), r.pred, "image_rephrase"),
+                    (position, build.edit_prompt(r.src), r.pred, "image", "src"),
+                    (position, build.edit_prompt(r.rephrase), r.pred, "image", "rephrase"),
+                    (position, build.edit_prompt(r.src), r.pred, "image_rephrase", "src"),
                 ]
             self.facts += [
-                (position, r.loc, r.loc_ans, None),
-                (position, build.question(r.m_loc_q), r.m_loc_a, "m_loc"),
+                (position, r.loc, r.loc_ans, None, "loc"),
+                (position, build.question(r.m_loc_q), r.m_loc_a, "m_loc", "m_loc_q"),
             ]
 
     def __len__(self) -> int:
         return len(self.facts)
 
     def __getitem__(self, i: int) -> FactExample:
-        position, prompt, target, field = self.facts[i]
-        image = None if field is None else load_image(self.image_root, self.records[position], field, position)
-        return FactExample(prompt, target, image)
+        position, prompt, target, field, text_field = self.facts[i]
+        record = self.records[position]
+        image = None if field is None else load_image(self.image_root, record, field, position, self.max_image_pixels)
+        return FactExample(prompt, target, image, (*record.where(position), text_field))
 
 
 class FactCollator:
@@ -235,9 +319,19 @@ class FactCollator:
         text_only = [e for e in examples if e.image is None]
         out = {}
         if with_image:
-            out["with_image"] = self.processor(
-                [e.prompt for e in with_image], [e.target for e in with_image], [e.image for e in with_image]
+            out["with_image"] = encode_rows(
+                self.processor,
+                [e.prompt for e in with_image],
+                [e.target for e in with_image],
+                [e.image for e in with_image],
+                [e.where for e in with_image],
             )
         if text_only:
-            out["text_only"] = self.processor([e.prompt for e in text_only], [e.target for e in text_only], None)
+            out["text_only"] = encode_rows(
+                self.processor,
+                [e.prompt for e in text_only],
+                [e.target for e in text_only],
+                None,
+                [e.where for e in text_only],
+            )
         return out

@@ -30,6 +30,16 @@ where the data has portability questions, `port` (plus `port_hops`, a list of ho
 SUB_BATCH_KEYS = ("edit_inner", "edit_outer", "edit_outer_image", "loc", "loc_image")
 
 
+class TooLongError(ValueError):
+    """A row's prompt + target has more tokens than the backbone has positions; `row` says which,
+    so a collator, which knows each row's record and field, can name them."""
+
+    def __init__(self, row: int, message: str) -> None:
+        super().__init__(f"row {row}: {message}")
+        self.row = row
+        self.detail = message
+
+
 @dataclass(frozen=True)
 class PromptFormat:
     """How a backbone family lays out a prompt.
@@ -58,6 +68,9 @@ class SubBatchEncoder:
     its character span reaches past the separating space (SentencePiece pieces carry that space,
     BPE pieces do not; both count). This is tokenizer-agnostic: BPE, SentencePiece
     and word-level tokenizers all report offsets through the fast-tokenizer API.
+
+    `max_length` (the backbone's positions) bounds every row: a longer one raises `TooLongError`, or
+    with `truncate_prompts` loses prompt tokens from the left until it fits (the target is kept whole).
     """
 
     def __init__(
@@ -66,6 +79,7 @@ class SubBatchEncoder:
         image_processor: Any | None = None,
         prompt_format: PromptFormat = PromptFormat(),
         max_length: int | None = None,
+        truncate_prompts: bool = False,
     ) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise TypeError(
@@ -75,6 +89,7 @@ class SubBatchEncoder:
         self.image_processor = image_processor
         self.prompt_format = prompt_format
         self.max_length = max_length
+        self.truncate_prompts = truncate_prompts
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
 
@@ -89,19 +104,19 @@ class SubBatchEncoder:
                 f"{len(prompts)} prompts, {len(targets)} targets and {len(images or [])} images do not line up"
             )
         has_image = images is not None
-        texts, target_starts = [], []
-        for prompt, target in zip(prompts, targets):
-            rendered = self.prompt_format.render(prompt, has_image)
-            texts.append(f"{rendered} {target}")
-            target_starts.append(len(rendered) + 1)
+        texts = [self.text(p, t, has_image) for p, t in zip(prompts, targets)]
         enc = self.tokenizer(texts, return_offsets_mapping=True, add_special_tokens=True)
         rows, labels = [], []
-        for ids, offsets, start in zip(enc["input_ids"], enc["offset_mapping"], target_starts):
+        for row, (prompt, target) in enumerate(zip(prompts, targets)):
+            ids, offsets = enc["input_ids"][row], enc["offset_mapping"][row]
             if self.max_length is not None and len(ids) > self.max_length:
-                raise ValueError(f"{len(ids)} tokens exceed max_length={self.max_length}: {texts[len(rows)]!r}")
+                if not self.truncate_prompts:
+                    raise TooLongError(row, self.too_long(len(ids)))
+                prompt, ids, offsets = self._truncate(row, prompt, target, has_image, len(ids) - self.max_length)
+            start = len(self.prompt_format.render(prompt, has_image)) + 1
             is_target = [e >= start and e > s for s, e in offsets]
             if not any(is_target):
-                raise ValueError(f"the target of {texts[len(rows)]!r} produced no tokens")
+                raise ValueError(f"the target of {texts[row]!r} produced no tokens")
             rows.append(ids)
             labels.append([i if t else IGNORE_INDEX for i, t in zip(ids, is_target)])
         width = max(len(r) for r in rows)
@@ -124,3 +139,42 @@ class SubBatchEncoder:
             "labels": label_tensor,
             "pixel_values": pixel_values,
         }
+
+    def text(self, prompt: str, target: str, has_image: bool) -> str:
+        """The text one row tokenizes: the rendered prompt, a space, the target."""
+        return f"{self.prompt_format.render(prompt, has_image)} {target}"
+
+    def lengths(self, prompts: Sequence[str], targets: Sequence[str], has_image: Sequence[bool]) -> list[int]:
+        """Token counts of rows, without images or tensors: for checking a whole split up front."""
+        texts = [self.text(p, t, i) for p, t, i in zip(prompts, targets, has_image)]
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+    def too_long(self, tokens: int) -> str:
+        return (
+            f"prompt + answer is {tokens} tokens, more than the backbone's {self.max_length} positions "
+            "(shorten it, or set truncate_prompts to cut the prompt from the left)"
+        )
+
+    def _truncate(
+        self, row: int, prompt: str, target: str, has_image: bool, excess: int
+    ) -> tuple[str, list[int], list[tuple[int, int]]]:
+        """(prompt, ids, offsets) with the first prompt tokens dropped until the row fits in `max_length`.
+
+        The prompt text is cut at a token start (not the rendered ids), so template tokens and image
+        placeholders stay; re-tokenizing at the cut can shift a token, hence the loop.
+        """
+        while excess > 0:
+            starts = [
+                s
+                for s, _ in self.tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=False)[
+                    "offset_mapping"
+                ]
+            ]
+            if excess >= len(starts):
+                raise TooLongError(row, f"the answer alone needs more than the backbone's {self.max_length} positions")
+            prompt = prompt[starts[excess] :]
+            enc = self.tokenizer(
+                self.text(prompt, target, has_image), return_offsets_mapping=True, add_special_tokens=True
+            )
+            excess = len(enc["input_ids"]) - self.max_length
+        return prompt, enc["input_ids"], enc["offset_mapping"]

@@ -14,7 +14,9 @@ empty `alt` are skipped with one counted warning, as the public loaders skip the
 from __future__ import annotations
 
 import json
+import unicodedata
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,12 @@ IMAGE_FIELDS = ("image", "image_rephrase", "m_loc")
 # Answers a sub-batch supervises: an empty one has no tokens to score. (`alt` is handled apart:
 # records with an empty `alt` are skipped, not rejected; `pred` is never a sub-batch target.)
 TARGET_FIELDS = ("loc_ans", "m_loc_a")
+PROMPT_FIELDS = ("src", "rephrase", "loc", "m_loc_q")
+# Characters that reorder or hide text (bidi overrides, isolates and marks); with the C0/C1 controls
+# other than tab and newlines, they make a prompt read differently from what the model is given.
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+ALLOWED_CONTROLS = frozenset("\t\n\r")
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 DEFAULT_HOP = "1-hop"
 SHOWN_PROBLEMS = 10
 
@@ -62,7 +70,8 @@ class Problem:
 
 
 class DataError(ValueError):
-    """Bad input data; `problems` lists everything found, the message shows the first few.
+    """Bad input data; `problems` lists everything found, the message shows the first few (a single
+    problem is the whole one-line message).
 
     A plain message is accepted too: that is how a DataLoader worker's error is rebuilt in the
     main process (its problems already spelled out in the text).
@@ -74,6 +83,9 @@ class DataError(ValueError):
             super().__init__(problems)
             return
         self.problems = list(problems)
+        if len(self.problems) == 1:  # one problem, one line
+            super().__init__(str(self.problems[0]))
+            return
         lines = [str(p) for p in self.problems[:SHOWN_PROBLEMS]]
         if len(self.problems) > SHOWN_PROBLEMS:
             lines.append(f"... and {len(self.problems) - SHOWN_PROBLEMS} more")
@@ -159,6 +171,65 @@ class EditRecord:
         return self.origin.file, self.origin.index
 
 
+def json_type(value: Any) -> str:
+    """The type of a parsed JSON value as messages name it ("dict", "list", "str", ...)."""
+    return "dict" if isinstance(value, dict) else type(value).__name__
+
+
+class JSONObject(dict):
+    """A parsed JSON object that remembers keys given more than once (json keeps only the last)."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> JSONObject:
+    obj = JSONObject(pairs)
+    if len(obj) < len(pairs):
+        obj.duplicates = tuple(sorted(key for key, n in Counter(k for k, _ in pairs).items() if n > 1))
+    return obj
+
+
+def _duplicate_problems(value: Any, file: str, index: int, path: str = "") -> list[Problem]:
+    """A problem per duplicated key anywhere inside one record."""
+    problems = []
+    if isinstance(value, dict):
+        problems += [
+            Problem(file, index, f"{path}{key}", "duplicate key (JSON keeps only the last value)")
+            for key in getattr(value, "duplicates", ())
+        ]
+        for key, item in value.items():
+            problems += _duplicate_problems(item, file, index, f"{path}{key}.")
+    elif isinstance(value, list):
+        for position, item in enumerate(value):
+            problems += _duplicate_problems(item, file, index, f"{path[:-1]}[{position}].")
+    return problems
+
+
+def control_character(text: str) -> str | None:
+    """A description of the first control or bidi character in `text`, or None."""
+    for position, char in enumerate(text):
+        if char in BIDI_CONTROLS or (unicodedata.category(char) == "Cc" and char not in ALLOWED_CONTROLS):
+            name = unicodedata.name(char, "control character")
+            return f"control character U+{ord(char):04X} ({name}) at character {position}"
+    return None
+
+
+def _text_problems(value: Any, file: str, index: int, path: str) -> list[Problem]:
+    """A problem per string inside one record that holds a control or bidi character."""
+    if isinstance(value, str):
+        found = control_character(value)
+        return [] if found is None else [Problem(file, index, path, found)]
+    if isinstance(value, dict):
+        return [
+            p for key, item in value.items() for p in _text_problems(item, file, index, f"{path}.{key}".lstrip("."))
+        ]
+    if isinstance(value, list):
+        return [
+            p for position, item in enumerate(value) for p in _text_problems(item, file, index, f"{path}[{position}]")
+        ]
+    return []
+
+
 def _string_problems(
     raw: Mapping[str, Any], keys: Iterable[str], file: str, index: int, prefix: str = ""
 ) -> list[Problem]:
@@ -168,19 +239,19 @@ def _string_problems(
         if key not in raw:
             problems.append(Problem(file, index, name, "missing field"))
         elif not isinstance(raw[key], str):
-            problems.append(Problem(file, index, name, f"expected a string, got {type(raw[key]).__name__}"))
+            problems.append(Problem(file, index, name, f"expected a string, got {json_type(raw[key])}"))
     return problems
 
 
 def _parse_port_item(item: Any, file: str, index: int, position: int) -> tuple[PortQuestion | None, list[Problem]]:
     prefix = f"port_new[{position}]."
     if not isinstance(item, dict):
-        return None, [Problem(file, index, f"port_new[{position}]", f"expected an object, got {type(item).__name__}")]
+        return None, [Problem(file, index, f"port_new[{position}]", f"expected an object, got {json_type(item)}")]
     if "Q&A" in item:
         problems = _string_problems(item, ["port_type"], file, index, prefix)
         qa = item["Q&A"]
         if not isinstance(qa, dict):
-            problems.append(Problem(file, index, f"{prefix}Q&A", f"expected an object, got {type(qa).__name__}"))
+            problems.append(Problem(file, index, f"{prefix}Q&A", f"expected an object, got {json_type(qa)}"))
             return None, problems
         problems += _string_problems(qa, ["Question", "Answer"], file, index, f"{prefix}Q&A.")
         if problems:
@@ -210,15 +281,23 @@ def _parse_port_item(item: Any, file: str, index: int, position: int) -> tuple[P
         ]
     if not question.answer.strip():
         return None, [Problem(file, index, answer_field, "empty target")]
+    if not question.question.strip():
+        question_field = answer_field.replace("Answer", "Question").replace("port_a", "port_q")
+        return None, [Problem(file, index, question_field, "empty or whitespace-only prompt")]
     return question, []
 
 
 def parse_record(raw: Any, file: str, index: int) -> tuple[EditRecord | None, list[Problem]]:
     """A record and no problems, or None and every problem found in `raw`."""
     if not isinstance(raw, dict):
-        return None, [Problem(file, index, None, f"expected an object, got {type(raw).__name__}")]
-    problems = _string_problems(raw, RECORD_FIELDS, file, index)
+        return None, [Problem(file, index, None, f"expected an object, got {json_type(raw)}")]
+    checked = {key: raw[key] for key in (*RECORD_FIELDS, "port_new") if key in raw}
+    problems = _duplicate_problems(raw, file, index) + _text_problems(checked, file, index, "")
+    problems += _string_problems(raw, RECORD_FIELDS, file, index)
     bad = {p.field for p in problems}
+    for name in PROMPT_FIELDS:
+        if name not in bad and not raw[name].strip():
+            problems.append(Problem(file, index, name, "empty or whitespace-only prompt"))
     for name in TARGET_FIELDS:
         if name not in bad and not raw[name].strip():
             problems.append(Problem(file, index, name, "empty target"))
@@ -228,7 +307,7 @@ def parse_record(raw: Any, file: str, index: int) -> tuple[EditRecord | None, li
     port: list[PortQuestion] = []
     port_raw = raw.get("port_new")
     if port_raw is not None and not isinstance(port_raw, list):
-        problems.append(Problem(file, index, "port_new", f"expected a list, got {type(port_raw).__name__}"))
+        problems.append(Problem(file, index, "port_new", f"expected a list, got {json_type(port_raw)}"))
     for position, item in enumerate(port_raw if isinstance(port_raw, list) else []):
         question, item_problems = _parse_port_item(item, file, index, position)
         problems += item_problems
@@ -264,13 +343,15 @@ def scan_records(path: str | Path) -> Scan:
     """Read and check a data file without raising: for `kedit validate` and `read_records`."""
     file = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a leading BOM (Windows editors) is not data
     except FileNotFoundError:
         return Scan(file, [], [Problem(file, None, None, "file not found")], 0, [])
     except (OSError, UnicodeDecodeError) as err:
         return Scan(file, [], [Problem(file, None, None, f"cannot read: {err}")], 0, [])
     try:
-        raw = json.loads(text)
+        raw = json.loads(text, object_pairs_hook=_object_pairs)
+    except RecursionError:
+        return Scan(file, [], [Problem(file, None, None, "JSON nested too deeply to read")], 0, [])
     except json.JSONDecodeError as err:
         return Scan(
             file,
@@ -280,13 +361,16 @@ def scan_records(path: str | Path) -> Scan:
             [],
         )
     if not isinstance(raw, list):
+        kind = json_type(raw)
         return Scan(
             file,
             [],
-            [Problem(file, None, None, f"the top level is a JSON {type(raw).__name__}, expected a list of records")],
+            [Problem(file, None, None, f"the top level is a JSON {kind}, expected a list of records")],
             0,
             [],
         )
+    if not raw:
+        return Scan(file, [], [Problem(file, None, None, "no records (the file is an empty list)")], 0, [])
     records, problems, refs = [], [], []
     for index, item in enumerate(raw):
         record, item_problems = parse_record(item, file, index)
@@ -320,45 +404,91 @@ def read_records(path: str | Path) -> list[EditRecord]:
             SkippedRecordsWarning,
             stacklevel=2,
         )
-    return [r for r in scan.records if r.alt.strip()]
+    records = [r for r in scan.records if r.alt.strip()]
+    if not records:
+        raise DataError([Problem(scan.file, None, None, f"no usable records (all {scan.total} have an empty 'alt')")])
+    return records
 
 
 def check_images(
-    records: Sequence[EditRecord], image_root: str | Path, file: str = "<records>", verify: bool = True
+    records: Sequence[EditRecord],
+    image_root: str | Path,
+    file: str = "<records>",
+    verify: bool = True,
+    extra_roots: Sequence[str | Path] = (),
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> list[Problem]:
     """Problems with the images `records` name under `image_root`, per record and field.
 
+    Every path must resolve (symlinks followed) inside `image_root` or one of `extra_roots`.
     `verify=False` only checks that each file exists (cheap enough for every training start);
-    `verify=True` also opens it with Pillow and verifies its structure without decoding pixels.
-    `file` names records that carry no origin.
+    `verify=True` also opens it with Pillow, checks its size from the header against `max_pixels`
+    and verifies its structure without decoding pixels. `file` names records that carry no origin.
     """
     refs = []
     for position, record in enumerate(records):
         source, index = record.where(position, file)
         refs += [(source, index, name, getattr(record, name)) for name in IMAGE_FIELDS]
-    return check_image_refs(refs, image_root, verify)
+    return check_image_refs(refs, image_root, verify, extra_roots, max_pixels)
 
 
-def check_image_refs(refs: Iterable[ImageRef], image_root: str | Path, verify: bool = True) -> list[Problem]:
-    """`check_images` for (file, index, field, path) references; each distinct path is checked once."""
-    root = Path(image_root)
+def check_image_refs(
+    refs: Iterable[ImageRef],
+    image_root: str | Path,
+    verify: bool = True,
+    extra_roots: Sequence[str | Path] = (),
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> list[Problem]:
+    """`check_images` for (file, index, field, path) references; each distinct path is checked once.
+
+    A missing image root is one problem, not one per record."""
+    roots = [Path(image_root), *map(Path, extra_roots)]
+    missing = [Problem(str(r), None, None, "image folder not found") for r in roots if not r.is_dir()]
+    if missing:
+        return missing
+    resolved_roots = [r.resolve() for r in roots]
     verdicts: dict[Path, str | None] = {}
     problems = []
     for source, index, name, relative in refs:
-        path = root / relative
+        path = roots[0] / relative
         if path not in verdicts:
-            verdicts[path] = _image_problem(path, verify)
+            verdicts[path] = _image_problem(path, resolved_roots, verify, max_pixels)
         if verdicts[path] is not None:
             problems.append(Problem(source, index, name, verdicts[path]))
     return problems
 
 
-def _image_problem(path: Path, verify: bool) -> str | None:
+def outside_roots(path: Path, resolved_roots: Sequence[Path]) -> str | None:
+    """Why `path` may not be read (it resolves outside every root), or None."""
+    target = path.resolve()
+    if any(target.is_relative_to(root) for root in resolved_roots):
+        return None
+    return (
+        f"image path {str(path)!r} resolves to {target}, outside the image root "
+        "(name its folder with extra_image_roots / --extra-image-root to allow it)"
+    )
+
+
+def too_many_pixels(image: Image.Image, path: Path, max_pixels: int | None) -> str | None:
+    """Why an opened (not yet decoded) image is refused for its size, or None."""
+    width, height = image.size
+    if max_pixels is None or width * height <= max_pixels:
+        return None
+    return f"image {path} is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}"
+
+
+def _image_problem(path: Path, resolved_roots: Sequence[Path], verify: bool, max_pixels: int | None) -> str | None:
+    outside = outside_roots(path, resolved_roots)
+    if outside is not None:
+        return outside
     if not path.is_file():
         return f"missing image {path}"
     if verify:
         try:
-            with Image.open(path) as image:
+            with Image.open(path) as image:  # reads the header only; pixels are never decoded here
+                too_big = too_many_pixels(image, path, max_pixels)
+                if too_big is not None:
+                    return too_big
                 image.verify()
         except Exception as err:  # Pillow raises many types (OSError, SyntaxError, ValueError) for broken files
             return f"unreadable image {path}: {type(err).__name__}: {err}"

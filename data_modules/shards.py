@@ -33,7 +33,17 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_modules.records import IMAGE_FIELDS, DataError, EditRecord, Origin, Problem, check_image_refs, scan_records
+from data_modules.records import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_FIELDS,
+    DataError,
+    EditRecord,
+    Origin,
+    Problem,
+    check_image_refs,
+    scan_records,
+)
+from data_modules.validate import add_image_arguments
 
 FORMAT = "kedit-shards/1"
 INDEX_SUFFIX = ".shards.json"
@@ -59,12 +69,17 @@ def member_name(field: str, image_path: str) -> str:
     return field + (PurePosixPath(image_path).suffix.lower() or ".bin")
 
 
-def shard_problems(data: str | Path, images: str | Path) -> tuple[list[EditRecord], list[Problem]]:
+def shard_problems(
+    data: str | Path,
+    images: str | Path,
+    extra_roots: Sequence[str] = (),
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> tuple[list[EditRecord], list[Problem]]:
     """The records of `data` and every problem `kedit validate` would report (empty `alt` included)."""
     scan = scan_records(data)
     problems = list(scan.problems)
     problems += [Problem(scan.file, r.origin.index, "alt", "empty target") for r in scan.empty_alt]
-    problems += check_image_refs(scan.image_refs, images, verify=True)
+    problems += check_image_refs(scan.image_refs, images, True, extra_roots, max_pixels)
     return scan.records, problems
 
 
@@ -83,7 +98,13 @@ def _sample(record: EditRecord, image_root: Path) -> dict[str, Any]:
 
 
 def write_shards(
-    data: str | Path, images: str | Path, out: str | Path, shard_size: int, name: str | None = None
+    data: str | Path,
+    images: str | Path,
+    out: str | Path,
+    shard_size: int,
+    name: str | None = None,
+    extra_roots: Sequence[str] = (),
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Path:
     """Check `data` and its images, write its records as shards under `out`; the index's path.
 
@@ -92,7 +113,7 @@ def write_shards(
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
-    records, problems = shard_problems(data, images)
+    records, problems = shard_problems(data, images, extra_roots, max_pixels)
     if problems:
         raise DataError(problems)
     if not records:
@@ -136,11 +157,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder for the .tar shards and their index")
     parser.add_argument("--shard-size", required=True, type=int, metavar="N", help="records per shard")
     parser.add_argument("--name", default=None, help="shard name prefix (default: the data file's stem)")
+    add_image_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        index_path = write_shards(args.data, args.images, args.out, args.shard_size, args.name)
+        index_path = write_shards(
+            args.data, args.images, args.out, args.shard_size, args.name, args.extra_image_root, args.max_image_pixels
+        )
     except (DataError, FileExistsError, ValueError) as err:
         print(f"kedit shard: {err}", file=sys.stderr)
         return 1

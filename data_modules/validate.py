@@ -10,7 +10,25 @@ from __future__ import annotations
 
 import argparse
 
-from data_modules.records import Problem, check_image_refs, scan_records
+from data_modules.records import DEFAULT_MAX_IMAGE_PIXELS, Problem, check_image_refs, scan_records
+
+
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--extra-image-root` and `--max-image-pixels`: which image paths and sizes are accepted."""
+    parser.add_argument(
+        "--extra-image-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another folder image paths may resolve into (repeatable; e.g. ADS-Edit's ../nuscenes)",
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metavar="N",
+        help=f"refuse images with more pixels than this, read from the header (default {DEFAULT_MAX_IMAGE_PIXELS})",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--images", required=True, metavar="DIR", help="the image root the record image paths are relative to"
     )
+    add_image_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     problems += [
         Problem(scan.file, r.origin.index, "alt", "empty target (training skips this record)") for r in scan.empty_alt
     ]
-    problems += check_image_refs(scan.image_refs, args.images, verify=True)
+    problems += check_image_refs(scan.image_refs, args.images, True, args.extra_image_root, args.max_image_pixels)
     problems.sort(key=lambda p: (p.index is not None, p.index or 0))
     for problem in problems:
         print(problem)

@@ -21,7 +21,16 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from data_modules.datamodules import EditDataModule
-from data_modules.datasets import DataKind, EditCollator, EditDataset, EditExample, PromptBuilder, edit_example
+from data_modules.datasets import (
+    DataKind,
+    EditCollator,
+    EditDataset,
+    EditExample,
+    PromptBuilder,
+    edit_example,
+    encode_rows,
+    example_where,
+)
 from data_modules.encoding import EditBatch
 from data_modules.records import DataError, EditRecord
 from data_modules.shards import ExampleBuilder
@@ -93,11 +102,14 @@ class VLKEBCollator(EditCollator):
         rows, offset = [], 0
         for example in examples:
             rows += [
-                (offset + position, prompt, answer, example.image) for position, prompt, answer in example.port_edit
+                (offset + position, prompt, answer, example.image, example_where(example, f"port_new[{position}]"))
+                for position, prompt, answer in example.port_edit
             ]
             offset += len(example.port)
         if rows:
-            batch["port_edit"] = self.processor([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+            batch["port_edit"] = encode_rows(
+                self.processor, [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows]
+            )
             batch["port_edit_row"] = torch.tensor([r[0] for r in rows], dtype=torch.long)
         return batch
 
@@ -138,7 +150,9 @@ class VLKEBDataModule(EditDataModule):
         return kept
 
     def build_dataset(self, split: str) -> Dataset:
-        return VLKEBDataset(self.split_records(split), self.image_root, self.kind, self.vqa_template)
+        return VLKEBDataset(
+            self.split_records(split), self.image_root, self.kind, self.vqa_template, self.max_image_pixels
+        )
 
     def build_collator(self) -> Callable[[list[Any]], Any]:
         return VLKEBCollator(self.require_processor())

@@ -16,7 +16,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from data_modules.encoding import IGNORE_INDEX
+from data_modules.encoding import IGNORE_INDEX, TooLongError
 from data_modules.word_tokenizer import PROMPT_TEXTS, build_word_tokenizer, corpus_from_records
 from kedit_lightning.artifact import other_weights
 from kedit_lightning.backbones import (
@@ -537,3 +537,15 @@ def test_each_distinct_image_is_encoded_once(backbones):
     assert calls == [2]
     torch.testing.assert_close(features[:2], features[2:4])
     torch.testing.assert_close(features[4], features[0])
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_every_backbone_bounds_its_rows_by_its_positions(backbones, family):
+    backbone = backbones[family]
+    positions = backbone.language_config.max_position_embeddings
+    assert backbone.processor.max_length == positions
+    prompt = " ".join(["Where is this object located?"] * positions)
+    with pytest.raises(
+        TooLongError, match=rf"row 1: prompt \+ answer is \d+ tokens, more than the backbone's {positions}"
+    ):
+        encode(backbone, family != "text", prompts=[PROMPTS[0], prompt])

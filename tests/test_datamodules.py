@@ -1,6 +1,7 @@
 """Datasets, collators and DataModules: prompts, label masking per sub-batch, lazy images, loaders."""
 
 import ast
+import copy
 import pickle
 import traceback
 from pathlib import Path
@@ -16,7 +17,7 @@ import data_modules
 from data_modules.datamodules import CaptionDataModule, FactsDataModule, VQADataModule
 from data_modules.datasets import EditCollator, EditDataset, FactCollator, FactDataset
 from data_modules.encoding import IGNORE_INDEX, PromptFormat, SubBatchEncoder
-from data_modules.records import DataError, EditRecord
+from data_modules.records import DataError, EditRecord, read_records
 
 TEXTS = [
     "Question: Short answer:",
@@ -104,6 +105,7 @@ def test_edit_batch_supervises_only_the_answers_of_each_sub_batch(vqa_dir, encod
         "alt": records[1].alt,
         "image": "img/1.png",
         "origin": "<dict>:0",
+        "file": "<dict>",
         "index": 0,
     }
 
@@ -273,3 +275,71 @@ def test_data_modules_import_nothing_from_kedit_lightning():
                 continue
             offenders += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] == "kedit_lightning"]
     assert offenders == []
+
+
+LONG_QUESTION = " ".join(["what colour is it ?"] * 5)
+
+
+@pytest.fixture()
+def long_dir(tmp_path):
+    write_split(tmp_path, "vqa_train.json", [make_record(0), make_record(1, src=LONG_QUESTION)])
+    write_split(tmp_path, "vqa_eval.json", [make_record(2)])
+    return tmp_path
+
+
+def bounded(encoder, max_length):
+    """The module's encoder with a backbone of `max_length` positions."""
+    short = copy.copy(encoder)
+    short.max_length = max_length
+    return short
+
+
+def test_a_row_longer_than_the_backbone_names_file_record_and_field(long_dir, encoder):
+    dm = VQADataModule(str(long_dir), processor=bounded(encoder, 12), batch_size=2)
+    dm.setup("fit")
+    with pytest.raises(DataError) as err:
+        next(iter(dm.train_dataloader()))
+    assert str(err.value) == (
+        f"{long_dir / 'vqa_train.json'}: record 1: field 'src': prompt + answer is 32 tokens, more than the "
+        "backbone's 12 positions (shorten it, or set truncate_prompts to cut the prompt from the left)"
+    )
+    # The collators, which meet rows the up-front check does not build (facts), name them the same way.
+    records = read_records(long_dir / "vqa_train.json")
+    for collate, dataset in [
+        (EditCollator, EditDataset(records, long_dir / "images", "vqa")),
+        (FactCollator, FactDataset(records, long_dir / "images", "vqa")),
+    ]:
+        with pytest.raises(DataError, match=r"vqa_train.json: record 1: field 'src': prompt \+ answer is 32 tokens"):
+            collate(bounded(encoder, 12))([dataset[i] for i in range(len(dataset))])
+
+
+def test_truncate_prompts_keeps_the_answer_and_cuts_the_prompt_from_the_left(long_dir, encoder):
+    dm = VQADataModule(str(long_dir), processor=bounded(encoder, 12), batch_size=2, truncate_prompts=True)
+    dm.setup("fit")
+    batch = next(iter(dm.loader("train", shuffle=False)))
+    rows = split_tokens(encoder, batch["edit_inner"])
+    question = ["Question:", *LONG_QUESTION.split(), "Short", "answer:"]
+    assert rows[1] == (IMAGE_PREFIX + question[-8:], ["green"])
+    assert rows[0] == (IMAGE_PREFIX + ["Question:", "what", "colour", "is", "it", "?", "Short", "answer:"], ["blue"])
+    assert batch["edit_inner"]["input_ids"].shape[1] == 12
+    assert not dm.processor.truncate_prompts  # the backbone's own encoder still refuses long rows
+
+
+def test_datamodules_refuse_empty_files_outside_paths_and_huge_images(tmp_path, encoder):
+    write_split(tmp_path, "vqa_train.json", [])
+    write_split(tmp_path, "vqa_eval.json", [make_record(0, image="../nuscenes/cam.png")])
+    with pytest.raises(DataError) as err:
+        VQADataModule(str(tmp_path)).setup("fit")
+    assert str(err.value) == f"{tmp_path / 'vqa_train.json'}: no records (the file is an empty list)"
+    with pytest.raises(
+        DataError, match=r"vqa_eval.json: record 0: field 'image': image path .* outside the image root"
+    ):
+        VQADataModule(str(tmp_path)).setup("validate")
+    dm = VQADataModule(str(tmp_path), extra_image_roots=["nuscenes"], max_image_pixels=100, processor=encoder)
+    dm.setup("validate")
+    with pytest.raises(DataError) as err:
+        next(iter(dm.val_dataloader()))
+    assert str(err.value) == (
+        f"{tmp_path / 'vqa_eval.json'}: record 0: field 'image': image {tmp_path / 'images/../nuscenes/cam.png'} "
+        "is 48x48 = 2304 pixels, more than the limit of 100"
+    )

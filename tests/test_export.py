@@ -346,3 +346,23 @@ def test_a_second_method_plugs_in_through_the_registry(base_dir, tmp_path):
     weights = baseline.backbone.editable_parameters()
     for name, w in expected.items():
         torch.testing.assert_close(weights[name].detach(), w, rtol=1e-4, atol=1e-6)
+
+
+def test_kedit_eval_refuses_an_overlong_prompt_and_an_empty_file_in_one_line(fitted, world, base_dir, tmp_path, capsys):
+    records = json.loads((world / VAL_FILE).read_text())
+    records[1]["src"] = " ".join(["word"] * 20_000)
+    long_file, empty_file = tmp_path / "long.json", tmp_path / "empty.json"
+    long_file.write_text(json.dumps(records))
+    empty_file.write_text("[]")
+    args = ["eval", "--editor", str(fitted.artifact), "--backbone", str(base_dir), "--images", str(world / "images")]
+    assert main([*args, "--data", str(long_file), "--device", "cpu", "--no-progress"]) == 2
+    error = capsys.readouterr().err  # after transformers' weight-loading progress bar
+    assert "Traceback" not in error
+    assert error.splitlines()[-1].startswith(
+        f"kedit eval: DataError: {long_file}: record 1: field 'src': prompt + answer is 200"
+    )
+    assert "more than the backbone's 128 positions" in error.splitlines()[-1]
+    assert main([*args, "--data", str(empty_file), "--device", "cpu", "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert error.splitlines()[-1] == f"kedit eval: DataError: {empty_file}: no records (the file is an empty list)"
+    assert "Traceback" not in error

@@ -203,3 +203,94 @@ def test_check_images_names_missing_and_unreadable_images(tmp_path):
 def test_check_images_without_origin_uses_the_given_file_and_position(tmp_path):
     problem = check_images([EditRecord(**make_record(0))], tmp_path, "mem.json")[0]
     assert str(problem) == f"mem.json: record 0: field 'image': missing image {tmp_path / 'img/0.png'}"
+
+
+def test_a_utf8_bom_is_accepted(tmp_path):
+    path = write_split(tmp_path, "bom.json", [make_record(0)])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert [r.src for r in read_records(path)] == ["what colour is it ?"]
+
+
+def test_an_empty_file_is_refused_in_one_line(tmp_path):
+    path = write_split(tmp_path, "empty.json", [])
+    with pytest.raises(DataError) as err:
+        read_records(path)
+    assert str(err.value) == f"{path}: no records (the file is an empty list)"
+    path = write_split(tmp_path, "no_alt.json", [make_record(0, alt="")])
+    with pytest.warns(SkippedRecordsWarning), pytest.raises(DataError) as err:
+        read_records(path)
+    assert str(err.value) == f"{path}: no usable records (all 1 have an empty 'alt')"
+
+
+def test_duplicate_keys_are_named_with_their_record(tmp_path):
+    path = write_split(tmp_path, "data.json", [make_record(0), make_record(1, port_new=MULTIHOP_PORT)])
+    text = path.read_text()
+    text = text.replace('"src": "what colour is it ?"', '"src": "a", "src": "b"', 1)
+    text = text.replace('"Answer": "sea"', '"Answer": "sea", "Answer": "lake"')
+    path.write_text(text)
+    assert problems_of(path) == [
+        f"{path}: record 0: field 'src': duplicate key (JSON keeps only the last value)",
+        f"{path}: record 1: field 'port_new[0].Q&A.Answer': duplicate key (JSON keeps only the last value)",
+    ]
+
+
+def test_blank_prompts_and_control_characters_are_refused(tmp_path):
+    raw = [
+        make_record(0, src="   "),
+        make_record(1, rephrase="which\x00colour ?"),
+        make_record(2, alt="re\u202eder"),
+        make_record(3, port_new=[{"port_type": "1-hop", "Q&A": {"Question": " ", "Answer": "sea"}}]),
+        make_record(4, loc="tabs\tand\nnewlines are fine"),
+    ]
+    path = write_split(tmp_path, "data.json", raw)
+    assert problems_of(path) == [
+        f"{path}: record 0: field 'src': empty or whitespace-only prompt",
+        f"{path}: record 1: field 'rephrase': control character U+0000 (control character) at character 5",
+        f"{path}: record 2: field 'alt': control character U+202E (RIGHT-TO-LEFT OVERRIDE) at character 2",
+        f"{path}: record 3: field 'port_new[0].Q&A.Question': empty or whitespace-only prompt",
+    ]
+
+
+def test_deeply_nested_json_is_one_problem(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    assert problems_of(path) == [f"{path}: JSON nested too deeply to read"]
+
+
+def test_image_paths_must_stay_inside_the_image_roots(tmp_path):
+    outside = tmp_path / "nuscenes"
+    write_split(tmp_path / "elsewhere", "x.json", [make_record(9)])  # draws images under elsewhere/images
+    outside.mkdir()
+    (outside / "cam.png").write_bytes((tmp_path / "elsewhere/images/img/9.png").read_bytes())
+    path = write_split(tmp_path, "data.json", [make_record(i) for i in range(3)])
+    images = tmp_path / "images"
+    (images / "img/link.png").symlink_to(outside / "cam.png")
+    records = [
+        EditRecord.from_dict(make_record(0, image="../nuscenes/cam.png"), str(path), 0),
+        EditRecord.from_dict(make_record(1, image_rephrase=str(outside / "cam.png")), str(path), 1),
+        EditRecord.from_dict(make_record(2, m_loc="img/link.png"), str(path), 2),
+    ]
+    problems = [str(p) for p in check_images(records, images)]
+    target = (outside / "cam.png").resolve()
+    assert problems == [
+        f"{path}: record {i}: field '{name}': image path {str(images / given)!r} resolves to {target}, outside the "
+        "image root (name its folder with extra_image_roots / --extra-image-root to allow it)"
+        for i, name, given in [
+            (0, "image", "../nuscenes/cam.png"),
+            (1, "image_rephrase", outside / "cam.png"),
+            (2, "m_loc", "img/link.png"),
+        ]
+    ]
+    assert check_images(records, images, extra_roots=[outside]) == []
+
+
+def test_images_above_the_pixel_limit_are_refused_from_the_header(tmp_path):
+    path = write_split(tmp_path, "data.json", [make_record(0)], size=100)
+    records = read_records(path)
+    problems = [str(p) for p in check_images(records, tmp_path / "images", max_pixels=9_999)]
+    assert problems[0] == (
+        f"{path}: record 0: field 'image': image {tmp_path / 'images/img/0.png'} is 100x100 = 10000 pixels, "
+        "more than the limit of 9999"
+    )
+    assert len(problems) == 3
+    assert check_images(records, tmp_path / "images", max_pixels=10_000) == []

@@ -438,3 +438,14 @@ def test_streaming_ten_times_the_data_keeps_host_ram_flat(tmp_path):
     assert after_large - after_small <= RSS_BOUND_KB, (
         f"peak RSS grew {(after_large - after_small) / 1024:.1f} MB streaming 10x the data"
     )
+
+
+def test_kedit_shard_takes_extra_image_roots_explicitly(tmp_path, capsys):
+    data = write_split(tmp_path, "ads.json", [make_record(0, image="../nuscenes/cam.png")])
+    args = ["shard", "--data", str(data), "--images", str(tmp_path / "images"), "--shard-size", "2"]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 1
+    err = capsys.readouterr().err
+    assert f"{data}: record 0: field 'image': image path " in err and "outside the image root" in err
+    assert not (tmp_path / "refused").exists()
+    assert main([*args, "--out", str(tmp_path / "shards"), "--extra-image-root", str(tmp_path / "nuscenes")]) == 0
+    assert read_index(tmp_path / "shards/ads.shards.json")[0].samples == 1

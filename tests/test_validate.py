@@ -57,3 +57,37 @@ def test_invalid_json_through_the_console_entry_point(tmp_path):
     )
     assert done.returncode == 1, done.stderr
     assert done.stdout.splitlines()[0] == f"{path}: invalid JSON at line 2, column 1: Expecting ',' delimiter"
+
+
+def test_a_missing_image_folder_is_one_line(tmp_path, capsys):
+    path = write_split(tmp_path, "vqa_train.json", [make_record(i) for i in range(5)])
+    assert main(["validate", "--data", str(path), "--images", str(tmp_path / "nope")]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [
+        f"{tmp_path / 'nope'}: image folder not found",
+        f"{path}: 5 record(s), 15 distinct image(s) checked: 1 problem(s)",
+    ]
+
+
+def test_an_empty_file_is_refused(tmp_path, capsys):
+    path = write_split(tmp_path, "vqa_train.json", [])
+    assert main(["validate", "--data", str(path), "--images", str(tmp_path)]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == f"{path}: no records (the file is an empty list)"
+
+
+def test_paths_outside_the_images_need_an_extra_root_and_big_images_a_higher_limit(tmp_path, capsys):
+    # ADS-Edit's multi-view files name `../nuscenes/...` next to the image root (write_split draws it there).
+    path = write_split(tmp_path, "vqa_train.json", [make_record(0, image="../nuscenes/cam.png")])
+    nuscenes = tmp_path / "nuscenes"
+    args = ["validate", "--data", str(path), "--images", str(tmp_path / "images")]
+    assert main(args) == 1
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"{path}: record 0: field 'image': image path ")
+    assert "outside the image root" in first
+    assert main([*args, "--extra-image-root", str(nuscenes)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--extra-image-root", str(nuscenes), "--max-image-pixels", "100"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("is 48x48 = 2304 pixels, more than the limit of 100")
+    assert out[0].startswith(f"{path}: record 0: field 'image': image ")

@@ -192,6 +192,9 @@ class Backbone(nn.Module, ABC):
         super().__init__()
         self.model = model
         self.processor = processor
+        if processor.max_length is None:
+            # Longer rows would index past the position embedding; the encoder refuses them instead.
+            processor.max_length = getattr(self.language_config, "max_position_embeddings", None)
         self.model.requires_grad_(False)
         self.edit_param_names = self.resolve_param_names(edit_params)
 
