@@ -366,3 +366,21 @@ def test_kedit_eval_refuses_an_overlong_prompt_and_an_empty_file_in_one_line(fit
     error = capsys.readouterr().err
     assert error.splitlines()[-1] == f"kedit eval: DataError: {empty_file}: no records (the file is an empty list)"
     assert "Traceback" not in error
+
+
+def test_kedit_eval_takes_images_outside_the_root_only_from_a_named_extra_root(
+    fitted, world, base_dir, tmp_path, capsys
+):
+    records = json.loads((world / VAL_FILE).read_text())
+    for record in records:  # the layout of ADS-Edit's multi-view files: paths that leave the image root
+        for field in ("image", "image_rephrase", "m_loc"):
+            record[field] = f"../images/{record[field]}"
+    data = tmp_path / "outside.json"
+    data.write_text(json.dumps(records))
+    root = world / "vqa"  # the image root: a sibling of the folder the paths lead to
+    args = ["eval", "--editor", str(fitted.artifact), "--backbone", str(base_dir), "--data", str(data)]
+    args += ["--images", str(root), "--device", "cpu", "--no-progress"]
+    assert main(args) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert f"{data}: record 0: field 'image'" in error and "outside the image root" in error
+    assert main([*args, "--extra-image-root", str(world / "images")]) == 0

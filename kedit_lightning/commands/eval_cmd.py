@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from data_modules.datamodules import EditDataModule
+from data_modules.validate import add_image_arguments
 from data_modules.vlkeb import VLKEBDataModule
 from kedit_lightning.callbacks import metrics_table
 from kedit_lightning.commands.shared import (
@@ -30,6 +31,7 @@ from kedit_lightning.evaluation import HEADLINE, HOPS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_editor_arguments(parser)
     add_data_arguments(parser)
+    add_image_arguments(parser)
     parser.add_argument(
         "--batch-size", type=int, default=8, help="records per loaded batch (each record is still edited on its own)"
     )
@@ -79,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         vqa_template=args.vqa_template,
         processor=editor.processor(backbone),
+        extra_image_roots=tuple(str(Path(root).resolve()) for root in args.extra_image_root),
+        max_image_pixels=args.max_image_pixels,
     )
     if args.kind == "vqa":
         datamodule: EditDataModule = VLKEBDataModule(
