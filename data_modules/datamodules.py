@@ -94,6 +94,21 @@ class ResumableDataLoader(StatefulDataLoader):
         return StartOnFirstNext(super().__iter__)
 
 
+class EpochSampler(DistributedSampler):
+    """A DistributedSampler that shuffles each pass by the Trainer's current epoch: Lightning's `set_epoch`
+    counts processed epochs, which a run resumed from an end-of-epoch validation checkpoint has one ahead."""
+
+    def __init__(self, *args: Any, epoch: Callable[[], int | None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.epoch_source = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        epoch = self.epoch_source()
+        if epoch is not None:
+            self.epoch = epoch
+        return super().__iter__()
+
+
 class EditDataModule(LightningDataModule):
     """Edit batches (`EditCollator`) from a train, a val and an optional test file."""
 
@@ -245,11 +260,13 @@ class EditDataModule(LightningDataModule):
         dataset = self.build_dataset(split)
         sampler = None
         if shuffle:
-            # The order of epoch e is a function of (seed, e) (Lightning calls `set_epoch`), so a
-            # resumed run shuffles its next epochs as the uninterrupted run would; with several
-            # ranks each takes its own part (Lightning keeps a DistributedSampler it is given).
+            # The order of epoch e is a function of (seed, e), so a resumed run shuffles its next epochs
+            # as the uninterrupted run would; with several ranks each takes its own part (Lightning
+            # keeps a DistributedSampler it is given).
             rank, world_size = self.distributed()
-            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed)
+            sampler = EpochSampler(
+                dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed, epoch=self.current_epoch
+            )
         # StatefulDataLoader is a DataLoader whose position goes into Lightning's checkpoints, so
         # a run resumed mid-epoch continues with the next batch instead of replaying the epoch.
         return ResumableDataLoader(

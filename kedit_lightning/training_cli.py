@@ -115,8 +115,11 @@ class TrainingCLI(LightningCLI):
             **kwargs,
         )
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand) if self.subcommand else None
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Lightning's, then the checkpoint to resume resolved and checked (before anything is set up or logged)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
         ckpt_path = config.get("ckpt_path") if config is not None else None
         if ckpt_path is None or "://" in str(ckpt_path):
             return

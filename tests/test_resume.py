@@ -27,7 +27,8 @@ RUN = "tiny"
 
 
 def fit_config(world: Path, runs: Path, shards: Path | None) -> Path:
-    """A `train.py fit` config: MEND on the tiny BLIP-2, a checkpoint after every step, no validation."""
+    """A `train.py fit` config: MEND on the tiny BLIP-2, a checkpoint after every step and after each
+    epoch's validation (one batch)."""
     spec = load_backbone_spec(REPO / "configs/backbones/blip2-tiny.yaml")
     data = {"data_dir": str(world), "train_file": "vqa/vqa_train.json", "val_file": VAL_FILE, "batch_size": BATCH}
     if shards is not None:
@@ -53,7 +54,7 @@ def fit_config(world: Path, runs: Path, shards: Path | None) -> Path:
             "max_steps": STEPS,
             "accelerator": "cpu",
             "inference_mode": False,
-            "limit_val_batches": 0,
+            "limit_val_batches": 1,
             "num_sanity_val_steps": 0,
             "enable_progress_bar": False,
             "enable_model_summary": False,
@@ -66,6 +67,10 @@ def fit_config(world: Path, runs: Path, shards: Path | None) -> Path:
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                     "init_args": {"every_n_train_steps": 1, "save_top_k": -1, "save_last": True, "filename": "{step}"},
+                },
+                {  # as the quick start's: at the end of each epoch's validation
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"monitor": "val/score", "mode": "max", "save_top_k": -1, "filename": "val-{step}"},
                 },
             ],
         },
@@ -146,26 +151,32 @@ def test_a_run_killed_mid_epoch_resumes_bitwise(uninterrupted, tmp_path):
     assert_same_end(checkpoints(runs) / f"step={STEPS}.ckpt", checkpoints(reference) / f"step={STEPS}.ckpt")
 
 
-def test_a_run_resumed_at_an_epoch_boundary_ends_bitwise(uninterrupted, tmp_path):
+@pytest.mark.parametrize("saved_after", ["step", "val-step"], ids=["last batch", "validation"])
+def test_a_run_resumed_at_an_epoch_boundary_ends_bitwise(uninterrupted, tmp_path, saved_after):
     world, shards, reference = uninterrupted
     boundary = 11 if shards is not None else 12  # the first epoch's last step
     runs = tmp_path / "runs"
     checkpoints(runs).mkdir(parents=True)
-    shutil.copy(checkpoints(reference) / f"step={boundary}.ckpt", checkpoints(runs) / "last.ckpt")
+    shutil.copy(checkpoints(reference) / f"{saved_after}={boundary}.ckpt", checkpoints(runs) / "last.ckpt")
     main(["fit", "--config", str(fit_config(world, runs, shards)), "--ckpt_path", "last"])
     assert_same_end(checkpoints(runs) / f"step={STEPS}.ckpt", checkpoints(reference) / f"step={STEPS}.ckpt")
 
 
-def test_resuming_without_a_checkpoint_stops_with_one_line(world, tmp_path, capsys):
+def test_resuming_without_a_checkpoint_stops_with_one_line(world, tmp_path):
     config = fit_config(world, tmp_path / "runs", None)
-    with pytest.raises(SystemExit) as stop:
-        main(["fit", "--config", str(config), "--ckpt_path", "last"])
-    assert stop.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [
+    done = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), "--ckpt_path", "last"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
         f"train.py: --ckpt_path last: no checkpoint of run 'tiny' to resume (no {tmp_path / 'runs' / RUN}/version_*/"
         "checkpoints/last.ckpt); start it without --ckpt_path"
     ]
+    assert not (tmp_path / "runs" / RUN).exists()  # nothing started
 
 
 def test_a_truncated_checkpoint_stops_with_one_line_naming_it(world, uninterrupted, tmp_path, capsys):
