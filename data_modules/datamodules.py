@@ -81,7 +81,7 @@ class FactExamples:
 class ResumableDataLoader(StatefulDataLoader):
     """A StatefulDataLoader that a resumed run continues exactly: it saves no position at the end of an
     epoch (Lightning restores the position before it starts the next epoch, which would then be empty), and
-    its sampler starts at the first batch, after Lightning has set a resumed run's epoch (`set_epoch`)."""
+    each pass starts at its first batch, once a resumed run's Trainer has settled its current epoch."""
 
     def __init__(self, *args: Any, epoch_done: Callable[[], bool], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
