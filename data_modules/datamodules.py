@@ -13,7 +13,7 @@ Lightning adds no DistributedSampler to an IterableDataset).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,15 @@ from data_modules.datasets import (
 )
 from data_modules.encoding import SubBatchEncoder
 from data_modules.records import DEFAULT_MAX_IMAGE_PIXELS, DataError, EditRecord, check_images, read_records
-from data_modules.shards import DEFAULT_SHUFFLE_BUFFER, ExampleBuilder, Shard, ShardStream, StreamLoader, resolve_shards
+from data_modules.shards import (
+    DEFAULT_SHUFFLE_BUFFER,
+    ExampleBuilder,
+    Shard,
+    ShardStream,
+    StartOnFirstNext,
+    StreamLoader,
+    resolve_shards,
+)
 from data_modules.synthetic import WORLD_FILE, write_synthetic_world
 from data_modules.word_tokenizer import save_world_tokenizer
 
@@ -71,6 +79,37 @@ class FactExamples:
             FactExample(prompt, target, None if field is None else images[field], (*record.where(), text_field))
             for _, prompt, target, field, text_field in facts
         ]
+
+
+class ResumableDataLoader(StatefulDataLoader):
+    """A StatefulDataLoader that a resumed run continues exactly: it saves no position at the end of an
+    epoch (Lightning restores the position before it starts the next epoch, which would then be empty), and
+    each pass starts at its first batch, once a resumed run's Trainer has settled its current epoch."""
+
+    def __init__(self, *args: Any, epoch_done: Callable[[], bool], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.epoch_done = epoch_done
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.epoch_done() else super().state_dict()
+
+    def __iter__(self) -> Iterator[Any]:
+        return StartOnFirstNext(super().__iter__)
+
+
+class EpochSampler(DistributedSampler):
+    """A DistributedSampler that shuffles each pass by the Trainer's current epoch: Lightning's `set_epoch`
+    counts processed epochs, which a run resumed from an end-of-epoch validation checkpoint has one ahead."""
+
+    def __init__(self, *args: Any, epoch: Callable[[], int | None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.epoch_source = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        epoch = self.epoch_source()
+        if epoch is not None:
+            self.epoch = epoch
+        return super().__iter__()
 
 
 class EditDataModule(LightningDataModule):
@@ -195,6 +234,11 @@ class EditDataModule(LightningDataModule):
     def current_epoch(self) -> int | None:
         return self.trainer.current_epoch if self.trainer is not None else None
 
+    def epoch_done(self) -> bool:
+        """Whether the attached Trainer's training epoch has reached its last batch (a checkpoint saved now
+        resumes at the start of the next epoch)."""
+        return self.trainer is not None and self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+
     def stream_loader(self, split: str, train: bool) -> StreamLoader:
         """Train: shuffled, equal batches on every rank; val/test: in order, every record once."""
         rank, world_size = self.distributed()
@@ -211,7 +255,7 @@ class EditDataModule(LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             name=f"{type(self).__name__} {split} shards",
         )
-        return StreamLoader(stream, self.build_collator(), epoch=self.current_epoch)
+        return StreamLoader(stream, self.build_collator(), epoch=self.current_epoch, epoch_done=self.epoch_done)
 
     def require_processor(self) -> SubBatchEncoder:
         if self.processor is None:
@@ -238,20 +282,24 @@ class EditDataModule(LightningDataModule):
         dataset = self.build_dataset(split)
         sampler = None
         if shuffle:
-            # The order of epoch e is a function of (seed, e) (Lightning calls `set_epoch`), so a
-            # resumed run shuffles its next epochs as the uninterrupted run would; with several
-            # ranks each takes its own part (Lightning keeps a DistributedSampler it is given).
+            # The order of epoch e is a function of (seed, e), so a resumed run shuffles its next epochs
+            # as the uninterrupted run would; with several ranks each takes its own part (Lightning
+            # keeps a DistributedSampler it is given).
             rank, world_size = self.distributed()
-            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed)
+            sampler = EpochSampler(
+                dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed, epoch=self.current_epoch
+            )
         # StatefulDataLoader is a DataLoader whose position goes into Lightning's checkpoints, so
         # a run resumed mid-epoch continues with the next batch instead of replaying the epoch.
-        return StatefulDataLoader(
+        return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self.build_collator(),
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),  # workers' seeds: the global random state stays
+            epoch_done=self.epoch_done,
         )
 
     def train_dataloader(self) -> DataLoader:

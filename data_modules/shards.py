@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
+import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -312,6 +313,20 @@ def _allot(full: Sequence[int], total: int) -> list[int]:
     return quota
 
 
+def resume_point(quota: Sequence[int], batches: int) -> tuple[list[int], int]:
+    """Where a pass stands after its first `batches` batches: how many each reader has yielded, and the
+    reader whose batch comes next. A DataLoader takes batches from its workers in turn, passing over those
+    that have yielded their quota."""
+    yielded, reader = [0] * len(quota), 0
+    batches = min(batches, sum(quota))
+    while batches:
+        if yielded[reader] < quota[reader]:
+            yielded[reader] += 1
+            batches -= 1
+        reader = (reader + 1) % len(quota)
+    return yielded, reader
+
+
 class UnevenShardsWarning(UserWarning):
     """Some records do not fit the equal number of full batches every rank must yield."""
 
@@ -322,7 +337,8 @@ class ShardStream(IterableDataset):
     `records_per_batch` records make one batch; `builder` turns each record into examples;
     `rank` / `world_size` say which process this is, `num_workers` the DataLoader's workers (0:
     read in the main process). See the module doc for how shards are split and what `even` does.
-    Use with `StreamLoader`, which sets `epoch` before each pass.
+    Use with `StreamLoader`, which sets `epoch` (and `skip`, the batches a resumed pass leaves out) before
+    each pass.
     """
 
     def __init__(
@@ -360,6 +376,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.name = name
         self.epoch = 0
+        self.skip = 0
         readers = max(1, num_workers)
         counts = [
             [
@@ -439,23 +456,33 @@ class ShardStream(IterableDataset):
                 f"{self.name}: planned for num_workers={self.num_workers} but read by {workers} worker(s); "
                 "build the stream with the loader's num_workers"
             )
+        # A resumed pass starts with worker 0, so worker w reads as the reader `first + w` (in turn from
+        # the reader whose batch came next), and the batches come in the uninterrupted pass's order.
+        yielded, first = resume_point(self.quota, self.skip)
+        reader = (first + worker) % workers
         urls = [
-            self.shards[i].url for i in reader_shards(len(self.shards), self.rank, self.world_size, worker, workers)
+            self.shards[i].url for i in reader_shards(len(self.shards), self.rank, self.world_size, reader, workers)
         ]
         if not self.shuffle:
-            yield from self._batches(self._records(urls), self.quota[worker])
+            yield from self._batches(self._records(urls), self.quota[reader], yielded[reader])
             return
-        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{reader}")
         rng.shuffle(urls)
         shuffled = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(self._records(urls))
-        yield from self._batches(shuffled, self.quota[worker])
+        yield from self._batches(shuffled, self.quota[reader], yielded[reader])
 
-    def _batches(self, samples: Iterator[tuple[str, dict[str, Any]]], quota: int) -> Iterator[list[Any]]:
+    def _batches(self, samples: Iterator[tuple[str, dict[str, Any]]], quota: int, skip: int) -> Iterator[list[Any]]:
+        """Batches up to `quota`, the first `skip` of them counted but not decoded or yielded."""
         if quota == 0:
             return
         batch: list[Any] = []
         records, done = 0, 0
         for url, sample in samples:
+            if done < skip:  # only train (even) streams resume, and their builders never skip a record
+                records += 1
+                if records == self.records_per_batch:
+                    records, done = 0, done + 1
+                continue
             examples = self.builder(*decode_sample(url, sample))
             if not examples:
                 continue
@@ -470,25 +497,80 @@ class ShardStream(IterableDataset):
             yield batch
 
 
+class StartOnFirstNext:
+    """An iterator that calls `start()` at its first `next()`: Lightning calls `iter()` on a resumed run's
+    loader before it sets the run's epoch, and a pass's order is fixed when it starts."""
+
+    def __init__(self, start: Callable[[], Iterator[Any]]) -> None:
+        self.start = start
+        self.iterator: Iterator[Any] | None = None
+
+    def __iter__(self) -> StartOnFirstNext:
+        return self
+
+    def __next__(self) -> Any:
+        if self.iterator is None:
+            self.iterator = self.start()
+        return next(self.iterator)
+
+    def __getattr__(self, name: str) -> Any:  # e.g. `_shutdown_workers`, which Lightning calls when it has one
+        if self.iterator is None:
+            raise AttributeError(name)
+        return getattr(self.iterator, name)
+
+
 class StreamLoader(DataLoader):
     """A DataLoader over a `ShardStream`: the stream yields whole batches, `collate_fn` tensorizes them.
 
     Before each pass it sets the stream's epoch (from `epoch()` when given, e.g. the Trainer's
     current epoch, else by counting passes). Workers are started afresh each pass
     (persistent_workers=False) so they receive that epoch, and with it a new shuffle.
+    Its position (epoch, batches yielded) goes into Lightning's checkpoints: a resumed pass skips the
+    batches already trained on. `epoch_done()` says when the pass is over (then no position is saved).
     """
 
     def __init__(
-        self, stream: ShardStream, collate_fn: Callable[[list[Any]], Any], epoch: Callable[[], int | None] | None = None
+        self,
+        stream: ShardStream,
+        collate_fn: Callable[[list[Any]], Any],
+        epoch: Callable[[], int | None] | None = None,
+        epoch_done: Callable[[], bool] | None = None,
     ) -> None:
         super().__init__(
-            stream, batch_size=None, num_workers=stream.num_workers, collate_fn=collate_fn, persistent_workers=False
+            stream,
+            batch_size=None,
+            num_workers=stream.num_workers,
+            collate_fn=collate_fn,
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(stream.seed),  # workers' seeds: the global random state stays
         )
         self.epoch_source = epoch
+        self.epoch_done = epoch_done
         self.passes = 0
+        self.yielded = 0
+        self.resume_at: dict[str, int] | None = None
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
+        return StartOnFirstNext(self._start)
+
+    def _start(self) -> Iterator[Any]:
         epoch = self.epoch_source() if self.epoch_source is not None else None
         self.dataset.epoch = self.passes if epoch is None else epoch
         self.passes += 1
-        return super().__iter__()
+        resume, self.resume_at = self.resume_at, None
+        self.dataset.skip = resume["batches"] if resume and resume["epoch"] == self.dataset.epoch else 0
+        self.yielded = self.dataset.skip
+        return self._count(super().__iter__())
+
+    def _count(self, batches: Iterator[Any]) -> Iterator[Any]:
+        for batch in batches:
+            self.yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        if self.epoch_done is not None and self.epoch_done():
+            return {}
+        return {"epoch": self.dataset.epoch, "batches": self.yielded}
+
+    def load_state_dict(self, state_dict: Mapping[str, int]) -> None:
+        self.resume_at = dict(state_dict) or None

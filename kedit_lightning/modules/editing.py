@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -25,6 +27,31 @@ from kedit_lightning.sharding import shard_editor_module
 
 REPORT_KEY = "kedit_val_report"
 """Where a Lightning checkpoint keeps the validation report of its weights (export and reports read it)."""
+RNG_KEY = "kedit_rng_states"
+"""Where a Lightning checkpoint keeps the process's random states (Lightning keeps none), for exact resumes."""
+
+
+def rng_states() -> dict[str, Any]:
+    """Python's, NumPy's and torch's random states, in types `torch.load(weights_only=True)` reads."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class EditorModule(LightningModule, ABC):
@@ -88,6 +115,12 @@ class EditorModule(LightningModule, ABC):
         checkpoint["backbone_fingerprint"] = self.backbone.fingerprint()
         if "val" in self.last_report:
             checkpoint[REPORT_KEY] = self.last_report["val"]
+        checkpoint[RNG_KEY] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Only when a Trainer resumes: loading weights for export or evaluation leaves the random state alone.
+        if self._trainer is not None and RNG_KEY in checkpoint:
+            set_rng_states(checkpoint[RNG_KEY])
 
     # -- evaluation -------------------------------------------------------------------------
     def _check_grad_mode(self) -> None:

@@ -30,6 +30,7 @@ from kedit_lightning.modules.editing import EditorModule
 
 POST_EDIT = ("edit_outer", "edit_outer_image", "loc", "loc_image")
 LOCALITY = ("loc", "loc_image")
+FINITE_BATCHES_KEY = "kedit_finite_batches"
 
 
 class LocalityTargets:
@@ -164,6 +165,14 @@ class MENDModule(EditorModule):
         self.log_dict({f"editor/{k}": v for k, v in grad_norm(self.editor, norm_type=2).items()})
         for name, lr in zip(self.editor.param_names, self.editor.edit_lrs.detach()):
             self.log(f"edit_lr/{name}", lr)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[FINITE_BATCHES_KEY] = self.finite_batches  # non-zero when saved within an accumulation
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.finite_batches = checkpoint.get(FINITE_BATCHES_KEY, 0)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return editor_optimizer(self.editor, self.hparams.lr, self.hparams.lr_lr)
