@@ -33,11 +33,14 @@ from data_modules.datasets import (
     FactDataset,
     FactExample,
     PromptBuilder,
+    TextEditCollator,
+    TextEditDataset,
     edit_example,
     length_problems,
+    text_length_problems,
 )
 from data_modules.encoding import SubBatchEncoder
-from data_modules.records import DEFAULT_MAX_IMAGE_PIXELS, DataError, EditRecord, check_images, read_records
+from data_modules.records import DEFAULT_MAX_IMAGE_PIXELS, DataError, EditRecord, Problem, check_images, read_records
 from data_modules.shards import (
     DEFAULT_SHUFFLE_BUFFER,
     ExampleBuilder,
@@ -47,7 +50,8 @@ from data_modules.shards import (
     StreamLoader,
     resolve_shards,
 )
-from data_modules.synthetic import WORLD_FILE, write_synthetic_world
+from data_modules.synthetic import TEXT_FILES, WORLD_FILE, write_synthetic_world
+from data_modules.text_records import TextRecord, read_text_records
 from data_modules.word_tokenizer import save_world_tokenizer
 
 FACTS_PER_RECORD = 5  # FactDataset: three edit-prompt facts (when `pred` is set) and two locality facts
@@ -274,9 +278,7 @@ class EditDataModule(LightningDataModule):
     def loader(self, split: str, shuffle: bool) -> DataLoader:
         if self.shard_specs[split] is not None:
             return self.stream_loader(split, train=shuffle)
-        problems = length_problems(
-            self.split_records(split), PromptBuilder(self.kind, self.vqa_template), self.require_processor()
-        )
+        problems = self.length_problems(split)
         if problems:
             raise DataError(problems)
         dataset = self.build_dataset(split)
@@ -300,6 +302,12 @@ class EditDataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed),  # workers' seeds: the global random state stays
             epoch_done=self.epoch_done,
+        )
+
+    def length_problems(self, split: str) -> list[Problem]:
+        """The split's rows too long for the backbone (checked before a loader starts)."""
+        return length_problems(
+            self.split_records(split), PromptBuilder(self.kind, self.vqa_template), self.require_processor()
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -382,3 +390,54 @@ class FactsDataModule(EditDataModule):
             if split == "train"
             else super().split_shards(split)
         )
+
+
+class TextEditDataModule(EditDataModule):
+    """Text-only edits (zsRE / CounterFact layouts, data_modules/text_records.py) for a text backbone.
+
+    Batches (`TextEditCollator`) hold `edit_inner`, `edit_outer` and `loc` with pixel_values None and no
+    image sub-batches, so image metrics and losses are absent, not faked. Defaults: the synthetic world's
+    text files (`kedit synth`). Files are JSON only (no shards); prompts are used as they are.
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        train_file: str = TEXT_FILES["text_train"],
+        val_file: str = TEXT_FILES["text_eval"],
+        test_file: str | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+        processor: SubBatchEncoder | None = None,
+        synthesize: bool = False,
+        truncate_prompts: bool = False,
+    ) -> None:
+        super().__init__(
+            data_dir,
+            train_file,
+            val_file,
+            test_file,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            processor=processor,
+            synthesize=synthesize,
+            truncate_prompts=truncate_prompts,
+        )
+
+    def read_split(self, split: str) -> list[TextRecord]:
+        """The checked text records of one split; an image-layout file is refused in one line."""
+        name = self.files[split]
+        if name is None:
+            raise ValueError(f"{type(self).__name__}: no {split}_file configured")
+        return read_text_records(self.data_dir / name)
+
+    def build_dataset(self, split: str) -> Dataset:
+        return TextEditDataset(self.split_records(split))
+
+    def build_collator(self) -> Callable[[list[Any]], Any]:
+        return TextEditCollator(self.require_processor())
+
+    def length_problems(self, split: str) -> list[Problem]:
+        return text_length_problems(self.split_records(split), self.require_processor())

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from data_modules.encoding import EditBatch, SubBatch, SubBatchEncoder, TooLongError
 from data_modules.records import DEFAULT_MAX_IMAGE_PIXELS, DataError, EditRecord, Problem, too_many_pixels
+from data_modules.text_records import TextRecord
 
 VQA_TEMPLATE = "Question: {} Short answer:"
 DataKind = Literal["vqa", "caption"]
@@ -142,7 +143,7 @@ def edit_example(
     )
 
 
-def example_where(example: EditExample, field: str) -> Where:
+def example_where(example: EditExample | TextEditExample, field: str) -> Where:
     """(file, index, field) of an example's row, for messages."""
     return example.meta.get("file", "<batch>"), example.meta.get("index", 0), field
 
@@ -252,6 +253,72 @@ class EditCollator:
             batch["port_record"] = torch.tensor([r[0] for r in rows], dtype=torch.long)
         batch["meta"] = [e.meta for e in examples]
         return batch
+
+
+@dataclass
+class TextEditExample:
+    """One text record's rows: the edit (`prompt` -> `target`), its rephrase, and the locality input."""
+
+    prompt: str
+    rephrase: str
+    target: str
+    loc_prompt: str
+    loc_target: str
+    meta: dict[str, Any]
+
+
+def text_edit_example(record: TextRecord, position: int = 0) -> TextEditExample:
+    """The example of one text record (prompts used as they are); `meta` as `EditCollator` gives it."""
+    file, index = record.where(position)
+    meta = {"prompt": record.src, "rephrase": record.rephrase, "pred": record.pred, "alt": record.alt}
+    meta.update(origin=f"{file}:{index}", file=file, index=index)
+    return TextEditExample(record.src, record.rephrase, record.alt, record.loc, record.loc_ans, meta)
+
+
+def text_length_problems(records: Sequence[TextRecord], encode: SubBatchEncoder) -> list[Problem]:
+    """`length_problems` for text records: every row `TextEditCollator` builds, checked up front."""
+    if encode.max_length is None or encode.truncate_prompts:
+        return []
+    rows = [
+        ((*r.where(position), name), prompt, target)
+        for position, r in enumerate(records)
+        for name, prompt, target in (("src", r.src, r.alt), ("rephrase", r.rephrase, r.alt), ("loc", r.loc, r.loc_ans))
+    ]
+    lengths = encode.lengths([r[1] for r in rows], [r[2] for r in rows], [False] * len(rows))
+    return [Problem(*row[0], encode.too_long(n)) for row, n in zip(rows, lengths) if n > encode.max_length]
+
+
+class TextEditDataset(Dataset):
+    """Text edit records of one split."""
+
+    def __init__(self, records: Sequence[TextRecord]) -> None:
+        self.records = list(records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, position: int) -> TextEditExample:
+        return text_edit_example(self.records[position], position)
+
+
+class TextEditCollator:
+    """List of `TextEditExample` -> EditBatch with `edit_inner` (src + alt), `edit_outer` (rephrase + alt),
+    `loc` (loc + loc_ans), all with pixel_values None, and `meta`; no image sub-batches at all."""
+
+    def __init__(self, processor: SubBatchEncoder) -> None:
+        self.processor = processor
+
+    def __call__(self, examples: Sequence[TextEditExample]) -> EditBatch:
+        def encode(field: str, prompts: list[str], targets: list[str]) -> SubBatch:
+            return encode_rows(self.processor, prompts, targets, None, [example_where(e, field) for e in examples])
+
+        targets = [e.target for e in examples]
+        return {
+            "edit_inner": encode("src", [e.prompt for e in examples], targets),
+            "edit_outer": encode("rephrase", [e.rephrase for e in examples], targets),
+            "loc": encode("loc", [e.loc_prompt for e in examples], [e.loc_target for e in examples]),
+            "meta": [e.meta for e in examples],
+        }
 
 
 @dataclass

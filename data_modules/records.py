@@ -329,7 +329,7 @@ class Scan:
     and every image path named by any record, parsed or not (so one pass finds every problem)."""
 
     file: str
-    records: list[EditRecord]
+    records: list  # EditRecord, or TextRecord for text-only files (data_modules/text_records.py)
     problems: list[Problem]
     total: int
     image_refs: list[ImageRef]
@@ -339,38 +339,34 @@ class Scan:
         return [r for r in self.records if not r.alt.strip()]
 
 
-def scan_records(path: str | Path) -> Scan:
-    """Read and check a data file without raising: for `kedit validate` and `read_records`."""
+def read_json_list(path: str | Path) -> tuple[list[Any], list[Problem]]:
+    """The top-level JSON list of a data file, or [] and the one problem that stops reading it."""
     file = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8-sig")  # a leading BOM (Windows editors) is not data
     except FileNotFoundError:
-        return Scan(file, [], [Problem(file, None, None, "file not found")], 0, [])
+        return [], [Problem(file, None, None, "file not found")]
     except (OSError, UnicodeDecodeError) as err:
-        return Scan(file, [], [Problem(file, None, None, f"cannot read: {err}")], 0, [])
+        return [], [Problem(file, None, None, f"cannot read: {err}")]
     try:
         raw = json.loads(text, object_pairs_hook=_object_pairs)
     except RecursionError:
-        return Scan(file, [], [Problem(file, None, None, "JSON nested too deeply to read")], 0, [])
+        return [], [Problem(file, None, None, "JSON nested too deeply to read")]
     except json.JSONDecodeError as err:
-        return Scan(
-            file,
-            [],
-            [Problem(file, None, None, f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}")],
-            0,
-            [],
-        )
+        return [], [Problem(file, None, None, f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}")]
     if not isinstance(raw, list):
-        kind = json_type(raw)
-        return Scan(
-            file,
-            [],
-            [Problem(file, None, None, f"the top level is a JSON {kind}, expected a list of records")],
-            0,
-            [],
-        )
+        return [], [Problem(file, None, None, f"the top level is a JSON {json_type(raw)}, expected a list of records")]
     if not raw:
-        return Scan(file, [], [Problem(file, None, None, "no records (the file is an empty list)")], 0, [])
+        return [], [Problem(file, None, None, "no records (the file is an empty list)")]
+    return raw, []
+
+
+def scan_records(path: str | Path) -> Scan:
+    """Read and check a data file without raising: for `kedit validate` and `read_records`."""
+    file = str(path)
+    raw, problems = read_json_list(path)
+    if problems:
+        return Scan(file, [], problems, 0, [])
     records, problems, refs = [], [], []
     for index, item in enumerate(raw):
         record, item_problems = parse_record(item, file, index)
@@ -391,7 +387,11 @@ def read_records(path: str | Path) -> list[EditRecord]:
 
     Records with an empty `alt` are skipped with one `SkippedRecordsWarning` giving their count.
     """
-    scan = scan_records(path)
+    return usable_records(scan_records(path))
+
+
+def usable_records(scan: Scan) -> list[Any]:
+    """The records of `scan` with a target (`read_records`, for any record layout)."""
     if scan.problems:
         raise DataError(scan.problems)
     skipped = scan.empty_alt
@@ -402,7 +402,7 @@ def read_records(path: str | Path) -> list[EditRecord]:
             f"{scan.file}: skipped {len(skipped)} of {scan.total} record(s) with an empty 'alt' "
             f"(records {shown}{more})",
             SkippedRecordsWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     records = [r for r in scan.records if r.alt.strip()]
     if not records:

@@ -3,10 +3,10 @@
 Everything is invented, so no pretrained model already knows it: a tiny model must learn the facts from
 the records, and an editor must then change them (README.md, "The synthetic world", says what it holds).
 Output under DIR: images/<name>/view<k>.png, vqa/vqa_{train,eval}.json, caption/caption_{train,eval}_edit.json,
-vlkeb/{train,eval,eval_multihop,eval_edit_onehop}.json (only the last two carry `port_new`, as in VLKEB)
-and world.json (the facts, templates and the vocabulary). The same seed gives byte-identical files: every
-random choice comes from a `random.Random` seeded by (seed, purpose), JSON is written with sorted keys,
-and PNGs carry no metadata.
+vlkeb/{train,eval,eval_multihop,eval_edit_onehop}.json (only the last two carry `port_new`, as in VLKEB),
+text/text_{train,eval}.json (text-only edits of the geography facts, zsRE layout) and world.json (the facts,
+templates and the vocabulary). The same seed gives byte-identical files: every random choice comes from a
+`random.Random` seeded by (seed, purpose), JSON is written with sorted keys, and PNGs carry no metadata.
 """
 
 from __future__ import annotations
@@ -165,6 +165,8 @@ FILES = {
     "vlkeb_multihop": "vlkeb/eval_multihop.json",
     "vlkeb_onehop": "vlkeb/eval_edit_onehop.json",
 }
+TEXT_FILES = {"text_train": "text/text_train.json", "text_eval": "text/text_eval.json"}
+"""Text-only edits of the geography facts, zsRE layout (data_modules/text_records.py)."""
 WORLD_FILE = "world.json"
 IMAGE_DIR = "images"
 
@@ -616,6 +618,26 @@ def build_records(world: World) -> dict[str, list[dict[str, Any]]]:
     return {name: out[name] for name in FILES}
 
 
+def build_text_records(world: World) -> dict[str, list[dict[str, Any]]]:
+    """zsRE-style text edits (keys of `TEXT_FILES`): each geography subject's fact changed to another
+    object of its relation, asked in its two phrasings, with another subject's fact as locality. One
+    subject in four is held out for eval."""
+    g = world.geography
+    rng = _rng(world.seed, "text")
+    relations = (("country", g.country_of), ("continent", g.continent_of), ("ocean", g.ocean_of))
+    facts = _Deal(g.facts(), rng)
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in TEXT_FILES}
+    for relation, mapping in relations:
+        objects = sorted(set(mapping.values()))
+        for position, (subject, answer) in enumerate(sorted(mapping.items())):
+            src, rephrase = (template.format(subject) for template in FACT_QUESTIONS[relation])
+            loc, loc_ans = facts.next(lambda fact, subject=subject: subject not in fact[0])
+            alt = rng.choice([o for o in objects if o != answer])
+            record = {"src": src, "rephrase": rephrase, "pred": answer, "alt": alt, "loc": loc, "loc_ans": loc_ans}
+            out["text_eval" if position % 4 == 3 else "text_train"].append(record)
+    return out
+
+
 def vocabulary(records: Iterable[dict[str, Any]]) -> list[str]:
     """Sorted distinct words (split by `WORD_PATTERN`) of every text field of `records`."""
     words: set[str] = set()
@@ -717,6 +739,9 @@ def write_synthetic_world(out: str | Path, seed: int = 0, entities: int = DEFAUL
     sizes = {name: len(rows) for name, rows in records.items()}
     words = vocabulary(r for rows in records.values() for r in rows)
     _write_json(out / WORLD_FILE, _world_document(world, sizes, words))
+    text_records = build_text_records(world)  # their words are the facts', already in the vocabulary
+    for name, rows in text_records.items():
+        _write_json(out / TEXT_FILES[name], rows)
     train, held_out = len(world.split("train")), len(world.split("eval"))
     return SynthSummary(
         out=out,
@@ -725,7 +750,7 @@ def write_synthetic_world(out: str | Path, seed: int = 0, entities: int = DEFAUL
         train_entities=train,
         eval_entities=held_out,
         images=entities * VIEWS_PER_ENTITY,
-        records={FILES[n]: c for n, c in sizes.items()},
+        records={FILES[n]: c for n, c in sizes.items()} | {TEXT_FILES[n]: len(r) for n, r in text_records.items()},
         vocabulary=len(words),
         seconds=time.perf_counter() - start,
     )

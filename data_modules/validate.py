@@ -1,5 +1,8 @@
 """`kedit validate --data FILE --images DIR`: check a data file and every image it names.
 
+A file whose records name no image is read as text-only records (zsRE / CounterFact layouts,
+data_modules/text_records.py) and needs no `--images`.
+
 Prints each problem as `FILE: record N: field 'F': message`, then a summary line; exits 1 when
 there is any problem, 0 when the file is clean. Unlike loading for training (which skips them
 with a warning), a record with an empty `alt` counts as a problem here: it is an edit with no
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from data_modules.records import DEFAULT_MAX_IMAGE_PIXELS, Problem, check_image_refs, scan_records
+from data_modules.text_records import file_is_text, scan_text_records
 
 
 def add_image_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,26 +37,40 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--data", required=True, metavar="FILE", help="a JSON data file in the E-VQA / E-IC / VLKEB layout"
+        "--data",
+        required=True,
+        metavar="FILE",
+        help="a JSON data file in the E-VQA / E-IC / VLKEB layout, or text-only (zsRE / CounterFact layout)",
     )
     parser.add_argument(
-        "--images", required=True, metavar="DIR", help="the image root the record image paths are relative to"
+        "--images",
+        default=None,
+        metavar="DIR",
+        help="the image root the record image paths are relative to (not needed for text-only records)",
     )
     add_image_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    scan = scan_records(args.data)
+    text = file_is_text(args.data)
+    scan = scan_text_records(args.data) if text else scan_records(args.data)
+    if not text and scan.total and args.images is None:
+        raise ValueError(f"--images: required, {args.data} holds image edit records (E-VQA / E-IC / VLKEB layout)")
     problems = list(scan.problems)
     problems += [
         Problem(scan.file, r.origin.index, "alt", "empty target (training skips this record)") for r in scan.empty_alt
     ]
-    problems += check_image_refs(scan.image_refs, args.images, True, args.extra_image_root, args.max_image_pixels)
+    if not text and scan.total:
+        problems += check_image_refs(scan.image_refs, args.images, True, args.extra_image_root, args.max_image_pixels)
     problems.sort(key=lambda p: (p.index is not None, p.index or 0))
     for problem in problems:
         print(problem)
     images = len({ref[3] for ref in scan.image_refs})
-    summary = f"{scan.file}: {scan.total} record(s), {images} distinct image(s) checked"
+    summary = (
+        f"{scan.file}: {scan.total} text-only record(s)"
+        if text
+        else f"{scan.file}: {scan.total} record(s), {images} distinct image(s) checked"
+    )
     if problems:
         print(f"{summary}: {len(problems)} problem(s)")
         return 1

@@ -36,11 +36,12 @@ from tqdm.auto import tqdm
 from data_modules.datasets import VQA_TEMPLATE, DataKind, PromptBuilder, load_image
 from data_modules.encoding import EditBatch, SubBatch, SubBatchEncoder
 from data_modules.records import EditRecord
+from data_modules.text_records import TextRecord
 from kedit_lightning.artifact import check_fingerprint, read_card, read_processor, rebuild_editor, verify_weights
 from kedit_lightning.backbones import FAMILIES, Backbone
 from kedit_lightning.editors.edited_model import StepInputs, WeightEditedModel
 from kedit_lightning.editors.serac import SERAC
-from kedit_lightning.evaluation import HEADLINE, HOPS, EditMetrics, evaluate_batch, record_batches
+from kedit_lightning.evaluation import HOPS, EditMetrics, evaluate_batch, headline, record_batches
 
 
 class NonFiniteEdit(FloatingPointError):
@@ -66,9 +67,9 @@ class EditRequest:
     image: Image.Image | str | Path | None = None
 
 
-Request = EditRequest | EditRecord | Mapping[str, Any]
-"""An EditRequest; an EditRecord (its `src`, `alt`, `image`); or a dict with `prompt`, `target` and
-optionally `image`, or in the public record layout (`src`, `alt`, `image`)."""
+Request = EditRequest | EditRecord | TextRecord | Mapping[str, Any]
+"""An EditRequest; an EditRecord (its `src`, `alt`, `image`); a TextRecord (its `src`, `alt`, no image);
+or a dict with `prompt`, `target` and optionally `image`, or in the public record layout (`src`, `alt`, `image`)."""
 
 
 def _open_image(image: Image.Image | str | Path, image_root: str | Path | None, index: int) -> Image.Image:
@@ -88,6 +89,8 @@ def request_triple(
     """(prompt, target, image or None) of one request; records' `src` go through the prompt template."""
     if isinstance(request, EditRecord):
         return prompts.edit_prompt(request.src), request.alt, load_image(image_root or ".", request, "image", index)
+    if isinstance(request, TextRecord):
+        return request.src, request.alt, None  # text prompts are used as they are, with no VQA template
     if isinstance(request, EditRequest):
         fields: Mapping[str, Any] = {"prompt": request.prompt, "target": request.target, "image": request.image}
     elif isinstance(request, Mapping):
@@ -476,7 +479,7 @@ def evaluate_sequential(
                     earliest.append(record)
                 if done in marks:
                     report = score(session, earliest, hops)
-                    curve.append({"n_edits": done, **{key: report[key] for key in HEADLINE}})
+                    curve.append({"n_edits": done, **{key: report[key] for key in headline(report)}})
                 bar.update()
         if done < n_edits:
             raise ValueError(f"{n_edits} sequential edits asked for, but the data has only {done} records")

@@ -34,13 +34,12 @@ SUB_BATCH_OF = {
 }
 LOCALITY_KEYS = ("t_locality", "i_locality")
 HEADLINE = ACCURACY_KEYS + LOCALITY_KEYS
-_POST_SUB_BATCH = {
-    "reliability": "edit_inner",
-    "t_generality": "edit_outer",
-    "i_generality": "edit_outer_image",
-    "t_locality": "loc",
-    "i_locality": "loc_image",
-}
+LOCALITY_SUB_BATCHES = ("loc", "loc_image")
+
+
+def headline(report: Mapping[str, Any]) -> list[str]:
+    """The headline metrics a report has: text-only data has no image ones."""
+    return [key for key in HEADLINE if key in report]
 
 
 def _rows(sub_batch: SubBatch, index: torch.Tensor | slice) -> SubBatch:
@@ -50,7 +49,7 @@ def _rows(sub_batch: SubBatch, index: torch.Tensor | slice) -> SubBatch:
 def record_batches(batch: EditBatch) -> Iterator[dict[str, Any]]:
     """Split a collated EditBatch into one-record EditBatches; port (and port_edit) rows follow their record."""
     for i in range(batch["edit_inner"]["input_ids"].shape[0]):
-        one: dict[str, Any] = {key: _rows(batch[key], slice(i, i + 1)) for key in SUB_BATCH_KEYS}
+        one: dict[str, Any] = {key: _rows(batch[key], slice(i, i + 1)) for key in SUB_BATCH_KEYS if key in batch}
         if "meta" in batch:
             one["meta"] = batch["meta"][i : i + 1]
         if "port" in batch:
@@ -87,24 +86,27 @@ class EditMetrics(nn.Module):
         hops: Sequence[str] = (),
     ) -> None:
         """Score a batch: `labels` [N, T] per sub-batch, post-edit answer logits [P, V] per sub-batch,
-        pre-edit ones for the locality sub-batches; `hops` names each `port` row's hop."""
+        pre-edit ones for the locality sub-batches; `hops` names each `port` row's hop. A metric whose
+        sub-batch is absent (the image ones, for text-only data) is not updated."""
         for key in ACCURACY_KEYS:
-            self.accuracy[key].update(post[SUB_BATCH_OF[key]], labels[SUB_BATCH_OF[key]])
+            if SUB_BATCH_OF[key] in post:
+                self.accuracy[key].update(post[SUB_BATCH_OF[key]], labels[SUB_BATCH_OF[key]])
         for key in LOCALITY_KEYS:
             name = SUB_BATCH_OF[key]
-            self.locality[key].update(pre[name], post[name], labels[name])
+            if name in post:
+                self.locality[key].update(pre[name], post[name], labels[name])
         if "port" in post:
             for metric in (self.portability, self.portability_exact):
                 metric.update(post["port"], labels["port"], hops)
 
     def compute(self) -> dict[str, Any]:
-        """The report: fractions in [0, 1], portability keyed by hop, the same under `exact_match`."""
+        """The report: fractions in [0, 1], portability keyed by hop, the same under `exact_match`. Metrics
+        never updated (the image ones, for text-only data) are absent."""
         token, exact = {}, {}
-        for key in ACCURACY_KEYS:
-            scores = self.accuracy[key].compute()
-            token[key], exact[key] = float(scores["token_acc"]), float(scores["exact_match"])
-        for key in LOCALITY_KEYS:
-            scores = self.locality[key].compute()
+        for key, metric in [*self.accuracy.items(), *self.locality.items()]:
+            if metric.update_count == 0 and key != "reliability":
+                continue
+            scores = metric.compute()
             token[key], exact[key] = float(scores["token_acc"]), float(scores["exact_match"])
         for metric, out in ((self.portability, token), (self.portability_exact, exact)):
             if metric.update_count == 0:  # data without portability questions
@@ -142,7 +144,7 @@ def evaluate_batch(
     inputs = StepInputs(backbone, {key: batch[key] for key in names})
     model = editor.edited_model(backbone)
     edits = editor(model, inputs, inputs.rows("edit_inner"))
-    queries = {key: edits for key in SUB_BATCH_KEYS}
+    queries = {key: edits for key in SUB_BATCH_KEYS if key in batch}
     if "port" in batch:
         port = edits[batch["port_record"].cpu()]
         if "port_edit" in batch:
@@ -153,7 +155,8 @@ def evaluate_batch(
     logits = model.answer_logits(inputs, inputs.rows(*queries), torch.cat(list(queries.values())))
     post = inputs.split(logits, list(queries))
     with model.unedited():  # the original model, also where edits are already folded into the weights
-        pre = inputs.split(model.answer_logits(inputs, inputs.rows("loc", "loc_image")), ("loc", "loc_image"))
+        locality = [key for key in LOCALITY_SUB_BATCHES if key in batch]
+        pre = inputs.split(model.answer_logits(inputs, inputs.rows(*locality)), locality)
     labels = {key: inputs.labels[inputs.rows(key)] for key in queries}
     metrics.update(labels, post, pre, batch.get("port_hops", ()))
     return post

@@ -13,12 +13,14 @@ from data_modules.synthetic import (
     FILES,
     HOP_QUESTIONS,
     IMAGE_SIZE,
+    TEXT_FILES,
     VIEWS_PER_ENTITY,
     WHERE_QUESTIONS,
     build_world,
     planned_sizes,
     write_synthetic_world,
 )
+from data_modules.text_records import read_text_records
 from kedit_lightning.cli import main
 
 ENTITIES = 8
@@ -49,9 +51,9 @@ def test_same_seed_same_bytes_other_seed_other_bytes(world_dir, tmp_path):
     write_synthetic_world(tmp_path / "again", seed=0, entities=ENTITIES)
     write_synthetic_world(tmp_path / "other", seed=1, entities=ENTITIES)
     first, again, other = _all_bytes(out), _all_bytes(tmp_path / "again"), _all_bytes(tmp_path / "other")
-    assert len(first) == len(FILES) + 1 + ENTITIES * VIEWS_PER_ENTITY
+    assert len(first) == len(FILES) + len(TEXT_FILES) + 1 + ENTITIES * VIEWS_PER_ENTITY
     assert first == again
-    for path in [*FILES.values(), "world.json"]:
+    for path in [*FILES.values(), *TEXT_FILES.values(), "world.json"]:
         assert first[path] != other[path], path
     assert set(first) != set(other)  # image folders are named after the (seeded) entities
 
@@ -59,7 +61,10 @@ def test_same_seed_same_bytes_other_seed_other_bytes(world_dir, tmp_path):
 def test_every_file_has_the_public_fields_and_the_planned_size(world_dir, world):
     out, summary = world_dir
     sizes = planned_sizes(ENTITIES)
-    assert summary.records == {FILES[name]: sizes[name] for name in FILES}
+    assert summary.records == {FILES[name]: sizes[name] for name in FILES} | {
+        TEXT_FILES["text_train"]: 21,
+        TEXT_FILES["text_eval"]: 7,
+    }
     assert summary.images == sizes["images"] == len(list((out / "images").rglob("*.png")))
     for name, records in world["files_read"].items():
         assert len(records) == sizes[name], name
@@ -204,3 +209,19 @@ def test_default_size_is_quick(tmp_path):
     summary = write_synthetic_world(tmp_path / "default")
     assert summary.seconds < 30
     assert 1000 <= sum(n for path, n in summary.records.items() if "train" in path) <= 3000
+
+
+def test_text_edits_change_geography_facts_with_locality_about_other_subjects(world_dir, world):
+    out, _ = world_dir
+    geography = world["geography"]
+    known = {**geography["cities"], **geography["countries"], **geography["continents"]}
+    subjects = {}
+    for name, path in TEXT_FILES.items():
+        records = read_text_records(out / path)
+        subjects[name] = set()
+        for r in records:
+            (subject,) = [word for word in r.src.rstrip("?").split() if word in known]
+            subjects[name].add(subject)
+            assert r.pred == known[subject] != r.alt, r
+            assert subject in r.rephrase and subject not in r.loc, r
+    assert not subjects["text_train"] & subjects["text_eval"]  # held-out subjects

@@ -12,10 +12,13 @@ import argparse
 from pathlib import Path
 
 from data_modules.records import read_records
+from data_modules.text_records import read_text_records
 from kedit_lightning.commands.shared import (
+    TEXT_KIND,
     add_data_arguments,
     add_editor_arguments,
     load_editor_and_backbone,
+    resolve_kind,
 )
 from kedit_lightning.editor import MAX_NORM_RATIO
 
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty; choose a new folder for the edited model")
-    records = read_records(args.data)
+    records = read_text_records(args.data) if resolve_kind(args) == TEXT_KIND else read_records(args.data)
     editor, backbone = load_editor_and_backbone(args)
     if not editor.edits_weights:
         raise ValueError(
@@ -62,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
             "so there is no edited model to save"
         )
     batch_size = (args.batch_size or 1) if args.sequential else None
+    kind = "vqa" if args.kind == TEXT_KIND else args.kind  # text records are read as they are; no template
     edited = editor.edit(
-        backbone, records, batch_size=batch_size, image_root=args.images, kind=args.kind, vqa_template=args.vqa_template
+        backbone, records, batch_size=batch_size, image_root=args.images, kind=kind, vqa_template=args.vqa_template
     )
     how = f"one after another, {batch_size} per update" if args.sequential else "as one batched edit"
     print(f"applied {edited.n_edits} edits from {args.data} {how}; edited weight norms:")

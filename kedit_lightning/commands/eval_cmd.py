@@ -15,17 +15,19 @@ import argparse
 import json
 from pathlib import Path
 
-from data_modules.datamodules import EditDataModule
+from data_modules.datamodules import EditDataModule, TextEditDataModule
+from data_modules.encoding import SubBatchEncoder
 from data_modules.validate import add_image_arguments
 from data_modules.vlkeb import VLKEBDataModule
 from kedit_lightning.callbacks import metrics_table
 from kedit_lightning.commands.shared import (
+    TEXT_KIND,
     add_data_arguments,
     add_editor_arguments,
     load_editor_and_backbone,
 )
 from kedit_lightning.editor import evaluate, evaluate_sequential
-from kedit_lightning.evaluation import HEADLINE, HOPS
+from kedit_lightning.evaluation import HOPS, headline
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,32 +66,39 @@ def hop_list(text: str) -> list[int] | str:
 
 
 def sequential_table(curve: list[dict]) -> str:
-    lines = ["| edits so far | " + " | ".join(HEADLINE) + " |", "|---|" + "---|" * len(HEADLINE)]
-    lines += [
-        f"| {point['n_edits']} | " + " | ".join(f"{point[key]:.3f}" for key in HEADLINE) + " |" for point in curve
-    ]
+    keys = headline(curve[0])
+    lines = ["| edits so far | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    lines += [f"| {point['n_edits']} | " + " | ".join(f"{point[key]:.3f}" for key in keys) + " |" for point in curve]
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    editor, backbone = load_editor_and_backbone(args)
-    data = Path(args.data)
+def image_datamodule(args: argparse.Namespace, data: Path, processor: SubBatchEncoder) -> EditDataModule:
+    """The DataModule of a VQA (VLKEB superset) or caption file."""
     options = dict(
         train_file=data.name,
         val_file=data.name,
         image_root=str(Path(args.images).resolve()),
         batch_size=args.batch_size,
         vqa_template=args.vqa_template,
-        processor=editor.processor(backbone),
+        processor=processor,
         extra_image_roots=tuple(str(Path(root).resolve()) for root in args.extra_image_root),
         max_image_pixels=args.max_image_pixels,
     )
     if args.kind == "vqa":
-        datamodule: EditDataModule = VLKEBDataModule(
-            str(data.parent), hops=args.hops, require_port=args.require_port, **options
+        return VLKEBDataModule(str(data.parent), hops=args.hops, require_port=args.require_port, **options)
+    return EditDataModule(str(data.parent), kind=args.kind, **options)
+
+
+def run(args: argparse.Namespace) -> int:
+    editor, backbone = load_editor_and_backbone(args)
+    data = Path(args.data)
+    datamodule = (
+        TextEditDataModule(
+            str(data.parent), data.name, data.name, batch_size=args.batch_size, processor=editor.processor(backbone)
         )
-    else:
-        datamodule = EditDataModule(str(data.parent), kind=args.kind, **options)
+        if args.kind == TEXT_KIND
+        else image_datamodule(args, data, editor.processor(backbone))
+    )
     datamodule.setup("validate")
     loader = datamodule.val_dataloader()
     progress = not args.no_progress

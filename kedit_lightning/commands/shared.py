@@ -8,8 +8,11 @@ import torch
 import transformers
 
 from data_modules.datasets import KINDS, VQA_TEMPLATE
+from data_modules.text_records import file_is_text
 from kedit_lightning.backbones import Backbone
 from kedit_lightning.editor import Editor
+
+TEXT_KIND = "text"
 
 
 def add_editor_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,15 +40,41 @@ def add_editor_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="a JSON file of edit records (E-VQA / E-IC / VLKEB layout)")
-    parser.add_argument("--images", required=True, help="the folder the records' image paths are relative to")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="a JSON file of edit records (E-VQA / E-IC / VLKEB layout, or text-only: zsRE / CounterFact layout)",
+    )
+    parser.add_argument(
+        "--images", default=None, help="the folder the records' image paths are relative to (not for text records)"
+    )
     parser.add_argument(
         "--kind",
-        choices=KINDS,
-        default="vqa",
-        help="vqa: prompts go through the VQA template; caption: used as they are",
+        choices=(*KINDS, TEXT_KIND),
+        default=None,
+        help="vqa: prompts go through the VQA template; caption: used as they are; text: text-only records "
+        "(default: text when the file's records name no image, else vqa)",
     )
     parser.add_argument("--vqa-template", default=VQA_TEMPLATE, help="the question template ('{}' is the question)")
+
+
+def resolve_kind(args: argparse.Namespace) -> str:
+    """`args.kind`, detected from the data file when not given; `--images` checked against it."""
+    if args.kind is None:
+        args.kind = TEXT_KIND if file_is_text(args.data) else "vqa"
+    if args.kind != TEXT_KIND and args.images is None:
+        raise ValueError(f"--images: required for {args.kind} records (text-only records: --kind text)")
+    return args.kind
+
+
+def check_family(editor: Editor, kind: str, data: str) -> None:
+    """Refuse image records for an editor of a text backbone, from its fingerprint, before any weights load."""
+    family = editor.fingerprint.get("family")
+    if family == TEXT_KIND and kind != TEXT_KIND:
+        raise ValueError(
+            f"{data}: {kind} records carry images, but the editor in {editor.path} edits a text backbone "
+            "(family 'text'): give text records (zsRE / CounterFact layout)"
+        )
 
 
 def check_device_and_dtype(device: str, dtype: str | None) -> None:
@@ -64,10 +93,12 @@ def load_editor_and_backbone(args: argparse.Namespace) -> tuple[Editor, Backbone
     check_device_and_dtype(args.device, args.dtype)
     # transformers' per-load progress bar would put lines on stderr around an error's one line.
     transformers.utils.logging.disable_progress_bar()
+    kind = resolve_kind(args)
     try:
         editor = Editor.from_pretrained(args.editor)
     except KeyError as err:
         raise ValueError(f"{args.editor}/editor.json: missing field {err}") from None
+    check_family(editor, kind, args.data)
     return editor, editor.load_backbone(
         args.backbone, dtype=args.dtype, device=args.device, allow_other_weights=args.allow_other_weights
     )

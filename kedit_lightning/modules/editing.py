@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from data_modules.encoding import IGNORE_INDEX, SubBatchEncoder
 from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
-from kedit_lightning.evaluation import HEADLINE, HOPS, EditMetrics, evaluate_batch, flatten_report
+from kedit_lightning.evaluation import HOPS, EditMetrics, evaluate_batch, flatten_report, headline
 from kedit_lightning.sharding import shard_editor_module
 
 REPORT_KEY = "kedit_val_report"
@@ -167,8 +167,10 @@ class EditorModule(LightningModule, ABC):
         metrics.reset()
         self.last_report[stage] = report
         flat = flatten_report({k: v for k, v in report.items() if k != "n_edits"}, f"{stage}/")
-        # One number to select checkpoints and stop early on: the mean of the five headline metrics.
-        flat[f"{stage}/score"] = sum(report[key] for key in HEADLINE) / len(HEADLINE)
+        # One number to select checkpoints and stop early on: the mean of the headline metrics present
+        # (five with images, three for text-only data).
+        present = headline(report)
+        flat[f"{stage}/score"] = sum(report[key] for key in present) / len(present)
         self.log_dict(flat, prog_bar=False, sync_dist=False)
         for key in ("reliability", "t_generality", "t_locality"):
             self.log(f"{stage[0]}_{key[:5]}", report[key], prog_bar=True, logger=False)

@@ -40,18 +40,21 @@ class LocalityTargets:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self.entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.entries: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.names = LOCALITY  # the locality sub-batches of the data: `loc` alone for text-only data
 
     def get(self, keys: Sequence[str]) -> dict[str, torch.Tensor] | None:
         """The batch's targets per locality sub-batch, or None unless every record is cached."""
         if not keys or any(key not in self.entries for key in keys):
             return None
-        return {name: torch.cat([self.entries[key][i] for key in keys]) for i, name in enumerate(LOCALITY)}
+        return {name: torch.cat([self.entries[key][i] for key in keys]) for i, name in enumerate(self.names)}
 
     def put(self, keys: Sequence[str], targets: Mapping[str, torch.Tensor], counts: Mapping[str, list[int]]) -> None:
-        per_record = {name: targets[name].detach().split(counts[name]) for name in LOCALITY}
+        """Store each record's targets per locality sub-batch of `targets` (text-only data has `loc` only)."""
+        self.names = tuple(targets)
+        per_record = {name: targets[name].detach().split(counts[name]) for name in self.names}
         for i, key in enumerate(keys):
-            entry = tuple(per_record[name][i].clone() for name in LOCALITY)
+            entry = tuple(per_record[name][i].clone() for name in self.names)
             size = sum(t.numel() * t.element_size() for t in entry)
             if key not in self.entries and self.bytes + size <= self.max_bytes:
                 self.entries[key] = entry
@@ -68,23 +71,27 @@ def outer_losses(
     """The outer loss's parts for a batch: every record edited on its own, one post-edit forward.
 
     `pre`: the unedited answer logits on the locality inputs when known (else computed, and stored in
-    `cache`)."""
-    inputs = StepInputs(backbone, {key: batch[key] for key in ("edit_inner", *POST_EDIT)})
+    `cache`). Text-only batches have no image sub-batches, and so no `image_edit` part."""
+    post_edit = [key for key in POST_EDIT if key in batch]
+    locality = [key for key in LOCALITY if key in batch]
+    inputs = StepInputs(backbone, {key: batch[key] for key in ("edit_inner", *post_edit)})
     model = editor.edited_model(backbone)
     edits = editor(model, inputs, inputs.rows("edit_inner"))
-    post = inputs.split(model.answer_logits(inputs, inputs.rows(*POST_EDIT), edits.repeat(len(POST_EDIT))), POST_EDIT)
+    post = inputs.split(model.answer_logits(inputs, inputs.rows(*post_edit), edits.repeat(len(post_edit))), post_edit)
     if pre is None:
         with torch.no_grad():  # a pass of its own: in the post-edit one, backward would run through these rows too
-            pre = inputs.split(model.answer_logits(inputs, inputs.rows(*LOCALITY)), LOCALITY)
+            pre = inputs.split(model.answer_logits(inputs, inputs.rows(*locality)), locality)
         if cache is not None and "meta" in batch:
-            counts = {name: inputs.answer_counts(inputs.rows(name)).tolist() for name in LOCALITY}
+            counts = {name: inputs.answer_counts(inputs.rows(name)).tolist() for name in locality}
             cache.put([meta["origin"] for meta in batch["meta"]], pre, counts)
-    labels = {name: batch[name]["labels"] for name in POST_EDIT}
-    return {
+    labels = {name: batch[name]["labels"] for name in post_edit}
+    parts = {
         "edit": masked_nll(post["edit_outer"], labels["edit_outer"]),
-        "image_edit": masked_nll(post["edit_outer_image"], labels["edit_outer_image"]),
-        "loc": sum(masked_kl(pre[name], post[name], labels[name]) for name in LOCALITY),
+        "loc": sum(masked_kl(pre[name], post[name], labels[name]) for name in locality),
     }
+    if "edit_outer_image" in post:
+        parts["image_edit"] = masked_nll(post["edit_outer_image"], labels["edit_outer_image"])
+    return parts
 
 
 class MENDModule(EditorModule):
@@ -136,7 +143,7 @@ class MENDModule(EditorModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         parts = self.step_losses(batch)
         hp = self.hparams
-        loss = hp.cedit * parts["edit"] + hp.iedit * parts["image_edit"] + hp.cloc * parts["loc"]
+        loss = hp.cedit * parts["edit"] + hp.iedit * parts.get("image_edit", 0.0) + hp.cloc * parts["loc"]
         pending = self.editor.take_pending_statistics()
         # Every rank must agree, or DDP would wait forever for the gradients of a skipped rank.
         finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)

@@ -184,14 +184,14 @@ class SERACModule(EditorModule):
         edits = inputs["edit_inner"].descriptor
         edit_keys = classifier.embed(edits) if classifier.kind == "embedding" else None
         positives, negatives = [], []
-        for key in IN_SCOPE:
+        for key in (key for key in IN_SCOPE if key in inputs):  # text-only data: no edit_outer_image
             if self.hparams.hard_negatives:
                 scores = classifier.score_all(edits, inputs[key].query, edit_keys)  # [input, edit]
                 positives.append(scores.diagonal())
                 negatives.append(scores[self._other_subjects(batch, scores.shape[0])])
             else:
                 positives.append(classifier(edits, inputs[key].query, edit_keys))
-        negatives += [classifier(edits, inputs[key].query, edit_keys) for key in OUT_OF_SCOPE]
+        negatives += [classifier(edits, inputs[key].query, edit_keys) for key in OUT_OF_SCOPE if key in inputs]
         positives, negatives = torch.cat(positives), torch.cat(negatives)
         threshold = math.log(self.editor.threshold / (1.0 - self.editor.threshold))
         accuracy = torch.cat([positives >= threshold, negatives < threshold]).float().mean()
@@ -205,7 +205,10 @@ class SERACModule(EditorModule):
         calling an in-scope input a negative.
         """
         subjects = (
-            [(meta["image"], meta["pred"]) for meta in batch["meta"]] if "meta" in batch else [(x, x) for x in range(n)]
+            # Text records have no image: their prompt stands for the subject.
+            [(meta.get("image", meta["prompt"]), meta["pred"]) for meta in batch["meta"]]
+            if "meta" in batch
+            else [(x, x) for x in range(n)]
         )
         differ = [
             [x != e and subjects[x][0] != subjects[e][0] and subjects[x][1] != subjects[e][1] for e in range(n)]
@@ -216,7 +219,7 @@ class SERACModule(EditorModule):
     def _counterfactual_loss(self, inputs: dict[str, SERACInputs]) -> torch.Tensor:
         edits = inputs["edit_inner"].counterfactual
         losses = []
-        for key in IN_SCOPE:
+        for key in (key for key in IN_SCOPE if key in inputs):
             query = inputs[key]
             logits, labels = self.editor.counterfactual(
                 edits, query.counterfactual, query.counterfactual_labels, query.image_tokens, query.has_image
@@ -226,7 +229,7 @@ class SERACModule(EditorModule):
 
     def read_step(self, batch: Mapping[str, Any]) -> dict[str, SERACInputs]:
         """Every sub-batch of a training step as SERAC reads it, from one `StepInputs` (images encoded once)."""
-        keys = (*IN_SCOPE, *OUT_OF_SCOPE)
+        keys = [key for key in (*IN_SCOPE, *OUT_OF_SCOPE) if key in batch]
         step = StepInputs(self.backbone, {key: batch[key] for key in keys}, prefix=False)
         return {key: self.editor.read(step, step.rows(key)) for key in keys}
 
