@@ -131,8 +131,20 @@ class PortQuestion:
         return {"port_type": self.hop, "Q&A": {"Question": self.question, "Answer": self.answer}}
 
 
+class Located:
+    """A record that may know where it was read from (`origin`)."""
+
+    origin: Origin | None
+
+    def where(self, fallback_index: int = 0, fallback_file: str = "<records>") -> tuple[str, int]:
+        """(file, index) for messages: the origin when known, else the given fallback."""
+        if self.origin is None:
+            return fallback_file, fallback_index
+        return self.origin.file, self.origin.index
+
+
 @dataclass(frozen=True)
-class EditRecord:
+class EditRecord(Located):
     """One edit: `src` about `image` used to be answered `pred` and should now be answered `alt`."""
 
     src: str
@@ -163,12 +175,6 @@ class EditRecord:
         if self.port:
             out["port_new"] = [q.to_dict() for q in self.port]
         return out
-
-    def where(self, fallback_index: int = 0, fallback_file: str = "<records>") -> tuple[str, int]:
-        """(file, index) for messages: the origin when known, else the given fallback."""
-        if self.origin is None:
-            return fallback_file, fallback_index
-        return self.origin.file, self.origin.index
 
 
 def json_type(value: Any) -> str:

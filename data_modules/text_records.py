@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from data_modules.records import (
+    Located,
     Origin,
     Problem,
     Scan,
@@ -46,7 +47,7 @@ PROMPTS = {"src": "prompt", "rephrase": "rephrase_prompt", "loc": "locality_prom
 
 
 @dataclass(frozen=True)
-class TextRecord:
+class TextRecord(Located):
     """One text edit: `src` used to be answered `pred` and should now be answered `alt`; `rephrase`
     too, while `loc` stays answered `loc_ans`."""
 
@@ -57,12 +58,6 @@ class TextRecord:
     loc_ans: str
     pred: str = ""
     origin: Origin | None = field(default=None, compare=False, repr=False)
-
-    def where(self, fallback_index: int = 0, fallback_file: str = "<records>") -> tuple[str, int]:
-        """(file, index) for messages: the origin when known, else the given fallback."""
-        if self.origin is None:
-            return fallback_file, fallback_index
-        return self.origin.file, self.origin.index
 
 
 def is_text_record(raw: Any) -> bool:

@@ -16,6 +16,9 @@ from data_modules.records import DataError
 from data_modules.text_records import read_text_records
 from kedit_lightning.backbones import build_backbone, load_backbone_spec
 from kedit_lightning.cli import main
+from kedit_lightning.editors.mend import MEND
+from kedit_lightning.evaluation import EditMetrics, evaluate_batch
+from kedit_lightning.modules.mend import outer_losses
 from kedit_lightning.modules.serac import ScopeEncoderSpec, SERACModule
 from kedit_lightning.training_cli import main as train_main
 
@@ -227,3 +230,17 @@ def test_serac_trains_and_validates_on_text_records(world):
     report = module.last_report["val"]
     assert report["n_edits"] == 7 and {"reliability", "t_generality", "t_locality"} <= set(report)
     assert not IMAGE_KEYS & set(report)
+
+
+def test_text_records_also_edit_an_image_backbone(world):
+    spec = dataclasses.replace(load_backbone_spec(CONFIGS / "blip2-tiny.yaml"), processor=str(world / "tokenizer"))
+    torch.manual_seed(0)
+    backbone = build_backbone(spec).eval()
+    data = TextEditDataModule(str(world), batch_size=4, processor=backbone.processor)
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
+    editor = MEND.for_backbone(backbone, rank=8)
+    metrics = EditMetrics()
+    evaluate_batch(editor, backbone, batch, metrics)
+    assert set(metrics.compute()) == {"reliability", "t_generality", "t_locality", "n_edits", "exact_match"}
+    assert set(outer_losses(editor, backbone, batch)) == {"edit", "loc"}
