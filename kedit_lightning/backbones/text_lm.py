@@ -1,4 +1,5 @@
-"""Text-only language models (any AutoModelForCausalLM: OPT, LLaMA, GPT-2, ...).
+"""Text-only language models (any AutoModelForCausalLM: OPT, LLaMA, GPT-2, ...), from a directory,
+a hub id or a GGUF file.
 
 For text-only editing and as SERAC's counterfactual model. The prompt is the record's text as
 is; a sub-batch that carries images is an error, not silently ignored.
@@ -10,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GgufConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from data_modules.encoding import PromptFormat, SubBatchEncoder
@@ -21,6 +22,7 @@ from kedit_lightning.backbones.loading import (
     default_edit_params,
     fill_text_config,
     load_tokenizer,
+    pretrained_location,
     read_config_dict,
     resolve_tokenizer,
 )
@@ -79,8 +81,14 @@ class TextLMBackbone(Backbone):
         *,
         max_length: int | None = None,
     ) -> TextLMBackbone:
-        read_config_dict(path, cls.family, set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=as_dtype(dtype))
+        """`path`: a directory, hub id or .gguf file (dequantized into plain weights: editable, and saved
+        by `save_pretrained` as an ordinary safetensors directory)."""
+        config = read_config_dict(path, cls.family, set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
+        source, kwargs = pretrained_location(path)
+        if kwargs:
+            # The config as read above: parsing a GGUF file's metadata again costs seconds.
+            kwargs.update(quantization_config=GgufConfig(dequantize=True), config=AutoConfig.for_model(**config))
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=as_dtype(dtype), **kwargs)
         return cls(model, load_tokenizer(path), edit_params, max_length)
 
     def model_logits(
