@@ -79,7 +79,8 @@ def llava(smollm2, tokenizer) -> LlavaBackbone:
     language_model, head = backbone.model.model.language_model, backbone.model.lm_head
     weights = dict(smollm2.model.model.state_dict())
     embeddings = weights.pop("embed_tokens.weight")
-    assert not language_model.load_state_dict(weights, strict=False).unexpected_keys
+    loaded = language_model.load_state_dict(weights, strict=False)
+    assert loaded.missing_keys == ["embed_tokens.weight"] and not loaded.unexpected_keys
     with torch.no_grad():
         for table, real in (
             (language_model.embed_tokens.weight, embeddings),
