@@ -207,7 +207,7 @@ class EditorModule(LightningModule, ABC):
     def _generated_answers(self, sub_batch: SubBatch) -> tuple[list[str], list[str]] | None:
         """Each row's greedy answer before and after its own edit, folded into the weights and restored
         after; None for memory edits (SERAC: the backbone alone does not answer with them) and for a
-        sharded backbone (an edit folded on one rank only would leave the ranks' weights apart)."""
+        sharded backbone (ModelParallelStrategy: folding edits into its sharded weights is not done here)."""
         session = EditSession(self.editor, self.backbone)
         if not isinstance(session.model, WeightEditedModel) or self.device_mesh is not None:
             return None
