@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from kedit_lightning.errors import OneLineParser, call_reporting_errors
+from kedit_lightning.known_warnings import quiet_known_warnings
 
 SUBCOMMANDS = {
     "synth": ("data_modules.synthetic", "write the embedded synthetic world (E-VQA, E-IC, VLKEB layouts + PNG images)"),
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit:
         return exit.code if isinstance(exit.code, int) else 2
     run = importlib.import_module(SUBCOMMANDS[args.command][0]).run
+    quiet_known_warnings()
     return call_reporting_errors(f"kedit {args.command}", lambda: run(args), args.debug)
 
 

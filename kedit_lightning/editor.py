@@ -1,6 +1,6 @@
 """Editing with an exported editor: the Python API behind `kedit edit` and `kedit eval`.
 
-    editor = Editor.from_pretrained("checkpoints/mend-blip2-tiny-synthetic-vqa/version_0")
+    editor = Editor.from_pretrained("runs/mend-blip2-tiny-synthetic-vqa/version_0/editor")
     backbone = editor.load_backbone("checkpoints/base/blip2-tiny-synthetic")
     edited = editor.edit(backbone, [{"prompt": "Question: Where is this object located? Short answer:",
                                      "target": "Velor", "image": "images/kepo/view0.png"}])

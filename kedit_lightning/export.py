@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import itertools
 import json
 import os
 import warnings
@@ -254,28 +255,34 @@ def export_checkpoint(
 
 # -- export at the end of a fit ---------------------------------------------------------------
 class ExportEditor(Callback):
-    """Export the trained editor when a fit ends, into `dirpath/<run name>/<version>`.
+    """Export the trained editor when a fit ends, by default into the run's folder: `<run folder>/editor`.
 
-    The run name and version are the logger's, so a run's editor sits beside its logs; without a
-    logger, or with `name` set, that name (default `<method>-<backbone family>`). An existing
-    folder is never written into: when the logger's version folder is taken (its logs were moved
-    away and the logger counts from 0 again), the editor goes to the name's next free `version_N`,
-    unless `overwrite` (then the logger's folder is replaced). With `best=True` and a ModelCheckpoint
-    that saved a best checkpoint, that checkpoint's editor is exported, else the final one; the
-    validation report stored in the checkpoint (`REPORT_KEY`, written by
+    The run folder is `callbacks.run_folder`: the logger's (e.g. `runs/<name>/version_N`), so a run's
+    editor sits beside its logs and config.yaml. With `dirpath`, into `dirpath/<run name>/<version>`
+    instead: the logger's name and version; without a logger, or with `name` set, that name (default
+    `<method>-<backbone family>`) and its next free `version_N`. An existing artifact is never written
+    over: a run resumed into its version folder exports to `editor_1`, `editor_2`, ...; with `dirpath`,
+    a taken version folder (logs moved away, the logger counting from 0 again) gives the name's next
+    free `version_N`; `overwrite` replaces the first choice instead. With `best=True` and a
+    ModelCheckpoint that saved a best checkpoint, that checkpoint's editor is exported, else the final
+    one; the validation report stored in the checkpoint (`REPORT_KEY`, written by
     `EditorModule.on_save_checkpoint`) goes into the artifact.
     """
 
     def __init__(
-        self, dirpath: str = "checkpoints", name: str | None = None, best: bool = True, overwrite: bool = False
+        self, dirpath: str | None = None, name: str | None = None, best: bool = True, overwrite: bool = False
     ) -> None:
-        self.dirpath = Path(dirpath)
+        self.dirpath = Path(dirpath) if dirpath is not None else None
         self.name = name
         self.best = best
         self.overwrite = overwrite
         self.exported: Path | None = None
 
     def run_dir(self, trainer: Trainer, pl_module: LightningModule) -> Path:
+        if self.dirpath is None:
+            folder = run_folder(trainer)
+            free = (folder / ("editor" if i == 0 else f"editor_{i}") for i in itertools.count())
+            return folder / "editor" if self.overwrite else next(p for p in free if not p.exists())
         logger = trainer.logger
         if logger is not None and self.name is None:
             version = logger.version

@@ -23,6 +23,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from kedit_lightning.callbacks import RunFolderConfig
+from kedit_lightning.known_warnings import quiet_known_warnings
 
 LAST = "last.ckpt"
 
@@ -107,6 +108,7 @@ class TrainingCLI(LightningCLI):
     """LightningCLI over any editor LightningModule and any DataModule, with exact, checked resumes."""
 
     def __init__(self, **kwargs: Any) -> None:
+        quiet_known_warnings()
         super().__init__(
             LightningModule,
             LightningDataModule,

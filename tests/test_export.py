@@ -102,8 +102,9 @@ def test_fit_end_export_writes_the_documented_artifact(fitted):
 
 def test_run_folder_follows_the_logger_and_never_reuses_a_version(fitted, tmp_path):
     module = fitted.module
-    logged = ExportEditor(dirpath=str(tmp_path))
     logger = TensorBoardLogger(save_dir=str(tmp_path / "runs"), name="mend-blip2-tiny-synthetic-vqa", version=3)
+    assert ExportEditor().run_dir(SimpleNamespace(logger=logger), module) == Path(logger.log_dir) / "editor"
+    logged = ExportEditor(dirpath=str(tmp_path))
     assert (
         logged.run_dir(SimpleNamespace(logger=logger), module)
         == tmp_path / "mend-blip2-tiny-synthetic-vqa" / "version_3"

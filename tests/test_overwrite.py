@@ -69,13 +69,25 @@ def test_a_second_fit_exports_beside_the_first_without_touching_it(base_dir, wor
     assert export.exported == checkpoints / "run" / "version_0"
 
 
+def test_by_default_the_editor_goes_into_the_run_folder_never_over_an_earlier_one(base_dir, world, tmp_path):
+    exports = []
+    for overwrite in (False, False, True):  # the same version folder each time, as when a run is resumed
+        export = ExportEditor(overwrite=overwrite)
+        fit_once(base_dir, world, tmp_path, TensorBoardLogger(str(tmp_path / "runs"), name="run", version=0), [export])
+        exports.append(export.exported)
+    run = tmp_path / "runs" / "run" / "version_0"
+    assert exports == [run / "editor", run / "editor_1", run / "editor"]
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_without_a_logger_run_files_land_in_a_fresh_run_folder(base_dir, world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for _ in range(2):
-        fit_once(base_dir, world, tmp_path, False, [CompareWithFineTuning()])
+        fit_once(base_dir, world, tmp_path, False, [CompareWithFineTuning(), ExportEditor()])
     unlogged = tmp_path / "runs" / "unlogged"
     assert sorted(p.name for p in unlogged.iterdir()) == ["version_0", "version_1"]
     assert all((unlogged / v / "report.md").is_file() for v in ("version_0", "version_1"))
+    assert all((unlogged / v / "editor" / "editor.json").is_file() for v in ("version_0", "version_1"))
     assert not (tmp_path / "report.md").exists()
 
 

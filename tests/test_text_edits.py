@@ -146,7 +146,7 @@ def text_fit(world, tmp_path_factory):
     backbone.write_text(yaml.safe_dump({**fields, "edit_params": spec.edit_params}))
     runs = root / "runs"
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)  # the export goes to checkpoints/<run>/version_N under the working directory
+        patch.chdir(root)  # whatever a run writes to the working directory lands here, not in the repo
         train_main(
             [
                 "fit",
@@ -159,7 +159,7 @@ def text_fit(world, tmp_path_factory):
                 f"--trainer.logger.init_args.save_dir={runs}",
             ]
         )
-    return base, root / "checkpoints/mend-text-tiny-facts/version_0"
+    return base, runs / "mend-text-tiny-facts/version_0/editor"
 
 
 def test_mend_fits_on_text_records_and_reports_no_image_metrics(text_fit):

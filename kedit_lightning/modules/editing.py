@@ -3,7 +3,7 @@
 Subclasses build their editor (`build_editor`: a plain module with `edited_model` that edits when
 called, see `evaluation.Editor`) and, when they learn, train it. Validation and test edit each held-out record on
 its own from the unedited model (`evaluate_batch`) and report the standard metrics to every logger,
-with a TensorBoard text panel of a few edits (prompt, old answer, target, pre- and post-edit answer).
+with a TensorBoard panel of a few edits (prompt, old answer, target, greedy pre- and post-edit answers, image).
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from data_modules.encoding import IGNORE_INDEX, SubBatchEncoder
+from data_modules.encoding import IGNORE_INDEX, SubBatch, SubBatchEncoder
 from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
+from kedit_lightning.editor import EditSession, NonFiniteEdit
+from kedit_lightning.editors.edited_model import WeightEditedModel
 from kedit_lightning.evaluation import HOPS, EditMetrics, evaluate_batch, flatten_report, headline
 from kedit_lightning.sharding import shard_editor_module
 
@@ -186,24 +188,79 @@ class EditorModule(LightningModule, ABC):
         ids = answer_logits.argmax(-1).split((labels != IGNORE_INDEX).sum(-1).tolist())
         return [self.backbone.processor.tokenizer.decode(row.tolist()).strip() for row in ids]
 
+    @torch.no_grad()
+    def greedy_answer(self, row: SubBatch) -> str:
+        """The backbone's greedy answer to the prompt of `row` (a one-row sub-batch): as many tokens as its
+        target has plus two, cut at the end-of-sequence token. A fixed number of forwards on every call."""
+        tokenizer = self.backbone.processor.tokenizer
+        answer = row["labels"][0] != IGNORE_INDEX
+        ids = row["input_ids"][:, : int(answer.nonzero()[0])]
+        start = ids.shape[1]
+        for _ in range(int(answer.sum()) + 2):
+            logits = self.backbone.model_logits(ids, torch.ones_like(ids), row.get("pixel_values"))
+            ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+        new = ids[0, start:].tolist()
+        if tokenizer.eos_token_id in new:
+            new = new[: new.index(tokenizer.eos_token_id)]
+        return tokenizer.decode(new).strip()
+
+    def _generated_answers(self, sub_batch: SubBatch) -> tuple[list[str], list[str]] | None:
+        """Each row's greedy answer before and after its own edit, folded into the weights and restored
+        after; None for memory edits (SERAC: the backbone alone does not answer with them) and for a
+        sharded backbone (ModelParallelStrategy: folding edits into its sharded weights is not done here)."""
+        session = EditSession(self.editor, self.backbone)
+        if not isinstance(session.model, WeightEditedModel) or self.device_mesh is not None:
+            return None
+        pre, post = [], []
+        for i in range(sub_batch["input_ids"].shape[0]):
+            row = {k: v[i : i + 1] if isinstance(v, torch.Tensor) else v for k, v in sub_batch.items()}
+            pre.append(self.greedy_answer(row))
+            try:
+                session.add(row, f"logged edit {i}", "its example shows no post-edit answer")
+                post.append(self.greedy_answer(row))
+            except NonFiniteEdit:
+                post.append("(non-finite edit)")
+            finally:
+                session.restore()
+        return pre, post
+
+    def _shown_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[C, H, W] in [0, 1]: an image as the model saw it, its processor's normalisation undone."""
+        processor = self.backbone.processor.image_processor
+        mean = torch.as_tensor(getattr(processor, "image_mean", None) or 0.0, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.as_tensor(getattr(processor, "image_std", None) or 1.0, dtype=torch.float32).view(-1, 1, 1)
+        return (pixel_values.detach().float().cpu() * std + mean).clamp(0, 1)
+
     def _log_examples(self, batch: Mapping[str, Any], post_logits: torch.Tensor) -> None:
+        """A few edits on TensorBoard: prompt, old answer, target, the greedy answers before and after the
+        edit (SERAC: the answer tokens' argmax), and the edit's image."""
         tb = next((lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
         if tb is None or self.trainer.sanity_checking:
             return
         sub_batch = {
             k: v[: self.logged_edits] if isinstance(v, torch.Tensor) else v for k, v in batch["edit_inner"].items()
         }
-        labels = sub_batch["labels"]
-        with torch.no_grad():
-            logits = self.backbone(sub_batch)
-        pre = self._answers(logits[labels != IGNORE_INDEX], labels)
-        post = self._answers(post_logits[: int((labels != IGNORE_INDEX).sum())], labels)
-        for meta, before, after in zip(batch["meta"], pre, post):
+        generated = self._generated_answers(sub_batch)
+        if generated is not None:
+            (pre, post), how = generated, "greedy"
+        else:
+            labels = sub_batch["labels"]
+            with torch.no_grad():
+                logits = self.backbone(sub_batch)
+            pre = self._answers(logits[labels != IGNORE_INDEX], labels)
+            post = self._answers(post_logits[: int((labels != IGNORE_INDEX).sum())], labels)
+            how = "argmax"
+        for i, (meta, before, after) in enumerate(zip(batch["meta"], pre, post)):
             text = (
                 f"**prompt** {meta['prompt']}  \n**old answer** {meta['pred']}  \n**target** {meta['alt']}  \n"
-                f"**pre-edit** {before}  \n**post-edit** {after}"
+                f"**pre-edit ({how})** {before}  \n**post-edit ({how})** {after}"
             )
-            tb.add_text(f"val_edits/{self.logged_example_index(meta)}", text, self.global_step)
+            tag = self.logged_example_index(meta)
+            tb.add_text(f"val_edits/{tag}", text, self.global_step)
+            if sub_batch.get("pixel_values") is not None:
+                tb.add_image(
+                    f"val_edit_images/{tag}", self._shown_image(sub_batch["pixel_values"][i]), self.global_step
+                )
 
     @staticmethod
     def logged_example_index(meta: Mapping[str, Any]) -> str:

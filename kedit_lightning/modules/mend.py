@@ -169,7 +169,11 @@ class MENDModule(EditorModule):
             # Adam leaves a parameter without a gradient alone, its moments and step count included.
             optimizer.zero_grad(set_to_none=True)
             return
-        self.log_dict({f"editor/{k}": v for k, v in grad_norm(self.editor, norm_type=2).items()})
+        # One tag family per kind (TensorBoard groups tags by their first component): grad_norm/<editor
+        # parameter> and grad_norm/total, edit_lr/<edited parameter>.
+        norms = grad_norm(self.editor, norm_type=2)
+        total = norms.pop("grad_2.0_norm_total")
+        self.log_dict({"grad_norm/total": total, **{f"grad_norm/{k.split('/', 1)[1]}": v for k, v in norms.items()}})
         for name, lr in zip(self.editor.param_names, self.editor.edit_lrs.detach()):
             self.log(f"edit_lr/{name}", lr)
 
