@@ -254,7 +254,7 @@ class SERACModule(EditorModule):
         for name, part in (("classifier", self.editor.classifier), ("counterfactual", self.editor.counterfactual)):
             norms = grad_norm(part, norm_type=2)
             if norms:
-                self.log(f"editor/{name}_grad_norm", norms["grad_2.0_norm_total"])
+                self.log(f"grad_norm/{name}", norms["grad_2.0_norm_total"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(
