@@ -152,9 +152,10 @@ def write_real_facts(
 
 
 def run(args: argparse.Namespace) -> int:
+    total = len(read_fact_table(args.table)["facts"])  # a bad table is named before the model loads
     backbone = build_backbone(BackboneSpec(family="text", pretrained=args.backbone)).eval()
     counts = write_real_facts(args.out, backbone, args.table, args.eval_fraction, args.limit, args.seed)
-    dropped = (args.limit or len(read_fact_table(args.table)["facts"])) - sum(counts.values())
+    dropped = min(args.limit or total, total) - sum(counts.values())
     print(
         f"wrote {counts['train']} train and {counts['eval']} eval records to {args.out} "
         f"({dropped} facts dropped: no answer from the model, or it already gives the counterfactual)"
