@@ -29,6 +29,10 @@ SUBCOMMANDS = {
         "kedit_lightning.commands.eval_cmd",
         "score an exported editor on a data file: Reliability, Generality, Locality, Portability",
     ),
+    "facts": (
+        "kedit_lightning.commands.facts_cmd",
+        "write the real-facts text edit data set (zsRE layout) from the repo's fact table and a model's answers",
+    ),
 }
 
 

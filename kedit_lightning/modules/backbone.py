@@ -32,6 +32,7 @@ from kedit_lightning.backbones import (
     BackboneSpec,
     build_backbone,
 )  # the package import registers every family
+from kedit_lightning.backbones.loading import GGUF_SUFFIX, check_gguf
 from kedit_lightning.metrics import answer_token_accuracy
 
 
@@ -215,6 +216,9 @@ def prepare_base(spec: BackboneSpec, data_dir: str | Path | None = None) -> None
     """
     pretrained = spec.pretrained
     if pretrained is None:
+        return
+    if str(pretrained).endswith(GGUF_SUFFIX):  # a GGUF file, or `smollm2.gguf` (the packaged one): not a folder
+        check_gguf(str(pretrained))
         return
     folder = Path(pretrained)
     if not folder.exists():

@@ -1,0 +1,163 @@
+"""`kedit facts`: the real-facts data set (zsRE layout) from the fact table kept in the repo.
+
+Each fact of data_modules/facts/real_facts.json becomes one record: `src` (the relation's prompt about
+the subject), `rephrase` (one of its paraphrases), `alt` (the counterfactual), and `loc` alternately a
+near-neighbour prompt (same relation, another subject) and an unrelated one. `pred` and `loc_ans` are
+what the model itself answers (greedy generation): locality is about keeping the model's answer, right
+or wrong. Facts are split into train / eval by subject, so no eval subject is seen in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_modules.text_records import TextRecord
+from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
+from kedit_lightning.editor import Editor
+
+FACT_TABLE = Path(__file__).resolve().parents[2] / "data_modules" / "facts" / "real_facts.json"
+FILES = {"train": "facts_train.json", "eval": "facts_eval.json"}
+ANSWER_END = re.compile(r"[\n.,;:!?()\"]")
+MAX_ANSWER_WORDS = 3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="data/real_facts", help="folder for facts_train.json and facts_eval.json")
+    parser.add_argument("--backbone", default="smollm2.gguf", help="the text model whose answers are pred / loc_ans")
+    parser.add_argument("--table", default=str(FACT_TABLE), help="the fact table (default: the one in the repo)")
+    parser.add_argument("--eval-fraction", type=float, default=0.25, help="share of subjects held out for eval")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N facts (quick runs)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subject split")
+
+
+def read_fact_table(path: str | Path) -> dict[str, Any]:
+    """The fact table, with every fact's relation checked to exist (one line naming the fact otherwise)."""
+    table = json.loads(Path(path).read_text(encoding="utf-8"))
+    for index, fact in enumerate(table["facts"]):
+        if fact["relation"] not in table["relations"]:
+            raise ValueError(f"{path}: facts[{index}].relation: unknown relation {fact['relation']!r}")
+    return table
+
+
+def first_answer(continuation: str) -> str:
+    """The answer at the start of a generated continuation: up to the first punctuation or line end (none
+    when the model starts a new line)."""
+    return " ".join(ANSWER_END.split(continuation.lstrip(" \t"), maxsplit=1)[0].split()[:MAX_ANSWER_WORDS])
+
+
+@torch.no_grad()
+def greedy_answers(backbone: Backbone, prompts: Sequence[str], max_new_tokens: int = 6, batch: int = 32) -> list[str]:
+    """The model's greedy answer to each prompt (left-padded batches; `first_answer` of the continuation)."""
+    tokenizer = backbone.processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers = []
+    try:
+        for start in range(0, len(prompts), batch):
+            encoded = tokenizer(list(prompts[start : start + batch]), return_tensors="pt", padding=True)
+            encoded = {key: value.to(backbone.model.device) for key, value in encoded.items()}
+            out = backbone.model.generate(
+                **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, num_beams=1
+            )
+            texts = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+            answers += [first_answer(text) for text in texts]
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def generation_success(editor: Editor, backbone: Backbone, records: Sequence[TextRecord]) -> dict[str, float]:
+    """Edit each record alone, generate greedily from its `src` and `rephrase`, restore: the share of
+    answers that are the new one (`first_answer` starts with `alt`), per prompt kind."""
+    hits = {"src": 0, "rephrase": 0}
+    for record in records:
+        edited = editor.edit(backbone, [record])
+        try:
+            answers = greedy_answers(backbone, [record.src, record.rephrase])
+        finally:
+            edited.restore()
+        for kind, answer in zip(hits, answers):
+            hits[kind] += answer.startswith(record.alt)
+    return {kind: count / len(records) for kind, count in hits.items()}
+
+
+def fact_prompts(table: dict[str, Any], index: int) -> dict[str, str]:
+    """A fact's src, rephrase and locality prompt (neighbour for even indices, unrelated for odd)."""
+    fact = table["facts"][index]
+    relation = table["relations"][fact["relation"]]
+    paraphrases = relation["paraphrases"]
+    if index % 2 == 0:
+        loc = relation["prompt"].format(fact["neighbour"])
+    else:
+        loc = table["unrelated"][(index // 2) % len(table["unrelated"])]
+    return {
+        "src": relation["prompt"].format(fact["subject"]),
+        "rephrase": paraphrases[index % len(paraphrases)].format(fact["subject"]),
+        "loc": loc,
+    }
+
+
+def split_subjects(facts: Sequence[dict[str, Any]], eval_fraction: float, seed: int) -> set[str]:
+    """The held-out subjects: a seeded share of the distinct subjects."""
+    subjects = sorted({fact["subject"] for fact in facts})
+    random.Random(seed).shuffle(subjects)
+    return set(subjects[: max(1, round(eval_fraction * len(subjects)))])
+
+
+def build_records(table: dict[str, Any], backbone: Backbone, limit: int | None = None) -> list[dict[str, str]]:
+    """One zsRE record per fact, `pred` / `loc_ans` from the model; facts the model gives no answer for
+    (or already answers with the counterfactual) are dropped."""
+    count = len(table["facts"]) if limit is None else min(limit, len(table["facts"]))
+    prompts = [fact_prompts(table, index) for index in range(count)]
+    answers = greedy_answers(backbone, [p["src"] for p in prompts] + [p["loc"] for p in prompts])
+    records = []
+    for index, prompt in enumerate(prompts):
+        pred, loc_ans = answers[index], answers[count + index]
+        alt = table["facts"][index]["counterfactual"]
+        if pred and loc_ans and pred != alt:
+            records.append({**prompt, "pred": pred, "alt": alt, "loc_ans": loc_ans})
+    return records
+
+
+def write_real_facts(
+    out: str | Path,
+    backbone: Backbone,
+    table_path: str | Path = FACT_TABLE,
+    eval_fraction: float = 0.25,
+    limit: int | None = None,
+    seed: int = 0,
+) -> dict[str, int]:
+    """Write facts_train.json and facts_eval.json under `out`; the number of records in each."""
+    table = read_fact_table(table_path)
+    records = build_records(table, backbone, limit)
+    held_out = split_subjects(table["facts"][: limit or None], eval_fraction, seed)
+    subject_of = {fact_prompts(table, i)["src"]: fact["subject"] for i, fact in enumerate(table["facts"])}
+    splits = {"train": [], "eval": []}
+    for record in records:
+        splits["eval" if subject_of[record["src"]] in held_out else "train"].append(record)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, name in FILES.items():
+        text = json.dumps(splits[split], indent=1, ensure_ascii=False) + "\n"
+        (out / name).write_text(text, encoding="utf-8", newline="\n")
+    return {split: len(items) for split, items in splits.items()}
+
+
+def run(args: argparse.Namespace) -> int:
+    total = len(read_fact_table(args.table)["facts"])  # a bad table is named before the model loads
+    backbone = build_backbone(BackboneSpec(family="text", pretrained=args.backbone)).eval()
+    counts = write_real_facts(args.out, backbone, args.table, args.eval_fraction, args.limit, args.seed)
+    dropped = min(args.limit or total, total) - sum(counts.values())
+    print(
+        f"wrote {counts['train']} train and {counts['eval']} eval records to {args.out} "
+        f"({dropped} facts dropped: no answer from the model, or it already gives the counterfactual)"
+    )
+    return 0
