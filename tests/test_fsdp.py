@@ -316,3 +316,7 @@ if __name__ == "__main__":
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
     sharded_main(args.world, args.out)
+    # Tear down gloo before interpreter exit: a process group left to exit-time destructors can abort the
+    # process ("terminate called without an active exception") after all its work is done.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -72,7 +72,7 @@ def test_kedit_facts_takes_answers_from_the_model_and_splits_by_subject(facts):
 @needs_smollm2
 def test_mend_fits_on_real_facts_and_the_edit_is_generated_then_restored(facts):
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(facts)  # the export goes to checkpoints/<run>/version_N under the working directory
+        patch.chdir(facts)
         train_main(
             [
                 "fit",
@@ -87,7 +87,7 @@ def test_mend_fits_on_real_facts_and_the_edit_is_generated_then_restored(facts):
                 f"--trainer.logger.init_args.save_dir={facts / 'runs'}",
             ]
         )
-    artifact = facts / "checkpoints/mend-smollm2-135m-facts/version_0"
+    artifact = facts / "runs/mend-smollm2-135m-facts/version_0/editor"  # ExportEditor: into the run's folder
     report = json.loads((artifact / "editor.json").read_text())["metrics"]
     assert {"reliability", "t_generality", "t_locality"} <= set(report)
     assert not {"i_generality", "i_locality"} & set(report)
