@@ -8,14 +8,18 @@ A sub-batch is a dict:
     input_ids       LongTensor [B, T]   prompt (with image placeholders) + " " + target, right-padded
     attention_mask  LongTensor [B, T]
     labels          LongTensor [B, T]   target token ids, -100 on prompt, image placeholders and padding
-    pixel_values    FloatTensor [B, C, H, W] or None for text-only sub-batches
+    pixel_values    FloatTensor [B, C, H, W] or None for text-only sub-batches (a family may shape it
+                    otherwise: Qwen2-VL's [B, patches, D], NaN past a row's own patches)
+
+A row's visual input is one image, a list of frames (video) or a dict of named views; a family
+accepts the kinds in its `visual_inputs` and refuses the others.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import torch
 from PIL import Image
@@ -26,6 +30,15 @@ SubBatch = dict[str, torch.Tensor | None]
 EditBatch = dict[str, SubBatch]
 """Sub-batches keyed `edit_inner`, `edit_outer`, `edit_outer_image`, `loc`, `loc_image` and,
 where the data has portability questions, `port` (plus `port_hops`, a list of hop names)."""
+
+Visual = Union[Image.Image, list[Image.Image], dict[str, Image.Image]]
+"""One row's visual input: an image, video frames in order, or camera name -> view."""
+
+
+def visual_kind(visual: Visual) -> str:
+    """`image`, `video` (a list of frames) or `views` (a dict of named views)."""
+    return "video" if isinstance(visual, list) else "views" if isinstance(visual, dict) else "image"
+
 
 SUB_BATCH_KEYS = ("edit_inner", "edit_outer", "edit_outer_image", "loc", "loc_image")
 
@@ -54,10 +67,11 @@ class PromptFormat:
     image_token: str = "<image>"
     num_image_tokens: int = 0
 
-    def render(self, prompt: str, has_image: bool) -> str:
+    def render(self, prompt: str, has_image: bool, image: str | None = None) -> str:
+        """The prompt laid out; `image` (the placeholder text) defaults to `num_image_tokens` image tokens."""
         if not has_image:
             return self.text_only.format(prompt=prompt)
-        return self.with_image.format(image=self.image_token * self.num_image_tokens, prompt=prompt)
+        return self.with_image.format(image=image or self.image_token * self.num_image_tokens, prompt=prompt)
 
 
 class SubBatchEncoder:
@@ -80,6 +94,8 @@ class SubBatchEncoder:
         prompt_format: PromptFormat = PromptFormat(),
         max_length: int | None = None,
         truncate_prompts: bool = False,
+        family: str = "this backbone",
+        visual_inputs: Collection[str] = ("image",),
     ) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise TypeError(
@@ -90,6 +106,8 @@ class SubBatchEncoder:
         self.prompt_format = prompt_format
         self.max_length = max_length
         self.truncate_prompts = truncate_prompts
+        self.family = family
+        self.visual_inputs = frozenset(visual_inputs)
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
 
@@ -97,23 +115,24 @@ class SubBatchEncoder:
         self,
         prompts: Sequence[str],
         targets: Sequence[str],
-        images: Sequence[Image.Image] | None = None,
+        images: Sequence[Visual] | None = None,
     ) -> SubBatch:
         if len(prompts) != len(targets) or (images is not None and len(images) != len(prompts)):
             raise ValueError(
                 f"{len(prompts)} prompts, {len(targets)} targets and {len(images or [])} images do not line up"
             )
         has_image = images is not None
-        texts = [self.text(p, t, has_image) for p, t in zip(prompts, targets)]
+        visuals = [self.check_visual(row, v) for row, v in enumerate(images)] if has_image else [False] * len(prompts)
+        texts = [self.text(p, t, v) for p, t, v in zip(prompts, targets, visuals)]
         enc = self.tokenizer(texts, return_offsets_mapping=True, add_special_tokens=True)
         rows, labels = [], []
-        for row, (prompt, target) in enumerate(zip(prompts, targets)):
+        for row, (prompt, target, visual) in enumerate(zip(prompts, targets, visuals)):
             ids, offsets = enc["input_ids"][row], enc["offset_mapping"][row]
             if self.max_length is not None and len(ids) > self.max_length:
                 if not self.truncate_prompts:
                     raise TooLongError(row, self.too_long(len(ids)))
-                prompt, ids, offsets = self._truncate(row, prompt, target, has_image, len(ids) - self.max_length)
-            start = len(self.prompt_format.render(prompt, has_image)) + 1
+                prompt, ids, offsets = self._truncate(row, prompt, target, visual, len(ids) - self.max_length)
+            start = len(self.render(prompt, visual)) + 1
             is_target = [e >= start and e > s for s, e in offsets]
             if not any(is_target):
                 raise ValueError(f"the target of {texts[row]!r} produced no tokens")
@@ -131,8 +150,7 @@ class SubBatchEncoder:
         if has_image:
             if self.image_processor is None:
                 raise ValueError("images given but this backbone has no image processor")
-            rgb = [im.convert("RGB") for im in images]
-            pixel_values = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+            pixel_values = self.pixel_values(visuals)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -140,12 +158,36 @@ class SubBatchEncoder:
             "pixel_values": pixel_values,
         }
 
-    def text(self, prompt: str, target: str, has_image: bool) -> str:
-        """The text one row tokenizes: the rendered prompt, a space, the target."""
-        return f"{self.prompt_format.render(prompt, has_image)} {target}"
+    def check_visual(self, row: int, visual: Visual) -> Visual:
+        """`visual` if this backbone takes its kind; a one-line error naming the family otherwise."""
+        kind = visual_kind(visual)
+        if kind not in self.visual_inputs:
+            count = f" of {len(visual)}" if kind != "image" else ""
+            raise ValueError(
+                f"{self.family}: row {row} has a {kind} input{count}; this backbone takes {sorted(self.visual_inputs)}"
+            )
+        return visual
 
-    def lengths(self, prompts: Sequence[str], targets: Sequence[str], has_image: Sequence[bool]) -> list[int]:
-        """Token counts of rows, without images or tensors: for checking a whole split up front."""
+    def pixel_values(self, visuals: Sequence[Visual]) -> torch.Tensor:
+        """The image processor's pixels of the rows' images (families taking video or views override this)."""
+        return self.image_processor(images=[im.convert("RGB") for im in visuals], return_tensors="pt")["pixel_values"]
+
+    def placeholders(self, visual: Visual | bool) -> str | None:
+        """The placeholder text standing for a row's visual input (True: one image); None for a text-only row."""
+        if visual is False or visual is None:
+            return None
+        return self.prompt_format.image_token * self.prompt_format.num_image_tokens
+
+    def render(self, prompt: str, visual: Visual | bool) -> str:
+        image = self.placeholders(visual)
+        return self.prompt_format.render(prompt, image is not None, image)
+
+    def text(self, prompt: str, target: str, visual: Visual | bool) -> str:
+        """The text one row tokenizes: the rendered prompt, a space, the target."""
+        return f"{self.render(prompt, visual)} {target}"
+
+    def lengths(self, prompts: Sequence[str], targets: Sequence[str], has_image: Sequence[Visual | bool]) -> list[int]:
+        """Token counts of rows, without tensors (True: one image): for checking a whole split up front."""
         texts = [self.text(p, t, i) for p, t, i in zip(prompts, targets, has_image)]
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
@@ -156,7 +198,7 @@ class SubBatchEncoder:
         )
 
     def _truncate(
-        self, row: int, prompt: str, target: str, has_image: bool, excess: int
+        self, row: int, prompt: str, target: str, visual: Visual | bool, excess: int
     ) -> tuple[str, list[int], list[tuple[int, int]]]:
         """(prompt, ids, offsets) with the first prompt tokens dropped until the row fits in `max_length`.
 
@@ -174,7 +216,7 @@ class SubBatchEncoder:
                 raise TooLongError(row, f"the answer alone needs more than the backbone's {self.max_length} positions")
             prompt = prompt[starts[excess] :]
             enc = self.tokenizer(
-                self.text(prompt, target, has_image), return_offsets_mapping=True, add_special_tokens=True
+                self.text(prompt, target, visual), return_offsets_mapping=True, add_special_tokens=True
             )
             excess = len(enc["input_ids"]) - self.max_length
         return prompt, enc["input_ids"], enc["offset_mapping"]

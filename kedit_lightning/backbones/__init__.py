@@ -16,10 +16,11 @@ from kedit_lightning.backbones.minigpt4 import (
     MiniGPT4ForConditionalGeneration,
     load_minigpt4_projection,
 )
+from kedit_lightning.backbones.qwen2_vl import Qwen2VLBackbone
 from kedit_lightning.backbones.text_lm import TextLMBackbone
 
 FAMILIES: dict[str, type[Backbone]] = {
-    cls.family: cls for cls in (Blip2Backbone, LlavaBackbone, MiniGPT4Backbone, TextLMBackbone)
+    cls.family: cls for cls in (Blip2Backbone, LlavaBackbone, MiniGPT4Backbone, Qwen2VLBackbone, TextLMBackbone)
 }
 
 
@@ -47,6 +48,7 @@ __all__ = [
     "MiniGPT4Backbone",
     "MiniGPT4Config",
     "MiniGPT4ForConditionalGeneration",
+    "Qwen2VLBackbone",
     "TextLMBackbone",
     "build_backbone",
     "expand_braces",

@@ -171,6 +171,8 @@ class Backbone(nn.Module, ABC):
     causal_lm_wrapper: ClassVar[bool] = True
     """Whether that language model is a *ForCausalLM (its bare decoder stack one level further down)."""
     image_token_id: int | None = None
+    visual_inputs: ClassVar[frozenset[str]] = frozenset({"image"})
+    """The kinds of visual input a row may have: `image`, `video` (frames), `views` (named images)."""
 
     @classmethod
     @abstractmethod
@@ -195,6 +197,7 @@ class Backbone(nn.Module, ABC):
         if processor.max_length is None:
             # Longer rows would index past the position embedding; the encoder refuses them instead.
             processor.max_length = getattr(self.language_config, "max_position_embeddings", None)
+        processor.family, processor.visual_inputs = self.family, self.visual_inputs
         self.model.requires_grad_(False)
         self.edit_param_names = self.resolve_param_names(edit_params)
 
@@ -244,6 +247,14 @@ class Backbone(nn.Module, ABC):
         unique, inverse = torch.unique(pixel_values.flatten(1), dim=0, return_inverse=True)
         return self.image_features(unique.view(-1, *pixel_values.shape[1:]))[inverse]
 
+    def encode_visual(self, pixel_values: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`encode_images` of several sub-batches' `pixel_values`, one row per input row in order."""
+        return self.encode_images(torch.cat(list(pixel_values)))
+
+    def decoder_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+        """What the decoder stack needs beyond embeddings and mask (Qwen2-VL: its 3-D M-RoPE positions)."""
+        return {}
+
     def input_embeddings(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """[N, T, H] language-model inputs: token embeddings, image placeholders replaced by
         `image_features` ([M, Q, H], one image per row that has placeholders, in row order)."""
@@ -278,6 +289,7 @@ class Backbone(nn.Module, ABC):
                 inputs_embeds=self.input_embeddings(input_ids, image_features),
                 attention_mask=attention_mask,
                 use_cache=False,
+                **self.decoder_kwargs(input_ids, attention_mask),
             )
         except _PrefixDone:
             pass

@@ -40,6 +40,8 @@ _DECODER_LAYOUT: dict[str, DecoderLayout] = {
     "llama": DecoderLayout("layers", "model.", ("mlp.up_proj", "mlp.down_proj"), ("norm",)),
     "mistral": DecoderLayout("layers", "model.", ("mlp.up_proj", "mlp.down_proj"), ("norm",)),
     "qwen2": DecoderLayout("layers", "model.", ("mlp.up_proj", "mlp.down_proj"), ("norm",)),
+    "qwen2_vl_text": DecoderLayout("layers", "model.", ("mlp.up_proj", "mlp.down_proj"), ("norm",)),
+    "qwen2_5_vl_text": DecoderLayout("layers", "model.", ("mlp.up_proj", "mlp.down_proj"), ("norm",)),
     "gpt2": DecoderLayout("h", "transformer.", ("mlp.c_fc", "mlp.c_proj"), ("ln_f",)),
 }
 DEFAULT_EDITED_LAYERS = 3

@@ -58,7 +58,7 @@ class StepInputs:
         self.has_image = torch.cat([torch.full((s,), h, device=device) for s, h in zip(sizes, has_image)])
         pixels = [sub_batches[n]["pixel_values"] for n, h in zip(self.names, has_image) if h]
         with torch.no_grad():
-            self.image_features = backbone.encode_images(torch.cat(pixels)) if pixels else None
+            self.image_features = backbone.encode_visual(pixels) if pixels else None
         self.buckets: list[tuple[torch.Tensor, int, PrefixState | None]] = []
         self.bucket_of = torch.empty(len(self.has_image), dtype=torch.long, device=device)
         self.place_in_bucket = torch.empty_like(self.bucket_of)

@@ -322,13 +322,28 @@ class SERACEncoder(SubBatchEncoder):
     """
 
     def __init__(self, base: SubBatchEncoder, scope_tokenizer: Any, counterfactual: SubBatchEncoder) -> None:
-        super().__init__(base.tokenizer, base.image_processor, base.prompt_format, base.max_length)
+        super().__init__(
+            base.tokenizer,
+            base.image_processor,
+            base.prompt_format,
+            base.max_length,
+            family=base.family,
+            visual_inputs=base.visual_inputs,
+        )
+        self.base = base
         if scope_tokenizer.pad_token is None:
             raise ValueError(
                 f"the scope classifier's tokenizer ({type(scope_tokenizer).__name__}) has no padding token"
             )
         self.scope_tokenizer = scope_tokenizer
         self.counterfactual = counterfactual
+
+    # The base family's own layout of visual inputs (Qwen2-VL's per-row placeholders and patches).
+    def placeholders(self, visual: Any) -> str | None:
+        return self.base.placeholders(visual)
+
+    def pixel_values(self, visuals: Sequence[Any]) -> torch.Tensor:
+        return self.base.pixel_values(visuals)
 
     def _scope(self, texts: list[str], name: str) -> dict[str, torch.Tensor]:
         encoded = self.scope_tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
