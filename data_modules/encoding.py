@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from PIL import Image
@@ -31,7 +31,7 @@ EditBatch = dict[str, SubBatch]
 """Sub-batches keyed `edit_inner`, `edit_outer`, `edit_outer_image`, `loc`, `loc_image` and,
 where the data has portability questions, `port` (plus `port_hops`, a list of hop names)."""
 
-Visual = Union[Image.Image, list[Image.Image], dict[str, Image.Image]]
+Visual = Image.Image | list[Image.Image] | dict[str, Image.Image]
 """One row's visual input: an image, video frames in order, or camera name -> view."""
 
 
