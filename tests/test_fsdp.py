@@ -279,7 +279,15 @@ def test_bf16_sharded_training_is_finite_and_the_ranks_agree(sharded, world):
         assert torch.equal(value, ranks[1]["editor"][key]), key
 
 
-@pytest.mark.parametrize("config", ["mend/llava-1.5-7b-vqa", "mend/minigpt4-vqa", "serac/llava-1.5-7b-vqa"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        "mend/llava-1.5-7b-vqa",
+        "mend/minigpt4-vqa",
+        "serac/llava-1.5-7b-vqa",
+        *(f"{method}/{model}-7b-vqa" for method in ("mend", "serac") for model in ("qwen2-vl", "qwen2.5-vl")),
+    ],
+)
 def test_the_fsdp_overlay_shards_the_7b_configs(config, capsys, monkeypatch):
     monkeypatch.setattr(
         sys,
