@@ -203,11 +203,12 @@ def test_a_mend_step_and_an_edit(world, tmp_path, config):
     assert any(not torch.equal(v, module.editor.state_dict()[k]) for k, v in before.items() if v.is_floating_point())
 
 
-def test_a_serac_step_and_an_edit(tmp_path):
+@pytest.mark.parametrize("config", list(TINY_QWEN.values()))
+def test_a_serac_step_and_an_edit(tmp_path, config):
     tokenizer_dir = tmp_path / "tokenizer"
     make_tokenizer().save_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    base = dataclasses.replace(load_backbone_spec(CONFIGS / TINY_QWEN["qwen2_vl"]), processor=str(tokenizer_dir))
+    base = dataclasses.replace(load_backbone_spec(CONFIGS / config), processor=str(tokenizer_dir))
     counterfactual = dataclasses.replace(load_backbone_spec(CONFIGS / "text-tiny.yaml"), processor=str(tokenizer_dir))
     scope = ScopeEncoderSpec(config=TINY_BERT, tokenizer=str(tokenizer_dir))
     module = SERACModule(base, counterfactual, scope, lr=3e-3, classifier_lr=3e-3)
