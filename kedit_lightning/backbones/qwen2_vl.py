@@ -1,8 +1,9 @@
 """Qwen2-VL (Wang et al., 2024) and Qwen2.5-VL (Bai et al., 2025) on transformers' own classes.
 
-Layout: the Qwen chat turn "<|im_start|>user\\n{visual}{prompt}<|im_end|>\\n<|im_start|>assistant\\n",
-each image as <|vision_start|> <|image_pad|> x tokens <|vision_end|>, a video (list of frames) the
-same with <|video_pad|>, named views as one image each in the order of their sorted names. Every
+Layout: "USER: {visual}{prompt} ASSISTANT:" (as LLaVA's, so the synthetic world's word tokenizer
+covers it; the Qwen chat markers are left out), each image as <|vision_start|> <|image_pad|> x
+tokens <|vision_end|>, a video (list of frames) the same with <|video_pad|>, named views as one
+image each in the order of their sorted names. Every
 image and frame is resized to `vision_config.image_size` square pixels, so each has the same patch
 grid and a row's placeholder runs say which grids its rows carry: the 3-D M-RoPE positions
 (`get_rope_index`) are computed from the token ids alone, for the full forward and the prefix alike.
@@ -42,18 +43,15 @@ from kedit_lightning.backbones.loading import (
 )
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
-TURN_START, TURN_END = "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, TURN_START, TURN_END)
+SPECIAL_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
 DEFAULT_IMAGE_SIZE = 448  # 16 x 16 patches of 28 px after merging: 256 tokens an image
 DEFAULT_MAX_FRAMES = 8
 MODELS: dict[str, tuple[type, type[PreTrainedModel]]] = {
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
 }
-CHAT = PromptFormat(
-    with_image=f"{TURN_START}user\n{{image}}{{prompt}}{TURN_END}\n{TURN_START}assistant\n",
-    text_only=f"{TURN_START}user\n{{prompt}}{TURN_END}\n{TURN_START}assistant\n",
-    image_token=IMAGE_PAD,
+PROMPT_FORMAT = PromptFormat(
+    with_image="USER: {image}{prompt} ASSISTANT:", text_only="USER: {prompt} ASSISTANT:", image_token=IMAGE_PAD
 )
 
 
@@ -63,7 +61,7 @@ class Qwen2VLEncoder(SubBatchEncoder):
     def __init__(
         self, tokenizer: Any, image_processor: Any, vision: Any, max_length: int | None, max_frames: int
     ) -> None:
-        super().__init__(tokenizer, image_processor, CHAT, max_length)
+        super().__init__(tokenizer, image_processor, PROMPT_FORMAT, max_length)
         self.image_size = vision.image_size
         self.temporal = vision.temporal_patch_size
         self.channels = vision.in_channels
@@ -132,6 +130,7 @@ class Qwen2VLBackbone(Backbone):
     language_model_prefix = "model.language_model."
     causal_lm_wrapper = False
     visual_inputs = frozenset({"image", "video", "views"})
+    prompt_template: ClassVar[PromptFormat] = PROMPT_FORMAT
 
     def __init__(
         self,
