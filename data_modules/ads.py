@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from data_modules.ads_records import ADSRecord, scan_ads_records
+from data_modules.ads_synth import ADS_DIR as SYNTH_DIR
+from data_modules.ads_synth import write_ads_set
 from data_modules.datamodules import EditDataModule
 from data_modules.records import usable_records
-
-SYNTH_DIR = "ads"
-"""Where `kedit synth` writes its ADS-Edit-shaped set: train.json, test.json, images/, nuscenes/."""
 
 
 class ADSEditDataModule(EditDataModule):
@@ -46,6 +45,11 @@ class ADSEditDataModule(EditDataModule):
             kind="vqa",
             **kwargs,
         )
+
+    def prepare_data(self) -> None:
+        """With `synthesize`, write `kedit synth --ads`'s set if `data_dir` has none."""
+        if self.synthesize and not (self.data_dir / SYNTH_DIR / "train.json").is_file():
+            write_ads_set(self.data_dir)
 
     def read_file(self, path: Path) -> list[ADSRecord]:
         return usable_records(scan_ads_records(path))
