@@ -2,8 +2,8 @@
 
 One sample per record, self-contained: KEY.json ({"record": the record in the public layout, "origin":
 {"file", "index"}}) and the bytes of its image files as on disk (KEY.image.EXT, KEY.image_rephrase.EXT,
-KEY.m_loc.EXT; a video's frames KEY.image.0.EXT, ..., camera views KEY.image.CAM_FRONT.EXT, ...), KEY being
-the record's zero-padded index; NAME.shards.json indexes the shards' sample counts and the records' metric
+KEY.m_loc.EXT; frames or camera views KEY.image.0.EXT, KEY.image.1.EXT, ... in the record's order), KEY
+being the record's zero-padded index; NAME.shards.json indexes the shards' sample counts and the records' metric
 groups (ADS-Edit's `data_type/<name>`, `image_type/<name>`). Images are decoded in the DataLoader worker
 that reads them, so host memory stays flat.
 

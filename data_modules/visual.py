@@ -93,11 +93,12 @@ def visual_json(value: Visual) -> Any:
 
 def visual_files(field: str, value: Visual) -> list[tuple[str, str, str]]:
     """(label, member, image file) per image of a visual input: `label` names it in messages (`image`,
-    `image[2]`, `image.CAM_FRONT`), `member` in a shard sample (`image`, `image.2`, `image.CAM_FRONT`)."""
+    `image[2]`, `image.CAM_FRONT`), `member` in a shard sample (`image`, `image.2`; views by position too, as
+    webdataset lower-cases member names)."""
     if isinstance(value, str):
         return [(field, field, image_file(value))]
     if isinstance(value, Mapping):
-        return [(f"{field}.{name}", f"{field}.{name}", image_file(path)) for name, path in value.items()]
+        return [(f"{field}.{name}", f"{field}.{k}", image_file(path)) for k, (name, path) in enumerate(value.items())]
     return [(f"{field}[{k}]", f"{field}.{k}", image_file(path)) for k, path in enumerate(value)]
 
 

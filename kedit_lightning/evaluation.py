@@ -131,9 +131,7 @@ class EditMetrics(nn.Module):
         for key, metric in [*self.accuracy.items(), *self.locality.items()]:
             if metric.update_count == 0 and key != "reliability" and not every_metric:
                 continue
-            with warnings.catch_warnings():  # a group no record of this rank is in: computed all the same
-                warnings.filterwarnings("ignore", "The ``compute`` method of metric", UserWarning)
-                scores = metric.compute()
+            scores = metric.compute()
             if every_metric and int(scores["count"]) == 0:
                 continue
             token[key], exact[key] = float(scores["token_acc"]), float(scores["exact_match"])
@@ -147,7 +145,9 @@ class EditMetrics(nn.Module):
         n_edits = int(self.accuracy["reliability"].compute()["count"])
         for name, group in zip(self.group_names, self.groups):
             field, value = name.split("/", 1)
-            report = group.compute(every_metric=True)
+            with warnings.catch_warnings():  # a group no record of this rank is in: computed all the same
+                warnings.filterwarnings("ignore", "The ``compute`` method of metric", UserWarning)
+                report = group.compute(every_metric=True)
             if report["n_edits"]:
                 token.setdefault(field, {})[value] = {k: v for k, v in report.items() if k != "exact_match"}
                 exact.setdefault(field, {})[value] = report["exact_match"]
