@@ -139,6 +139,8 @@ def unsupported_visual_problems(
     problems, seen = [], set()
     for position, record in enumerate(records):
         for field in VISUAL_FIELDS:
+            if not hasattr(record, field):  # text-only records
+                continue
             kind = visual_kind(getattr(record, field))
             if kind in accepted or kind in seen:
                 continue

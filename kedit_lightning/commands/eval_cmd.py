@@ -87,6 +87,7 @@ def image_datamodule(args: argparse.Namespace, data: Path, processor: SubBatchEn
         processor=processor,
         extra_image_roots=tuple(str(Path(root).resolve()) for root in args.extra_image_root),
         max_image_pixels=args.max_image_pixels,
+        max_frames=args.max_frames,
     )
     if file_is_ads(data):
         return ADSEditDataModule(str(data.parent), **options)
