@@ -13,7 +13,7 @@ Lightning adds no DistributedSampler to an IterableDataset).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from data_modules.ads_records import metric_groups
 from data_modules.datasets import (
     VQA_TEMPLATE,
     DataKind,
@@ -49,9 +50,11 @@ from data_modules.shards import (
     StartOnFirstNext,
     StreamLoader,
     resolve_shards,
+    shard_index_values,
 )
 from data_modules.synthetic import TEXT_FILES, WORLD_FILE, write_synthetic_world
 from data_modules.text_records import TextRecord, read_text_records
+from data_modules.visual import DEFAULT_MAX_FRAMES, frame_count_problems, unsupported_visual_problems
 from data_modules.word_tokenizer import save_world_tokenizer
 
 FACTS_PER_RECORD = 5  # FactDataset: three edit-prompt facts (when `pred` is set) and two locality facts
@@ -140,6 +143,7 @@ class EditDataModule(LightningDataModule):
         extra_image_roots: tuple[str, ...] = (),
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         truncate_prompts: bool = False,
+        max_frames: int | None = DEFAULT_MAX_FRAMES,
     ) -> None:
         super().__init__()
         PromptBuilder(kind, vqa_template)  # fail on a bad kind or template at construction, not in a worker
@@ -160,6 +164,7 @@ class EditDataModule(LightningDataModule):
         self.extra_image_roots = [self.data_dir / root for root in extra_image_roots]
         self.max_image_pixels = max_image_pixels
         self.truncate_prompts = truncate_prompts
+        self.max_frames = max_frames
         self.records: dict[str, list[EditRecord]] = {}
         self.shards: dict[str, list[Shard]] = {}
 
@@ -176,11 +181,38 @@ class EditDataModule(LightningDataModule):
         if name is None:
             raise ValueError(f"{type(self).__name__}: no {split}_file configured")
         path = self.data_dir / name
-        records = read_records(path)
-        problems = check_images(records, self.image_root, str(path), verify=False, extra_roots=self.extra_image_roots)
+        records = self.read_file(path)
+        problems = frame_count_problems(records, self.max_frames, str(path))
+        problems += check_images(records, self.image_root, str(path), verify=False, extra_roots=self.extra_image_roots)
         if problems:
             raise DataError(problems)
         return records
+
+    def read_file(self, path: Path) -> list[EditRecord]:
+        """The usable records of one data file (`read_records`)."""
+        return read_records(path)
+
+    def visual_problems(self, accepted: Collection[str], family: str) -> list[Problem]:
+        """Records of the loaded splits whose visual inputs the `family` backbone (taking `accepted` kinds)
+        cannot encode: the first of each kind per split, from the records or a shard index."""
+        problems = [
+            p for records in self.records.values() for p in unsupported_visual_problems(records, accepted, family)
+        ]
+        for split in self.shards:
+            spec = self.data_dir / self.shard_specs[split]
+            problems += [
+                Problem(str(spec), None, None, f"holds {kind} inputs, which the {family} backbone does not encode")
+                for kind in shard_index_values(spec, "visual_kinds")
+                if kind not in accepted
+            ]
+        return problems
+
+    def metric_groups(self, split: str) -> list[str]:
+        """The groups the metrics of a loaded split are also reported by (`data_type/<name>`, ...); none
+        for data without scenarios or a split not loaded."""
+        if split in self.shards:
+            return shard_index_values(self.data_dir / self.shard_specs[split], "groups")
+        return metric_groups(self.records.get(split, []))
 
     def read_shards(self, split: str) -> list[Shard]:
         """The shards `{split}_shards` names; one `DataError` for a bad index or missing files."""

@@ -17,9 +17,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from data_modules.ads_records import ADSRecord
 from data_modules.encoding import EditBatch, SubBatch, SubBatchEncoder, TooLongError
 from data_modules.records import DEFAULT_MAX_IMAGE_PIXELS, DataError, EditRecord, Problem, too_many_pixels
 from data_modules.text_records import TextRecord
+from data_modules.visual import LoadedVisual, assemble, visual_files
 
 VQA_TEMPLATE = "Question: {} Short answer:"
 DataKind = Literal["vqa", "caption"]
@@ -36,10 +38,18 @@ def load_image(
     field: str,
     position: int,
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-) -> Image.Image:
-    """Decode one image of a record as RGB, its size checked from the header first; a `DataError`
-    naming file, record and field if it fails."""
-    path = Path(image_root) / getattr(record, field)
+) -> LoadedVisual:
+    """Decode the visual input of a record's field as RGB (one image, frames or views), each image's size
+    checked from the header first; a `DataError` naming file, record and field if it fails."""
+    value = getattr(record, field)
+    images = {
+        member: _load_file(Path(image_root) / path, record, label, position, max_pixels)
+        for label, member, path in visual_files(field, value)
+    }
+    return assemble(field, value, images)
+
+
+def _load_file(path: Path, record: EditRecord, field: str, position: int, max_pixels: int | None) -> Image.Image:
     file, index = record.where(position)
     try:
         with Image.open(path) as image:
@@ -57,7 +67,7 @@ def encode_rows(
     encode: SubBatchEncoder,
     prompts: Sequence[str],
     targets: Sequence[str],
-    images: Sequence[Image.Image] | None,
+    images: Sequence[LoadedVisual] | None,
     where: Sequence[Where],
 ) -> SubBatch:
     """`encode(prompts, targets, images)`; a row too long for the backbone becomes a `DataError`
@@ -95,13 +105,14 @@ class PromptBuilder:
 
 @dataclass
 class EditExample:
-    """One record's texts with prompts built, and its three images decoded."""
+    """One record's texts with prompts built, and its visual inputs decoded (`image`, `image_rephrase`: an
+    image, frames or views; `m_loc_image` an image)."""
 
     prompt: str
     rephrase: str
     target: str
-    image: Image.Image
-    image_rephrase: Image.Image
+    image: LoadedVisual
+    image_rephrase: LoadedVisual
     loc_prompt: str
     loc_target: str
     m_loc_prompt: str
@@ -112,7 +123,7 @@ class EditExample:
 
 
 def edit_example(
-    record: EditRecord, images: Mapping[str, Image.Image], prompts: PromptBuilder, position: int = 0
+    record: EditRecord, images: Mapping[str, LoadedVisual], prompts: PromptBuilder, position: int = 0
 ) -> EditExample:
     """The example of one record, its images (`image`, `image_rephrase`, `m_loc`) already decoded;
     `position` names the record in messages when it has no origin."""
@@ -139,6 +150,7 @@ def edit_example(
             "origin": f"{file}:{index}",
             "file": file,
             "index": index,
+            **({"groups": record.groups()} if isinstance(record, ADSRecord) else {}),
         },
     )
 
@@ -211,7 +223,8 @@ class EditCollator:
         port_hops         list[str], the hop of each `port` row ("1-hop".."4-hop")
         port_record       LongTensor [P], the batch row of the record each `port` row belongs to
         meta              one dict per record, plain values for showing examples: prompt (templated src),
-                          rephrase, pred, alt, image (path as in the file), origin ("FILE:INDEX"), file, index (int)
+                          rephrase, pred, alt, image (path as in the file), origin ("FILE:INDEX"), file, index (int),
+                          groups (ADS-Edit records only: their metric groups)
 
     A row longer than the backbone allows raises a `DataError` naming its record and field.
     """

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
+
+from data_modules.visual import LoadedVisual, visual_kind
 
 IGNORE_INDEX = -100
 
@@ -30,15 +31,6 @@ SubBatch = dict[str, torch.Tensor | None]
 EditBatch = dict[str, SubBatch]
 """Sub-batches keyed `edit_inner`, `edit_outer`, `edit_outer_image`, `loc`, `loc_image` and,
 where the data has portability questions, `port` (plus `port_hops`, a list of hop names)."""
-
-Visual = Image.Image | list[Image.Image] | dict[str, Image.Image]
-"""One row's visual input: an image, video frames in order, or camera name -> view."""
-
-
-def visual_kind(visual: Visual) -> str:
-    """`image`, `video` (a list of frames) or `views` (a dict of named views)."""
-    return "video" if isinstance(visual, list) else "views" if isinstance(visual, dict) else "image"
-
 
 SUB_BATCH_KEYS = ("edit_inner", "edit_outer", "edit_outer_image", "loc", "loc_image")
 
@@ -115,7 +107,7 @@ class SubBatchEncoder:
         self,
         prompts: Sequence[str],
         targets: Sequence[str],
-        images: Sequence[Visual] | None = None,
+        images: Sequence[LoadedVisual] | None = None,
     ) -> SubBatch:
         if len(prompts) != len(targets) or (images is not None and len(images) != len(prompts)):
             raise ValueError(
@@ -158,7 +150,7 @@ class SubBatchEncoder:
             "pixel_values": pixel_values,
         }
 
-    def check_visual(self, row: int, visual: Visual) -> Visual:
+    def check_visual(self, row: int, visual: LoadedVisual) -> LoadedVisual:
         """`visual` if this backbone takes its kind; a one-line error naming the family otherwise."""
         kind = visual_kind(visual)
         if kind not in self.visual_inputs:
@@ -168,25 +160,27 @@ class SubBatchEncoder:
             )
         return visual
 
-    def pixel_values(self, visuals: Sequence[Visual]) -> torch.Tensor:
+    def pixel_values(self, visuals: Sequence[LoadedVisual]) -> torch.Tensor:
         """The image processor's pixels of the rows' images (families taking video or views override this)."""
         return self.image_processor(images=[im.convert("RGB") for im in visuals], return_tensors="pt")["pixel_values"]
 
-    def placeholders(self, visual: Visual | bool) -> str | None:
+    def placeholders(self, visual: LoadedVisual | bool) -> str | None:
         """The placeholder text standing for a row's visual input (True: one image); None for a text-only row."""
         if visual is False or visual is None:
             return None
         return self.prompt_format.image_token * self.prompt_format.num_image_tokens
 
-    def render(self, prompt: str, visual: Visual | bool) -> str:
+    def render(self, prompt: str, visual: LoadedVisual | bool) -> str:
         image = self.placeholders(visual)
         return self.prompt_format.render(prompt, image is not None, image)
 
-    def text(self, prompt: str, target: str, visual: Visual | bool) -> str:
+    def text(self, prompt: str, target: str, visual: LoadedVisual | bool) -> str:
         """The text one row tokenizes: the rendered prompt, a space, the target."""
         return f"{self.render(prompt, visual)} {target}"
 
-    def lengths(self, prompts: Sequence[str], targets: Sequence[str], has_image: Sequence[Visual | bool]) -> list[int]:
+    def lengths(
+        self, prompts: Sequence[str], targets: Sequence[str], has_image: Sequence[LoadedVisual | bool]
+    ) -> list[int]:
         """Token counts of rows, without tensors (True: one image): for checking a whole split up front."""
         texts = [self.text(p, t, i) for p, t, i in zip(prompts, targets, has_image)]
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
@@ -198,7 +192,7 @@ class SubBatchEncoder:
         )
 
     def _truncate(
-        self, row: int, prompt: str, target: str, visual: Visual | bool, excess: int
+        self, row: int, prompt: str, target: str, visual: LoadedVisual | bool, excess: int
     ) -> tuple[str, list[int], list[tuple[int, int]]]:
         """(prompt, ids, offsets) with the first prompt tokens dropped until the row fits in `max_length`.
 

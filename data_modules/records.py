@@ -17,12 +17,14 @@ import json
 import unicodedata
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from data_modules.visual import VISUAL_FIELDS, Visual, parse_visual, visual_files, visual_json
 
 RECORD_FIELDS = (
     "src",
@@ -151,8 +153,8 @@ class EditRecord(Located):
     pred: str
     alt: str
     rephrase: str
-    image: str
-    image_rephrase: str
+    image: Visual
+    image_rephrase: Visual
     loc: str
     loc_ans: str
     m_loc: str
@@ -171,7 +173,7 @@ class EditRecord(Located):
 
     def to_dict(self) -> dict[str, Any]:
         """The public layout (`port_new` only when there are portability questions)."""
-        out: dict[str, Any] = {name: getattr(self, name) for name in RECORD_FIELDS}
+        out: dict[str, Any] = {name: visual_json(getattr(self, name)) for name in RECORD_FIELDS}
         if self.port:
             out["port_new"] = [q.to_dict() for q in self.port]
         return out
@@ -299,7 +301,9 @@ def parse_record(raw: Any, file: str, index: int) -> tuple[EditRecord | None, li
         return None, [Problem(file, index, None, f"expected an object, got {json_type(raw)}")]
     checked = {key: raw[key] for key in (*RECORD_FIELDS, "port_new") if key in raw}
     problems = _duplicate_problems(raw, file, index) + _text_problems(checked, file, index, "")
-    problems += _string_problems(raw, RECORD_FIELDS, file, index)
+    problems += _string_problems(raw, [n for n in RECORD_FIELDS if n not in VISUAL_FIELDS], file, index)
+    visuals, visual_problems = parse_visuals(raw, file, index)
+    problems += visual_problems
     bad = {p.field for p in problems}
     for name in PROMPT_FIELDS:
         if name not in bad and not raw[name].strip():
@@ -308,7 +312,7 @@ def parse_record(raw: Any, file: str, index: int) -> tuple[EditRecord | None, li
         if name not in bad and not raw[name].strip():
             problems.append(Problem(file, index, name, "empty target"))
     for name in IMAGE_FIELDS:
-        if name not in bad and not raw[name].strip():
+        if name not in bad and name not in VISUAL_FIELDS and not raw[name].strip():
             problems.append(Problem(file, index, name, "empty image path"))
     port: list[PortQuestion] = []
     port_raw = raw.get("port_new")
@@ -321,8 +325,38 @@ def parse_record(raw: Any, file: str, index: int) -> tuple[EditRecord | None, li
             port.append(question)
     if problems:
         return None, problems
-    fields = {name: raw[name] for name in RECORD_FIELDS}
+    fields = {name: raw[name] for name in RECORD_FIELDS} | visuals
     return EditRecord(**fields, port=tuple(port), origin=Origin(file, index)), []
+
+
+def parse_visuals(raw: Mapping[str, Any], file: str, index: int) -> tuple[dict[str, Visual], list[Problem]]:
+    """The visual inputs (`VISUAL_FIELDS`) of a raw record: a path, frames or views each."""
+    visuals, problems = {}, []
+    for name in VISUAL_FIELDS:
+        if name not in raw:
+            problems.append(Problem(file, index, name, "missing field"))
+            continue
+        value, found = parse_visual(raw[name], file, index, name)
+        problems += found
+        if value is not None:
+            visuals[name] = value
+    return visuals, problems
+
+
+def image_refs(values: Mapping[str, Any], file: str, index: int) -> list[ImageRef]:
+    """The image files a record names (`values`: its fields, raw or parsed), each with its field label;
+    values that do not parse name none."""
+    refs = []
+    for name in IMAGE_FIELDS:
+        value = values.get(name)
+        if name in VISUAL_FIELDS and not isinstance(value, str):
+            value, found = parse_visual(value, file, index, name)
+            if found:
+                continue
+        elif not isinstance(value, str) or not value.strip():
+            continue
+        refs += [(file, index, label, path) for label, _, path in visual_files(name, value)]
+    return refs
 
 
 ImageRef = tuple[str, int, str, str]
@@ -367,24 +401,21 @@ def read_json_list(path: str | Path) -> tuple[list[Any], list[Problem]]:
     return raw, []
 
 
-def scan_records(path: str | Path) -> Scan:
-    """Read and check a data file without raising: for `kedit validate` and `read_records`."""
+def scan_records(path: str | Path, parse: Callable[..., tuple[Any, list[Problem]]] = parse_record) -> Scan:
+    """Read and check a data file without raising: for `kedit validate` and `read_records`. `parse` reads one
+    record (`parse_record`; data_modules/ads_records.py has ADS-Edit's)."""
     file = str(path)
     raw, problems = read_json_list(path)
     if problems:
         return Scan(file, [], problems, 0, [])
     records, problems, refs = [], [], []
     for index, item in enumerate(raw):
-        record, item_problems = parse_record(item, file, index)
+        record, item_problems = parse(item, file, index)
         problems += item_problems
         if record is not None:
             records.append(record)
         if isinstance(item, dict):
-            refs += [
-                (file, index, name, item[name])
-                for name in IMAGE_FIELDS
-                if isinstance(item.get(name), str) and item[name].strip()
-            ]
+            refs += image_refs(item, file, index)
     return Scan(file, records, problems, len(raw), refs)
 
 
@@ -434,7 +465,7 @@ def check_images(
     refs = []
     for position, record in enumerate(records):
         source, index = record.where(position, file)
-        refs += [(source, index, name, getattr(record, name)) for name in IMAGE_FIELDS]
+        refs += image_refs({name: getattr(record, name) for name in IMAGE_FIELDS}, source, index)
     return check_image_refs(refs, image_root, verify, extra_roots, max_pixels)
 
 

@@ -2,8 +2,10 @@
 
 One sample per record, self-contained: KEY.json ({"record": the record in the public layout, "origin":
 {"file", "index"}}) and the bytes of its image files as on disk (KEY.image.EXT, KEY.image_rephrase.EXT,
-KEY.m_loc.EXT), KEY being the record's zero-padded index; NAME.shards.json indexes the shards' sample
-counts. Images are decoded in the DataLoader worker that reads them, so host memory stays flat.
+KEY.m_loc.EXT; frames or camera views KEY.image.0.EXT, KEY.image.1.EXT, ... in the record's order), KEY
+being the record's zero-padded index; NAME.shards.json indexes the shards' sample counts and the records' metric
+groups (ADS-Edit's `data_type/<name>`, `image_type/<name>`). Images are decoded in the DataLoader worker
+that reads them, so host memory stays flat.
 
 Shard i goes to rank i mod W (W ranks) and there to worker (i div W) mod K (K = max(1, num_workers));
 shards are never split, so every reader's record count is known from the index in every process.
@@ -34,6 +36,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_modules.ads_records import metric_groups, record_from_dict, scan_any
 from data_modules.records import (
     DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_FIELDS,
@@ -42,9 +45,17 @@ from data_modules.records import (
     Origin,
     Problem,
     check_image_refs,
-    scan_records,
 )
 from data_modules.validate import add_image_arguments
+from data_modules.visual import (
+    DEFAULT_MAX_FRAMES,
+    VISUAL_FIELDS,
+    LoadedVisual,
+    assemble,
+    frame_count_problems,
+    visual_files,
+    visual_kind,
+)
 
 FORMAT = "kedit-shards/1"
 INDEX_SUFFIX = ".shards.json"
@@ -75,11 +86,13 @@ def shard_problems(
     images: str | Path,
     extra_roots: Sequence[str] = (),
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    max_frames: int | None = DEFAULT_MAX_FRAMES,
 ) -> tuple[list[EditRecord], list[Problem]]:
     """The records of `data` and every problem `kedit validate` would report (empty `alt` included)."""
-    scan = scan_records(data)
+    scan = scan_any(data)
     problems = list(scan.problems)
     problems += [Problem(scan.file, r.origin.index, "alt", "empty target") for r in scan.empty_alt]
+    problems += frame_count_problems(scan.records, max_frames)
     problems += check_image_refs(scan.image_refs, images, True, extra_roots, max_pixels)
     return scan.records, problems
 
@@ -93,8 +106,8 @@ def _sample(record: EditRecord, image_root: Path) -> dict[str, Any]:
         "json": json.dumps(doc, sort_keys=True, ensure_ascii=False).encode("utf-8"),
     }
     for field in IMAGE_FIELDS:
-        path = getattr(record, field)
-        sample[member_name(field, path)] = (image_root / path).read_bytes()
+        for _, member, path in visual_files(field, getattr(record, field)):
+            sample[member_name(member, path)] = (image_root / path).read_bytes()
     return sample
 
 
@@ -106,15 +119,17 @@ def write_shards(
     name: str | None = None,
     extra_roots: Sequence[str] = (),
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    max_frames: int | None = DEFAULT_MAX_FRAMES,
 ) -> Path:
     """Check `data` and its images, write its records as shards under `out`; the index's path.
+    Every frame and view of a record goes into its sample; the index lists the records' metric groups.
 
     Raises `DataError` (listing the problems) before writing anything if the data is not clean,
     and `FileExistsError` if `out` already holds shards or an index of that name.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
-    records, problems = shard_problems(data, images, extra_roots, max_pixels)
+    records, problems = shard_problems(data, images, extra_roots, max_pixels, max_frames)
     if problems:
         raise DataError(problems)
     if not records:
@@ -143,6 +158,8 @@ def write_shards(
         "samples": len(records),
         "shard_size": shard_size,
         "shardlist": [{"url": url, "nsamples": n} for url, n in counts.items()],
+        "groups": metric_groups(records),
+        "visual_kinds": sorted({visual_kind(getattr(r, field)) for r in records for field in VISUAL_FIELDS}),
     }
     index_path.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
     return index_path
@@ -164,7 +181,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         index_path = write_shards(
-            args.data, args.images, args.out, args.shard_size, args.name, args.extra_image_root, args.max_image_pixels
+            args.data,
+            args.images,
+            args.out,
+            args.shard_size,
+            args.name,
+            args.extra_image_root,
+            args.max_image_pixels,
+            args.max_frames,
         )
     except (DataError, FileExistsError, ValueError) as err:
         print(f"kedit shard: {err}", file=sys.stderr)
@@ -202,6 +226,25 @@ def read_index(path: str | Path) -> list[Shard]:
             )
         shards.append(Shard(str(path.parent / url), count))
     return shards
+
+
+def index_files(spec: str | Path) -> list[Path]:
+    """The shard index files a shard spec (as `resolve_shards` takes) names or sits beside."""
+    path = Path(spec)
+    if path.is_dir():
+        return sorted(path.glob(f"*{INDEX_SUFFIX}"))
+    if str(spec).endswith(INDEX_SUFFIX):
+        return [path]
+    folders = {Path(p).parent for p in wds.shardlists.expand_urls(str(spec))}
+    return [index for folder in sorted(folders) for index in sorted(folder.glob(f"*{INDEX_SUFFIX}"))]
+
+
+def shard_index_values(spec: str | Path, key: str) -> list[str]:
+    """The sorted union of the list `key` (`groups`, `visual_kinds`) in the indexes of a shard spec."""
+    values: set[str] = set()
+    for index in index_files(spec):
+        values.update(json.loads(index.read_text(encoding="utf-8")).get(key, []))
+    return sorted(values)
 
 
 def resolve_shards(spec: str | Path) -> list[Shard]:
@@ -243,7 +286,7 @@ def resolve_shards(spec: str | Path) -> list[Shard]:
 # Reading
 
 
-def decode_sample(url: str, sample: Mapping[str, Any]) -> tuple[EditRecord, dict[str, Image.Image]]:
+def decode_sample(url: str, sample: Mapping[str, Any]) -> tuple[EditRecord, dict[str, LoadedVisual]]:
     """One shard sample -> its record (origin: the source file and index) and decoded RGB images."""
     key = sample.get("__key__", "?")
     where = f"{url}: sample {key}"
@@ -266,23 +309,26 @@ def decode_sample(url: str, sample: Mapping[str, Any]) -> tuple[EditRecord, dict
             f"{where}: {key}.json is not a kedit shard sample "
             '(expected {"record": {...}, "origin": {"file", "index"}})'
         )
-    record = EditRecord.from_dict(doc["record"], file=where, index=origin["index"])
+    record = record_from_dict(doc["record"], file=where, index=origin["index"])
     if not record.alt.strip():
         raise DataError(f"{where}: field 'alt': empty target (kedit shard never writes such a record)")
     record = replace(record, origin=Origin(origin["file"], origin["index"]))
     images = {}
     for field in IMAGE_FIELDS:
-        name = member_name(field, getattr(record, field))
-        if name not in sample:
-            raise DataError(f"{where}: field {field!r}: no {key}.{name} member")
-        try:
-            with Image.open(io.BytesIO(sample[name])) as image:
-                images[field] = image.convert("RGB")
-        except Exception as err:  # Pillow raises many types for broken data
-            raise DataError(
-                f"{where}: field {field!r}: cannot decode image {key}.{name} ({getattr(record, field)}): "
-                f"{type(err).__name__}: {err}"
-            ) from None
+        value = getattr(record, field)
+        decoded = {}
+        for label, member, path in visual_files(field, value):
+            name = member_name(member, path)
+            if name not in sample:
+                raise DataError(f"{where}: field {label!r}: no {key}.{name} member")
+            try:
+                with Image.open(io.BytesIO(sample[name])) as image:
+                    decoded[member] = image.convert("RGB")
+            except Exception as err:  # Pillow raises many types for broken data
+                raise DataError(
+                    f"{where}: field {label!r}: cannot decode image {key}.{name} ({path}): {type(err).__name__}: {err}"
+                ) from None
+        images[field] = assemble(field, value, decoded)
     return record, images
 
 
@@ -295,7 +341,7 @@ class ExampleBuilder(Protocol):
 
     skips_records: bool
 
-    def __call__(self, record: EditRecord, images: Mapping[str, Image.Image]) -> list[Any]: ...
+    def __call__(self, record: EditRecord, images: Mapping[str, LoadedVisual]) -> list[Any]: ...
 
 
 def reader_shards(count: int, rank: int, world_size: int, worker: int, num_workers: int) -> list[int]:

@@ -27,6 +27,8 @@ from typing import Any, Generic, TypeVar
 
 from PIL import Image, ImageDraw, ImageFilter
 
+from data_modules.ads_synth import write_ads_set
+
 FORMAT = "kedit-synthetic-world/1"
 DEFAULT_ENTITIES = 64
 MIN_ENTITIES = 4
@@ -792,10 +794,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"number of entities, {MIN_ENTITIES} to {MAX_ENTITIES} (default {DEFAULT_ENTITIES})",
     )
+    parser.add_argument(
+        "--ads",
+        action="store_true",
+        help="write instead a small ADS-Edit-shaped set under OUT/ads (video, multi-view and single-image records)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.ads:
+            written = write_ads_set(args.out, seed=args.seed)
+            print(f"{args.out}: " + ", ".join(f"{name} ({n} records)" for name, n in written.items()))
+            return 0
         summary = write_synthetic_world(args.out, seed=args.seed, entities=args.entities)
     except (FileExistsError, NotADirectoryError) as err:
         print(f"kedit synth: {err}", file=sys.stderr)

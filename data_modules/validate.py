@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 
-from data_modules.records import DEFAULT_MAX_IMAGE_PIXELS, Problem, check_image_refs, scan_records
+from data_modules.ads_records import scan_any
+from data_modules.records import DEFAULT_MAX_IMAGE_PIXELS, Problem, check_image_refs
 from data_modules.text_records import file_is_text, scan_text_records
+from data_modules.visual import DEFAULT_MAX_FRAMES, frame_count_problems
 
 
 def add_image_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--extra-image-root` and `--max-image-pixels`: which image paths and sizes are accepted."""
+    """`--extra-image-root`, `--max-image-pixels` and `--max-frames`: which image paths, sizes and frame
+    counts are accepted."""
     parser.add_argument(
         "--extra-image-root",
         action="append",
@@ -31,7 +34,15 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_MAX_IMAGE_PIXELS,
         metavar="N",
-        help=f"refuse images with more pixels than this, read from the header (default {DEFAULT_MAX_IMAGE_PIXELS})",
+        help=f"refuse images with more pixels than this, read from the header (default {DEFAULT_MAX_IMAGE_PIXELS}); "
+        "every frame and view counts on its own",
+    )
+    parser.add_argument(
+        "--max-frames",
+        type=int,
+        default=DEFAULT_MAX_FRAMES,
+        metavar="N",
+        help=f"refuse videos with more frames, multi-view inputs with more views (default {DEFAULT_MAX_FRAMES})",
     )
 
 
@@ -40,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         required=True,
         metavar="FILE",
-        help="a JSON data file in the E-VQA / E-IC / VLKEB layout, or text-only (zsRE / CounterFact layout)",
+        help="a JSON data file (E-VQA / E-IC / VLKEB or ADS-Edit layout, or text-only: zsRE / CounterFact layout)",
     )
     parser.add_argument(
         "--images",
@@ -53,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     text = file_is_text(args.data)
-    scan = scan_text_records(args.data) if text else scan_records(args.data)
+    scan = scan_text_records(args.data) if text else scan_any(args.data)
     if not text and scan.total and args.images is None:
         raise ValueError(f"--images: required, {args.data} holds image edit records (E-VQA / E-IC / VLKEB layout)")
     problems = list(scan.problems)
@@ -61,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         Problem(scan.file, r.origin.index, "alt", "empty target (training skips this record)") for r in scan.empty_alt
     ]
     if not text and scan.total:
+        problems += frame_count_problems(scan.records, args.max_frames)
         problems += check_image_refs(scan.image_refs, args.images, True, args.extra_image_root, args.max_image_pixels)
     problems.sort(key=lambda p: (p.index is not None, p.index or 0))
     for problem in problems:

@@ -418,9 +418,11 @@ def _batches(loader: Iterable[EditBatch], device: torch.device, limit: int | Non
         yield to_device(batch, device)
 
 
-def score(session: EditSession, batches: Iterable[EditBatch], hops: Sequence[str] = HOPS) -> dict[str, Any]:
+def score(
+    session: EditSession, batches: Iterable[EditBatch], hops: Sequence[str] = HOPS, groups: Sequence[str] = ()
+) -> dict[str, Any]:
     """The edit report of `batches`' records on the edits in force (one-hop edits go on top, then are dropped)."""
-    metrics = EditMetrics(hops).to(device_of(session.backbone))
+    metrics = EditMetrics(hops, groups).to(device_of(session.backbone))
     for batch in batches:
         mark = session.model.mark()
         evaluate_batch(session, session.backbone, batch, metrics)
@@ -429,10 +431,16 @@ def score(session: EditSession, batches: Iterable[EditBatch], hops: Sequence[str
 
 
 def evaluate(
-    editor: Editor, backbone: Backbone, loader: Iterable[EditBatch], hops: Sequence[str] = HOPS, progress: bool = True
+    editor: Editor,
+    backbone: Backbone,
+    loader: Iterable[EditBatch],
+    hops: Sequence[str] = HOPS,
+    progress: bool = True,
+    groups: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Edit each record on its own, from the unedited model, and score it: what validation reports."""
-    metrics = EditMetrics(hops).to(device_of(backbone))
+    """Edit each record on its own, from the unedited model, and score it: what validation reports (also per
+    metric group, `EditMetrics`)."""
+    metrics = EditMetrics(hops, groups).to(device_of(backbone))
     plain = editor.attach(backbone)
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
     with tqdm(total=total, desc="editing", disable=not progress) as bar:
@@ -459,6 +467,7 @@ def evaluate_sequential(
     hops: Sequence[str] = HOPS,
     probe: int = 10,
     progress: bool = True,
+    groups: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Edit the first `n_edits` records one after another, each on top of the previous edits.
 
@@ -483,7 +492,7 @@ def evaluate_sequential(
                 bar.update()
         if done < n_edits:
             raise ValueError(f"{n_edits} sequential edits asked for, but the data has only {done} records")
-        final = score(session, _batches(loader, device, n_edits), hops)
+        final = score(session, _batches(loader, device, n_edits), hops, groups)
     finally:
         session.restore()
     return {**final, "sequential": {"probe_edits": len(earliest), "curve": curve}}

@@ -12,13 +12,14 @@ question after a second edit on top of the record's own.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from data_modules.encoding import SUB_BATCH_KEYS, EditBatch, SubBatch
+from data_modules.encoding import IGNORE_INDEX, SUB_BATCH_KEYS, EditBatch, SubBatch
 from kedit_lightning.backbones.base import Backbone
 from kedit_lightning.editors.edited_model import Editor, StepInputs
 from kedit_lightning.metrics import EditAccuracy, EditLocality, PortabilityByHop
@@ -67,15 +68,27 @@ def record_batches(batch: EditBatch) -> Iterator[dict[str, Any]]:
         yield one
 
 
-class EditMetrics(nn.Module):
-    """All edit metrics of one evaluation, updated one edited record at a time."""
+def record_rows(labels: torch.Tensor, logits: torch.Tensor, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels [R, T], answer logits [P_R, V]) of `rows` of a sub-batch whose answer logits are `logits` [P, V]."""
+    chunks = logits.split((labels != IGNORE_INDEX).sum(-1).tolist())
+    return labels[list(rows)], torch.cat([chunks[r] for r in rows])
 
-    def __init__(self, hops: Sequence[str] = HOPS) -> None:
+
+class EditMetrics(nn.Module):
+    """All edit metrics of one evaluation, updated one edited record at a time.
+
+    `groups` ("data_type/<name>", "image_type/<name>", the same on every rank) also score the records whose
+    `meta["groups"]` name them on their own; the report nests them as {"data_type": {name: {...}}}.
+    """
+
+    def __init__(self, hops: Sequence[str] = HOPS, groups: Sequence[str] = ()) -> None:
         super().__init__()
         self.accuracy = nn.ModuleDict({key: EditAccuracy() for key in ACCURACY_KEYS})
         self.locality = nn.ModuleDict({key: EditLocality() for key in LOCALITY_KEYS})
         self.portability = PortabilityByHop(hops=tuple(hops))
         self.portability_exact = PortabilityByHop(hops=tuple(hops), exact=True)
+        self.group_names = list(groups)
+        self.groups = nn.ModuleList(EditMetrics(hops) for _ in self.group_names)
 
     @torch.no_grad()
     def update(
@@ -84,10 +97,21 @@ class EditMetrics(nn.Module):
         post: Mapping[str, torch.Tensor],
         pre: Mapping[str, torch.Tensor],
         hops: Sequence[str] = (),
+        meta: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         """Score a batch: `labels` [N, T] per sub-batch, post-edit answer logits [P, V] per sub-batch,
-        pre-edit ones for the locality sub-batches; `hops` names each `port` row's hop. A metric whose
-        sub-batch is absent (the image ones, for text-only data) is not updated."""
+        pre-edit ones for the locality sub-batches; `hops` names each `port` row's hop, `meta` each record's
+        groups. A metric whose sub-batch is absent (the image ones, for text-only data) is not updated."""
+        for name, group in zip(self.group_names, self.groups):
+            rows = [i for i, record in enumerate(meta) if name in record.get("groups", ())]
+            if rows:
+                keys = [key for key in post if key in SUB_BATCH_OF.values()]
+                picked = {key: record_rows(labels[key], post[key], rows) for key in keys}
+                group.update(
+                    {key: picked[key][0] for key in keys},
+                    {key: picked[key][1] for key in keys},
+                    {key: record_rows(labels[key], pre[key], rows)[1] for key in pre},
+                )
         for key in ACCURACY_KEYS:
             if SUB_BATCH_OF[key] in post:
                 self.accuracy[key].update(post[SUB_BATCH_OF[key]], labels[SUB_BATCH_OF[key]])
@@ -99,14 +123,17 @@ class EditMetrics(nn.Module):
             for metric in (self.portability, self.portability_exact):
                 metric.update(post["port"], labels["port"], hops)
 
-    def compute(self) -> dict[str, Any]:
+    def compute(self, every_metric: bool = False) -> dict[str, Any]:
         """The report: fractions in [0, 1], portability keyed by hop, the same under `exact_match`. Metrics
-        never updated (the image ones, for text-only data) are absent."""
+        never updated (the image ones, for text-only data) are absent. `every_metric` (groups, which some
+        ranks may never update) computes, and so syncs, every one and leaves out those with no edits."""
         token, exact = {}, {}
         for key, metric in [*self.accuracy.items(), *self.locality.items()]:
-            if metric.update_count == 0 and key != "reliability":
+            if metric.update_count == 0 and key != "reliability" and not every_metric:
                 continue
             scores = metric.compute()
+            if every_metric and int(scores["count"]) == 0:
+                continue
             token[key], exact[key] = float(scores["token_acc"]), float(scores["exact_match"])
         for metric, out in ((self.portability, token), (self.portability_exact, exact)):
             if metric.update_count == 0:  # data without portability questions
@@ -116,11 +143,21 @@ class EditMetrics(nn.Module):
                 out["portability"] = by_hop
         # compute() syncs across ranks (and caches); the `count` state itself stays this rank's own.
         n_edits = int(self.accuracy["reliability"].compute()["count"])
+        for name, group in zip(self.group_names, self.groups):
+            field, value = name.split("/", 1)
+            with warnings.catch_warnings():  # a group no record of this rank is in: computed all the same
+                warnings.filterwarnings("ignore", "The ``compute`` method of metric", UserWarning)
+                report = group.compute(every_metric=True)
+            if report["n_edits"]:
+                token.setdefault(field, {})[value] = {k: v for k, v in report.items() if k != "exact_match"}
+                exact.setdefault(field, {})[value] = report["exact_match"]
         return {**token, "n_edits": n_edits, "exact_match": exact}
 
     def reset(self) -> None:
         for metric in [*self.accuracy.values(), *self.locality.values(), self.portability, self.portability_exact]:
             metric.reset()
+        for group in self.groups:
+            group.reset()
 
 
 def flatten_report(report: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -158,5 +195,5 @@ def evaluate_batch(
         locality = [key for key in LOCALITY_SUB_BATCHES if key in batch]
         pre = inputs.split(model.answer_logits(inputs, inputs.rows(*locality)), locality)
     labels = {key: inputs.labels[inputs.rows(key)] for key in queries}
-    metrics.update(labels, post, pre, batch.get("port_hops", ()))
+    metrics.update(labels, post, pre, batch.get("port_hops", ()), batch.get("meta", ()))
     return post

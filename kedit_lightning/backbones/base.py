@@ -172,7 +172,8 @@ class Backbone(nn.Module, ABC):
     """Whether that language model is a *ForCausalLM (its bare decoder stack one level further down)."""
     image_token_id: int | None = None
     visual_inputs: ClassVar[frozenset[str]] = frozenset({"image"})
-    """The kinds of visual input a row may have: `image`, `video` (frames), `views` (named images)."""
+    """The visual input kinds its encoder takes (data_modules/visual.py): "image" (one PIL image per row),
+    "video" (a list of frames), "views" (a dict of camera name -> image). Records of other kinds are refused."""
 
     @classmethod
     @abstractmethod
@@ -395,10 +396,15 @@ def register(cls: type[Backbone]) -> type[Backbone]:
     return cls
 
 
+def backbone_class(family: str) -> type[Backbone]:
+    """The class of a registered family (what it accepts is known before any weights load)."""
+    if family not in _FAMILIES:
+        raise KeyError(f"unknown backbone family {family!r}; known: {sorted(_FAMILIES)}")
+    return _FAMILIES[family]
+
+
 def build_backbone(spec: BackboneSpec) -> Backbone:
-    if spec.family not in _FAMILIES:
-        raise KeyError(f"unknown backbone family {spec.family!r}; known: {sorted(_FAMILIES)}")
-    cls = _FAMILIES[spec.family]
+    cls = backbone_class(spec.family)
     dtype = getattr(torch, spec.dtype)
     if spec.pretrained is not None:
         return cls.from_pretrained(spec.pretrained, edit_params=spec.edit_params, dtype=dtype)

@@ -28,7 +28,8 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from data_modules.encoding import PromptFormat, SubBatchEncoder, Visual, visual_kind
+from data_modules.encoding import PromptFormat, SubBatchEncoder
+from data_modules.visual import LoadedVisual, visual_kind
 from kedit_lightning.backbones.base import Backbone, register
 from kedit_lightning.backbones.loading import (
     as_dtype,
@@ -79,14 +80,14 @@ class Qwen2VLEncoder(SubBatchEncoder):
             frames = [frames[int(i * step)] for i in range(self.max_frames)]
         return list(frames) + [frames[-1]] * (-len(frames) % self.temporal)
 
-    def images(self, visual: Visual) -> list[Image.Image]:
+    def images(self, visual: LoadedVisual) -> list[Image.Image]:
         """The images of a row's visual input in placeholder order (a video's frames, views by name)."""
         kind = visual_kind(visual)
         if kind == "video":
             return self.frames(visual)
         return [visual[name] for name in sorted(visual)] if kind == "views" else [visual]
 
-    def placeholders(self, visual: Visual | bool) -> str | None:
+    def placeholders(self, visual: LoadedVisual | bool) -> str | None:
         if visual is False or visual is None:
             return None
         if visual is True or visual_kind(visual) != "video":
@@ -102,7 +103,7 @@ class Qwen2VLEncoder(SubBatchEncoder):
         pixels = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
         return pixels.view(len(images), self.patches_per_image, -1)
 
-    def row_pixels(self, visual: Visual) -> torch.Tensor:
+    def row_pixels(self, visual: LoadedVisual) -> torch.Tensor:
         images = self.images(visual)
         pixels = self.patches(images)
         if visual_kind(visual) != "video":
@@ -113,7 +114,7 @@ class Qwen2VLEncoder(SubBatchEncoder):
         grouped = frames.unflatten(0, (-1, self.temporal)).permute(0, 2, 3, 1, 4)  # [F / T, n, C, T, P*P]
         return grouped.flatten(2).flatten(0, 1)
 
-    def pixel_values(self, visuals: Sequence[Visual]) -> torch.Tensor:
+    def pixel_values(self, visuals: Sequence[LoadedVisual]) -> torch.Tensor:
         return pad_rows([self.row_pixels(v) for v in visuals])
 
 

@@ -4,8 +4,9 @@ Each record is edited from the unedited weights (as in validation), or with `--s
 first N records are edited one after another and scored with the final weights, with a curve of
 how the earliest edits' Reliability and Locality change as edits accumulate.
 
-VQA-layout files are read as VLKEB reads them (a superset of E-VQA): portability questions are
-scored per hop (`--hops` chooses), and the one-hop-edit variant applies its second edit before
+ADS-Edit files (records with an `image_type`) are read as such, and every metric is also reported per
+`data_type` and per `image_type`. VQA-layout files are read as VLKEB reads them (a superset of E-VQA):
+portability questions are scored per hop (`--hops` chooses), and the one-hop-edit variant applies its second edit before
 scoring the question that depends on it.
 """
 
@@ -15,8 +16,11 @@ import argparse
 import json
 from pathlib import Path
 
+from data_modules.ads import ADSEditDataModule
+from data_modules.ads_records import file_is_ads
 from data_modules.datamodules import EditDataModule, TextEditDataModule
 from data_modules.encoding import SubBatchEncoder
+from data_modules.records import DataError
 from data_modules.validate import add_image_arguments
 from data_modules.vlkeb import VLKEBDataModule
 from kedit_lightning.callbacks import metrics_table
@@ -83,7 +87,10 @@ def image_datamodule(args: argparse.Namespace, data: Path, processor: SubBatchEn
         processor=processor,
         extra_image_roots=tuple(str(Path(root).resolve()) for root in args.extra_image_root),
         max_image_pixels=args.max_image_pixels,
+        max_frames=args.max_frames,
     )
+    if file_is_ads(data):
+        return ADSEditDataModule(str(data.parent), **options)
     if args.kind == "vqa":
         return VLKEBDataModule(str(data.parent), hops=args.hops, require_port=args.require_port, **options)
     return EditDataModule(str(data.parent), kind=args.kind, **options)
@@ -100,15 +107,19 @@ def run(args: argparse.Namespace) -> int:
         else image_datamodule(args, data, editor.processor(backbone))
     )
     datamodule.setup("validate")
+    problems = datamodule.visual_problems(type(backbone).visual_inputs, backbone.family)
+    if problems:
+        raise DataError(problems)
+    groups = datamodule.metric_groups("val")
     loader = datamodule.val_dataloader()
     progress = not args.no_progress
     if args.sequential is not None:
         available = len(datamodule.split_records("val"))
         if not 0 < args.sequential <= available:
             raise ValueError(f"--sequential {args.sequential}: {data} has {available} records")
-        report = evaluate_sequential(editor, backbone, loader, args.sequential, HOPS, args.probe, progress)
+        report = evaluate_sequential(editor, backbone, loader, args.sequential, HOPS, args.probe, progress, groups)
     else:
-        report = evaluate(editor, backbone, loader, HOPS, progress)
+        report = evaluate(editor, backbone, loader, HOPS, progress, groups)
     token = {key: value for key, value in report.items() if key != "sequential"}
     exact = {**report["exact_match"], "n_edits": report["n_edits"]}
     print(metrics_table({"token accuracy": token, "exact match": exact}))

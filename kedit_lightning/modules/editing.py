@@ -21,7 +21,9 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from data_modules.encoding import IGNORE_INDEX, SubBatch, SubBatchEncoder
+from data_modules.records import DataError
 from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
+from kedit_lightning.backbones.base import backbone_class
 from kedit_lightning.editor import EditSession, NonFiniteEdit
 from kedit_lightning.editors.edited_model import WeightEditedModel
 from kedit_lightning.evaluation import HOPS, EditMetrics, evaluate_batch, flatten_report, headline
@@ -62,6 +64,7 @@ class EditorModule(LightningModule, ABC):
         # load_from_checkpoint hands the spec back as the plain dict `save_hyperparameters` stored.
         self.backbone_spec = backbone if isinstance(backbone, BackboneSpec) else BackboneSpec(**backbone)
         self.logged_edits = logged_edits
+        self.hops = tuple(hops)
         self.val_metrics = EditMetrics(hops)
         self.test_metrics = EditMetrics(hops)
         self.backbone: Backbone | None = None
@@ -101,6 +104,21 @@ class EditorModule(LightningModule, ABC):
 
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         prepare_base(self.backbone_spec, getattr(datamodule, "data_dir", None))
+
+    def setup(self, stage: str) -> None:
+        """Before the backbone loads: refuse data whose visual inputs its family cannot encode, and split the
+        metrics by the data's groups (ADS-Edit's scenarios and image types)."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "visual_problems"):
+            return
+        family = backbone_class(self.backbone_spec.family)
+        problems = datamodule.visual_problems(family.visual_inputs, family.family)
+        if problems:
+            raise DataError(problems)
+        for split, name in (("val", "val_metrics"), ("test", "test_metrics")):
+            groups = datamodule.metric_groups(split)
+            if groups:
+                setattr(self, name, EditMetrics(self.hops, groups))
 
     def configure_model(self) -> None:
         if self.backbone is None:
