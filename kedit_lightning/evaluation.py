@@ -135,11 +135,12 @@ def flatten_report(report: Mapping[str, Any], prefix: str = "") -> dict[str, flo
 
 
 def evaluate_batch(
-    editor: Editor, backbone: Backbone, batch: EditBatch, metrics: EditMetrics
+    editor: Editor, backbone: Backbone, batch: EditBatch, metrics: EditMetrics, generation: Any = None
 ) -> dict[str, torch.Tensor]:
     """Edit every record of `batch` on its own and score it into `metrics`; the post-edit answer logits
     per sub-batch. Passes: the frozen prefix (once per width bucket), one edit capture (two with one-hop
-    edits), one post-edit and one pre-edit pass, whatever the number of records."""
+    edits), one post-edit and one pre-edit pass, whatever the number of records. With `generation`
+    (`generation.GenerationMetrics`) the same edits also answer by greedy decoding."""
     names = [key for key in (*SUB_BATCH_KEYS, "port", "port_edit") if key in batch]
     inputs = StepInputs(backbone, {key: batch[key] for key in names})
     model = editor.edited_model(backbone)
@@ -159,4 +160,6 @@ def evaluate_batch(
         pre = inputs.split(model.answer_logits(inputs, inputs.rows(*locality)), locality)
     labels = {key: inputs.labels[inputs.rows(key)] for key in queries}
     metrics.update(labels, post, pre, batch.get("port_hops", ()))
+    if generation is not None:
+        generation.update(model, backbone, batch, queries)
     return post
