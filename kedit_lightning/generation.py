@@ -134,12 +134,13 @@ def greedy_answers(
     groups: torch.Tensor | None = None,
     max_new_tokens: torch.Tensor | int | None = None,
 ) -> list[str]:
-    """`greedy_tokens` decoded to text; by default each row decodes its answer's token count + `MARGIN_TOKENS`."""
+    """`greedy_tokens` decoded to text (as generated: a leading space or line break kept); by default each row
+    decodes its answer's token count + `MARGIN_TOKENS`."""
     if max_new_tokens is None:
         max_new_tokens = torch.cat([answer_token_counts(sub) for sub in sub_batches.values()]) + MARGIN_TOKENS
     tokenizer = backbone.processor.tokenizer
     tokens = greedy_tokens(model, backbone, sub_batches, groups, max_new_tokens)
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens]
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
 
 
 def answer_token_counts(sub_batch: SubBatch) -> torch.Tensor:

@@ -14,6 +14,8 @@ from test_edited_model import trained_like
 from data_modules.datamodules import VQADataModule
 from data_modules.encoding import IGNORE_INDEX
 from kedit_lightning.cli import main
+from kedit_lightning.commands.facts_cmd import first_answer
+from kedit_lightning.commands.facts_cmd import greedy_answers as facts_greedy_answers
 from kedit_lightning.editor import Editor
 from kedit_lightning.editors.edited_model import StepInputs
 from kedit_lightning.editors.mend import MEND
@@ -104,3 +106,17 @@ def test_generate_with_sequential_is_refused_in_one_line(fitted, world, base_dir
     assert "--generate scores records edited one at a time; it does not combine with --sequential" in (
         capsys.readouterr().err
     )
+
+
+def test_kedit_facts_answers_are_what_transformers_generate_greedily(tokenizer):
+    """`kedit facts` decodes with the same decoder; one prompt at a time, unedited, it is greedy search."""
+    torch.manual_seed(4)
+    backbone = tiny_backbone("text", tokenizer).eval()
+    prompts = ["Where is Zandia?", "The capital of Zandia is", "Question: what colour is blue?"]
+    expected = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        out = backbone.model.generate(ids, max_new_tokens=6, do_sample=False, num_beams=1, pad_token_id=0)
+        expected.append(first_answer(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)))
+    assert facts_greedy_answers(backbone, prompts) == expected
+    assert any(expected)  # the tiny model says something: not a trivial comparison

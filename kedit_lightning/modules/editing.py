@@ -22,9 +22,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from data_modules.encoding import IGNORE_INDEX, SubBatch, SubBatchEncoder
 from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
-from kedit_lightning.editor import EditSession, NonFiniteEdit
-from kedit_lightning.editors.edited_model import WeightEditedModel
+from kedit_lightning.editors.edited_model import StepInputs
 from kedit_lightning.evaluation import HOPS, EditMetrics, evaluate_batch, flatten_report, headline
+from kedit_lightning.generation import greedy_answers
 from kedit_lightning.sharding import shard_editor_module
 
 REPORT_KEY = "kedit_val_report"
@@ -189,40 +189,18 @@ class EditorModule(LightningModule, ABC):
         return [self.backbone.processor.tokenizer.decode(row.tolist()).strip() for row in ids]
 
     @torch.no_grad()
-    def greedy_answer(self, row: SubBatch) -> str:
-        """The backbone's greedy answer to the prompt of `row` (a one-row sub-batch): as many tokens as its
-        target has plus two, cut at the end-of-sequence token. A fixed number of forwards on every call."""
-        tokenizer = self.backbone.processor.tokenizer
-        answer = row["labels"][0] != IGNORE_INDEX
-        ids = row["input_ids"][:, : int(answer.nonzero()[0])]
-        start = ids.shape[1]
-        for _ in range(int(answer.sum()) + 2):
-            logits = self.backbone.model_logits(ids, torch.ones_like(ids), row.get("pixel_values"))
-            ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
-        new = ids[0, start:].tolist()
-        if tokenizer.eos_token_id in new:
-            new = new[: new.index(tokenizer.eos_token_id)]
-        return tokenizer.decode(new).strip()
-
     def _generated_answers(self, sub_batch: SubBatch) -> tuple[list[str], list[str]] | None:
-        """Each row's greedy answer before and after its own edit, folded into the weights and restored
-        after; None for memory edits (SERAC: the backbone alone does not answer with them) and for a
-        sharded backbone (ModelParallelStrategy: folding edits into its sharded weights is not done here)."""
-        session = EditSession(self.editor, self.backbone)
-        if not isinstance(session.model, WeightEditedModel) or self.device_mesh is not None:
+        """Each row's greedy answer before and after its own edit (generation.py: the edit in force through
+        the edited model, SERAC's routing included); None for a sharded backbone (ModelParallelStrategy:
+        every rank would have to decode the same rows)."""
+        if self.device_mesh is not None:
             return None
-        pre, post = [], []
-        for i in range(sub_batch["input_ids"].shape[0]):
-            row = {k: v[i : i + 1] if isinstance(v, torch.Tensor) else v for k, v in sub_batch.items()}
-            pre.append(self.greedy_answer(row))
-            try:
-                session.add(row, f"logged edit {i}", "its example shows no post-edit answer")
-                post.append(self.greedy_answer(row))
-            except NonFiniteEdit:
-                post.append("(non-finite edit)")
-            finally:
-                session.restore()
-        return pre, post
+        model = self.editor.edited_model(self.backbone)
+        inputs = StepInputs(self.backbone, {"edit": sub_batch})
+        groups = self.editor(model, inputs, inputs.rows("edit"))
+        pre = greedy_answers(model, self.backbone, {"edit": sub_batch})
+        post = greedy_answers(model, self.backbone, {"edit": sub_batch}, groups)
+        return [a.strip() for a in pre], [a.strip() for a in post]
 
     def _shown_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[C, H, W] in [0, 1]: an image as the model saw it, its processor's normalisation undone."""
@@ -233,7 +211,7 @@ class EditorModule(LightningModule, ABC):
 
     def _log_examples(self, batch: Mapping[str, Any], post_logits: torch.Tensor) -> None:
         """A few edits on TensorBoard: prompt, old answer, target, the greedy answers before and after the
-        edit (SERAC: the answer tokens' argmax), and the edit's image."""
+        edit (the answer tokens' argmax with a sharded backbone), and the edit's image."""
         tb = next((lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
         if tb is None or self.trainer.sanity_checking:
             return
