@@ -2,8 +2,9 @@
 
 Each fact of data_modules/facts/real_facts.json becomes one record: `src` (the relation's prompt about
 the subject), `rephrase` (one of its paraphrases), `alt` (the counterfactual), and `loc` alternately a
-near-neighbour prompt (same relation, another subject) and an unrelated one. `pred` and `loc_ans` are
-what the model itself answers (greedy generation): locality is about keeping the model's answer, right
+near-neighbour prompt (same relation, another subject) and an unrelated one, and `neighbors` the
+near-neighbour prompt with its answer (scored as `n_locality`). `pred`, `loc_ans` and the neighbour's answer
+are what the model itself answers (greedy generation): locality is about keeping the model's answer, right
 or wrong. Facts are split into train / eval by subject, so no eval subject is seen in training.
 """
 
@@ -95,18 +96,18 @@ def generation_success(editor: Editor, backbone: Backbone, records: Sequence[Tex
 
 
 def fact_prompts(table: dict[str, Any], index: int) -> dict[str, str]:
-    """A fact's src, rephrase and locality prompt (neighbour for even indices, unrelated for odd)."""
+    """A fact's src, rephrase, locality prompt (neighbour for even indices, unrelated for odd) and its
+    near-neighbour prompt (`neighbor`)."""
     fact = table["facts"][index]
     relation = table["relations"][fact["relation"]]
     paraphrases = relation["paraphrases"]
-    if index % 2 == 0:
-        loc = relation["prompt"].format(fact["neighbour"])
-    else:
-        loc = table["unrelated"][(index // 2) % len(table["unrelated"])]
+    neighbor = relation["prompt"].format(fact["neighbour"])
+    loc = neighbor if index % 2 == 0 else table["unrelated"][(index // 2) % len(table["unrelated"])]
     return {
         "src": relation["prompt"].format(fact["subject"]),
         "rephrase": paraphrases[index % len(paraphrases)].format(fact["subject"]),
         "loc": loc,
+        "neighbor": neighbor,
     }
 
 
@@ -118,17 +119,20 @@ def split_subjects(facts: Sequence[dict[str, Any]], eval_fraction: float, seed: 
 
 
 def build_records(table: dict[str, Any], backbone: Backbone, limit: int | None = None) -> list[dict[str, str]]:
-    """One zsRE record per fact, `pred` / `loc_ans` from the model; facts the model gives no answer for
-    (or already answers with the counterfactual) are dropped."""
+    """One zsRE record per fact, `pred` / `loc_ans` / the neighbour's answer from the model; facts the model
+    gives no answer for (or already answers with the counterfactual) are dropped, and a neighbour it gives no
+    answer for is left out."""
     count = len(table["facts"]) if limit is None else min(limit, len(table["facts"]))
     prompts = [fact_prompts(table, index) for index in range(count)]
-    answers = greedy_answers(backbone, [p["src"] for p in prompts] + [p["loc"] for p in prompts])
+    answers = greedy_answers(backbone, [p[key] for key in ("src", "loc", "neighbor") for p in prompts])
     records = []
     for index, prompt in enumerate(prompts):
-        pred, loc_ans = answers[index], answers[count + index]
+        pred, loc_ans, neighbor = answers[index], answers[count + index], answers[2 * count + index]
         alt = table["facts"][index]["counterfactual"]
         if pred and loc_ans and pred != alt:
-            records.append({**prompt, "pred": pred, "alt": alt, "loc_ans": loc_ans})
+            neighbors = [{"prompt": prompt["neighbor"], "answer": neighbor}] if neighbor else []
+            fields = {key: value for key, value in prompt.items() if key != "neighbor"}
+            records.append({**fields, "pred": pred, "alt": alt, "loc_ans": loc_ans, "neighbors": neighbors})
     return records
 
 

@@ -139,8 +139,9 @@ class EditorModule(LightningModule, ABC):
 
     def _check_ranks_run_the_same_forwards(self, batch: Mapping[str, Any]) -> None:
         """With a sharded backbone every forward gathers weights together with every other rank, so
-        all ranks must run the same forwards: the same sub-batches (portability rows, one-hop edits)."""
-        plan = tuple(key in batch for key in ("port", "port_edit"))
+        all ranks must run the same forwards: the same sub-batches (portability rows, one-hop edits,
+        near neighbours)."""
+        plan = tuple(key in batch for key in ("port", "port_edit", "neighbor"))
         # hash() of a tuple of bools is the same in every process (no string salt).
         gathered = self.all_gather(torch.tensor([hash(plan)], device=self.device))
         if not bool((gathered == gathered[0]).all()):
