@@ -243,5 +243,12 @@ def test_text_records_also_edit_an_image_backbone(world):
     editor = MEND.for_backbone(backbone, rank=8)
     metrics = EditMetrics()
     evaluate_batch(editor, backbone, batch, metrics)
-    assert set(metrics.compute()) == {"reliability", "t_generality", "t_locality", "n_edits", "exact_match"}
+    assert set(metrics.compute()) == {
+        "reliability",
+        "t_generality",
+        "t_locality",
+        "n_locality",
+        "n_edits",
+        "exact_match",
+    }
     assert set(outer_losses(editor, backbone, batch)) == {"edit", "loc"}
