@@ -1,21 +1,30 @@
 """Near-neighbour locality: the text records' `neighbors` field (kedit synth writes it, kedit validate checks
 it, CounterFact's neighbourhood prompts map to it), its `neighbor` sub-batch and the `n_locality` score."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
+from conftest import CONFIGS, TINY_BERT
+from lightning import Trainer
 from oracle import dense_edit, run_with
 from test_backbones import make_tokenizer, tiny_backbone
+from test_edited_model import trained_like
 
+from data_modules.datamodules import TextEditDataModule
 from data_modules.datasets import TextEditCollator, text_edit_example
 from data_modules.encoding import IGNORE_INDEX
 from data_modules.synthetic import FACT_QUESTIONS, TEXT_NEIGHBORS
 from data_modules.text_records import Neighbor, TextRecord, read_text_records
+from kedit_lightning.backbones import load_backbone_spec
 from kedit_lightning.cli import main
 from kedit_lightning.editors.ft import FineTune
+from kedit_lightning.editors.mend import MEND
 from kedit_lightning.evaluation import EditMetrics, evaluate_batch
 from kedit_lightning.generation import GenerationMetrics
+from kedit_lightning.modules.mend import outer_losses
+from kedit_lightning.modules.serac import ScopeEncoderSpec, SERACModule
 
 ZSRE = {
     "src": "Which country is Velor in?",
@@ -141,3 +150,46 @@ def test_generation_scores_neighbours_as_gen_n_locality(tmp_path):
     report = generation.compute()
     assert report["gen_n_locality"] == 1.0 and report["gen_t_locality"] == 1.0  # nothing changed
     assert set(report) == {"gen_reliability", "gen_t_generality", "gen_t_locality", "gen_n_locality"}
+
+
+def test_mend_neighbour_locality_adds_the_neighbours_kl_to_the_outer_locality_loss():
+    """Neighbours that repeat each record's `loc` row: the locality loss must double exactly, and only with the flag."""
+    tokenizer = make_tokenizer()
+    torch.manual_seed(7)
+    backbone = tiny_backbone("text", tokenizer).eval()
+    records = [
+        read_record("Where is this object located?", "Velor", []),
+        TextRecord("What colour is the object?", "Colour of object?", "red", "Where is Zandia?", "Marun"),
+    ]
+    batch = TextEditCollator(backbone.processor)([text_edit_example(r, i) for i, r in enumerate(records)])
+    batch["neighbor"], batch["neighbor_record"] = batch["loc"], torch.arange(2)
+    editor = trained_like(MEND.for_backbone(backbone, rank=8, edit_lr=1.0)).eval()
+    plain = outer_losses(editor, backbone, batch)["loc"].detach()
+    with_neighbors = outer_losses(editor, backbone, batch, neighbors=True)["loc"].detach()
+    assert float(plain) > 0 and float(with_neighbors) == pytest.approx(2 * float(plain), rel=1e-5)
+
+
+def test_serac_trains_with_neighbours_as_classifier_negatives(world):
+    tokenizer_dir = str(world / "tokenizer")
+    spec = dataclasses.replace(load_backbone_spec(CONFIGS / "text-tiny.yaml"), processor=tokenizer_dir)
+    torch.manual_seed(0)
+    scope = ScopeEncoderSpec(config=TINY_BERT, tokenizer=tokenizer_dir)
+    module = SERACModule(spec, spec, scope, neighbor_locality=True)
+    data = TextEditDataModule(str(world), batch_size=4)
+    trainer = Trainer(
+        max_steps=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        inference_mode=False,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, data)
+    batch = next(iter(data.train_dataloader()))
+    inputs = module.read_step(batch)
+    assert inputs["neighbor"].query.text.ids.shape[0] == batch["neighbor_record"].shape[0] > 0
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
