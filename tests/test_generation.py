@@ -120,3 +120,15 @@ def test_kedit_facts_answers_are_what_transformers_generate_greedily(tokenizer):
         expected.append(first_answer(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)))
     assert facts_greedy_answers(backbone, prompts) == expected
     assert any(expected)  # the tiny model says something: not a trivial comparison
+
+
+def test_serac_generates_through_its_routing(serac_fitted, world, base_dir, tmp_path):
+    """SERAC's edits live in its memory: generation reads its counterfactual tokens too, extended each step."""
+    out = tmp_path / "serac.json"
+    args = ["eval", "--editor", str(serac_fitted.artifact), "--backbone", str(base_dir)]
+    args += ["--data", str(world / VAL_FILE), "--images", str(world / "images"), "--generate", "--json", str(out)]
+    args += ["--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    keys = {"gen_reliability", "gen_t_generality", "gen_i_generality", "gen_t_locality", "gen_i_locality"}
+    assert keys <= set(report) and all(0.0 <= report[key] <= 1.0 for key in keys)
