@@ -21,6 +21,7 @@ from torch import nn
 from data_modules.encoding import SUB_BATCH_KEYS, EditBatch, SubBatch
 from kedit_lightning.backbones.base import Backbone
 from kedit_lightning.editors.edited_model import Editor, StepInputs
+from kedit_lightning.generation import GenerationMetrics
 from kedit_lightning.metrics import EditAccuracy, EditLocality, PortabilityByHop
 
 HOPS = ("1-hop", "2-hop", "3-hop", "4-hop")
@@ -143,12 +144,16 @@ def flatten_report(report: Mapping[str, Any], prefix: str = "") -> dict[str, flo
 
 
 def evaluate_batch(
-    editor: Editor, backbone: Backbone, batch: EditBatch, metrics: EditMetrics, generation: Any = None
+    editor: Editor,
+    backbone: Backbone,
+    batch: EditBatch,
+    metrics: EditMetrics,
+    generation: GenerationMetrics | None = None,
 ) -> dict[str, torch.Tensor]:
     """Edit every record of `batch` on its own and score it into `metrics`; the post-edit answer logits
     per sub-batch. Passes: the frozen prefix (once per width bucket), one edit capture (two with one-hop
     edits), one post-edit and one pre-edit pass, whatever the number of records. With `generation`
-    (`generation.GenerationMetrics`) the same edits also answer by greedy decoding."""
+    the same edits also answer by greedy decoding (`gen_*` scores)."""
     names = [key for key in (*SUB_BATCH_KEYS, NEIGHBOR, "port", "port_edit") if key in batch]
     inputs = StepInputs(backbone, {key: batch[key] for key in names})
     model = editor.edited_model(backbone)
