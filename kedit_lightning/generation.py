@@ -62,8 +62,9 @@ def same_answer(post: str, pre: str, target: str) -> bool:
 
 
 def _extended(sub_batch: SubBatch, generated: torch.Tensor, filler: int) -> SubBatch:
-    """`sub_batch` with every row's answer replaced by `generated` [N, S] plus one filler token, the
-    answer labels on exactly those S + 1 positions (the filler's logits are never read: they score nothing)."""
+    """`sub_batch` with every row's answer replaced by `generated` [N, S] plus one filler token, the answer
+    labels on those S + 1 positions: the last answer position's logits are the next token's, and the filler,
+    the row's last token, is never attended to. Other fields (SERAC's prompt-only classifier tokens) stay."""
     out: dict[str, Any] = dict(sub_batch)
     n, steps = generated.shape
     for ids_key, mask_key, labels_key in TOKEN_FIELDS:
