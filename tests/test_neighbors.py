@@ -19,6 +19,7 @@ from data_modules.synthetic import FACT_QUESTIONS, TEXT_NEIGHBORS
 from data_modules.text_records import Neighbor, TextRecord, read_text_records
 from kedit_lightning.backbones import load_backbone_spec
 from kedit_lightning.cli import main
+from kedit_lightning.commands.facts_cmd import FACT_TABLE, build_records, fact_prompts, read_fact_table
 from kedit_lightning.editors.ft import FineTune
 from kedit_lightning.editors.mend import MEND
 from kedit_lightning.evaluation import EditMetrics, evaluate_batch
@@ -193,3 +194,19 @@ def test_serac_trains_with_neighbours_as_classifier_negatives(world):
     inputs = module.read_step(batch)
     assert inputs["neighbor"].query.text.ids.shape[0] == batch["neighbor_record"].shape[0] > 0
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_kedit_facts_gives_each_fact_its_neighbour_with_the_models_answer():
+    tokenizer = make_tokenizer()
+    torch.manual_seed(8)
+    backbone = tiny_backbone("text", tokenizer).eval()
+    table = read_fact_table(FACT_TABLE)
+    records = build_records(table, backbone, limit=4)
+    assert records
+    for record in records:
+        index = next(i for i in range(4) if fact_prompts(table, i)["src"] == record["src"])
+        fact = table["facts"][index]
+        (neighbor,) = record["neighbors"]
+        assert neighbor["prompt"] == table["relations"][fact["relation"]]["prompt"].format(fact["neighbour"])
+        if index % 2 == 0:  # there `loc` is the same neighbour prompt: the same answer of the model
+            assert record["loc"] == neighbor["prompt"] and neighbor["answer"] == record["loc_ans"]
