@@ -32,7 +32,6 @@ SUB_BATCH_OF = {
     "i_generality": "edit_outer_image",
     "t_locality": "loc",
     "i_locality": "loc_image",
-    "n_locality": "neighbor",
 }
 LOCALITY_KEYS = ("t_locality", "i_locality")
 HEADLINE = ACCURACY_KEYS + LOCALITY_KEYS
@@ -40,6 +39,7 @@ LOCALITY_SUB_BATCHES = ("loc", "loc_image")
 NEIGHBOR_KEY, NEIGHBOR = "n_locality", "neighbor"
 """Near-neighbour locality (same relation, another subject): reported where the data has neighbours, not in
 the headline mean (so `val/score` means the same with or without them)."""
+LOCALITY_OF = {**{key: SUB_BATCH_OF[key] for key in LOCALITY_KEYS}, NEIGHBOR_KEY: NEIGHBOR}
 
 
 def headline(report: Mapping[str, Any]) -> list[str]:
@@ -82,7 +82,7 @@ class EditMetrics(nn.Module):
     def __init__(self, hops: Sequence[str] = HOPS) -> None:
         super().__init__()
         self.accuracy = nn.ModuleDict({key: EditAccuracy() for key in ACCURACY_KEYS})
-        self.locality = nn.ModuleDict({key: EditLocality() for key in (*LOCALITY_KEYS, NEIGHBOR_KEY)})
+        self.locality = nn.ModuleDict({key: EditLocality() for key in LOCALITY_OF})
         self.portability = PortabilityByHop(hops=tuple(hops))
         self.portability_exact = PortabilityByHop(hops=tuple(hops), exact=True)
 
@@ -100,8 +100,7 @@ class EditMetrics(nn.Module):
         for key in ACCURACY_KEYS:
             if SUB_BATCH_OF[key] in post:
                 self.accuracy[key].update(post[SUB_BATCH_OF[key]], labels[SUB_BATCH_OF[key]])
-        for key in self.locality:
-            name = SUB_BATCH_OF[key]
+        for key, name in LOCALITY_OF.items():
             if name in post:
                 self.locality[key].update(pre[name], post[name], labels[name])
         if "port" in post:
