@@ -270,7 +270,8 @@ class EditCollator:
 
 @dataclass
 class TextEditExample:
-    """One text record's rows: the edit (`prompt` -> `target`), its rephrase, and the locality input."""
+    """One text record's rows: the edit (`prompt` -> `target`), its rephrase, the locality input and the near
+    neighbours ((prompt, answer) pairs)."""
 
     prompt: str
     rephrase: str
@@ -278,6 +279,7 @@ class TextEditExample:
     loc_prompt: str
     loc_target: str
     meta: dict[str, Any]
+    neighbors: tuple[tuple[str, str], ...] = ()
 
 
 def text_edit_example(record: TextRecord, position: int = 0) -> TextEditExample:
@@ -285,7 +287,8 @@ def text_edit_example(record: TextRecord, position: int = 0) -> TextEditExample:
     file, index = record.where(position)
     meta = {"prompt": record.src, "rephrase": record.rephrase, "pred": record.pred, "alt": record.alt}
     meta.update(origin=f"{file}:{index}", file=file, index=index)
-    return TextEditExample(record.src, record.rephrase, record.alt, record.loc, record.loc_ans, meta)
+    neighbors = tuple((n.prompt, n.answer) for n in record.neighbors)
+    return TextEditExample(record.src, record.rephrase, record.alt, record.loc, record.loc_ans, meta, neighbors)
 
 
 def text_length_problems(records: Sequence[TextRecord], encode: SubBatchEncoder) -> list[Problem]:
@@ -295,7 +298,12 @@ def text_length_problems(records: Sequence[TextRecord], encode: SubBatchEncoder)
     rows = [
         ((*r.where(position), name), prompt, target)
         for position, r in enumerate(records)
-        for name, prompt, target in (("src", r.src, r.alt), ("rephrase", r.rephrase, r.alt), ("loc", r.loc, r.loc_ans))
+        for name, prompt, target in (
+            ("src", r.src, r.alt),
+            ("rephrase", r.rephrase, r.alt),
+            ("loc", r.loc, r.loc_ans),
+            *((f"neighbors[{k}]", n.prompt, n.answer) for k, n in enumerate(r.neighbors)),
+        )
     ]
     lengths = encode.lengths([r[1] for r in rows], [r[2] for r in rows], [False] * len(rows))
     return [Problem(*row[0], encode.too_long(n)) for row, n in zip(rows, lengths) if n > encode.max_length]
@@ -316,7 +324,9 @@ class TextEditDataset(Dataset):
 
 class TextEditCollator:
     """List of `TextEditExample` -> EditBatch with `edit_inner` (src + alt), `edit_outer` (rephrase + alt),
-    `loc` (loc + loc_ans), all with pixel_values None, and `meta`; no image sub-batches at all."""
+    `loc` (loc + loc_ans), all with pixel_values None, and `meta`; no image sub-batches at all. Where some
+    record has near neighbours: `neighbor` (their prompt + answer rows) and `neighbor_record` (LongTensor [K],
+    the batch row of each one's record), as `port` rows follow their record."""
 
     def __init__(self, processor: SubBatchEncoder) -> None:
         self.processor = processor
@@ -326,12 +336,20 @@ class TextEditCollator:
             return encode_rows(self.processor, prompts, targets, None, [example_where(e, field) for e in examples])
 
         targets = [e.target for e in examples]
-        return {
+        batch: dict[str, Any] = {
             "edit_inner": encode("src", [e.prompt for e in examples], targets),
             "edit_outer": encode("rephrase", [e.rephrase for e in examples], targets),
             "loc": encode("loc", [e.loc_prompt for e in examples], [e.loc_target for e in examples]),
-            "meta": [e.meta for e in examples],
         }
+        rows = [(row, k, pair) for row, e in enumerate(examples) for k, pair in enumerate(e.neighbors)]
+        if rows:
+            where = [example_where(examples[row], f"neighbors[{k}]") for row, k, _ in rows]
+            batch["neighbor"] = encode_rows(
+                self.processor, [pair[0] for *_, pair in rows], [pair[1] for *_, pair in rows], None, where
+            )
+            batch["neighbor_record"] = torch.tensor([row for row, _, _ in rows], dtype=torch.long)
+        batch["meta"] = [e.meta for e in examples]
+        return batch
 
 
 @dataclass

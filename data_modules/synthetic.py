@@ -43,6 +43,7 @@ SCALE_RANGE = (0.72, 1.0)
 MAX_ANGLE = 15.0  # degrees; small enough that a square never looks like the diamond
 EVAL_CITY_EDITS = 6  # per eval entity, all on other continents
 EVAL_CAPTION_EDITS_PER_ATTRIBUTE = 2
+TEXT_NEIGHBORS = 2  # near neighbours per text edit
 # Tokenizers' `Whitespace` pre-tokenizer splits text the same way: words and punctuation runs.
 WORD_PATTERN = r"\w+|[^\w\s]+"
 
@@ -622,10 +623,12 @@ def build_records(world: World) -> dict[str, list[dict[str, Any]]]:
 
 def build_text_records(world: World) -> dict[str, list[dict[str, Any]]]:
     """zsRE-style text edits (keys of `TEXT_FILES`): each geography subject's fact changed to another
-    object of its relation, asked in its two phrasings, with another subject's fact as locality. One
+    object of its relation, asked in its two phrasings, with another subject's fact as locality and
+    `TEXT_NEIGHBORS` near neighbours (the same relation about other subjects, with their answers). One
     subject in four is held out for eval."""
     g = world.geography
     rng = _rng(world.seed, "text")
+    neighbor_rng = _rng(world.seed, "text/neighbors")  # its own stream: the other fields stay as they were
     relations = (("country", g.country_of), ("continent", g.continent_of), ("ocean", g.ocean_of))
     facts = _Deal(g.facts(), rng)
     out: dict[str, list[dict[str, Any]]] = {name: [] for name in TEXT_FILES}
@@ -635,7 +638,10 @@ def build_text_records(world: World) -> dict[str, list[dict[str, Any]]]:
             src, rephrase = (template.format(subject) for template in FACT_QUESTIONS[relation])
             loc, loc_ans = facts.next(lambda fact, subject=subject: subject not in fact[0])
             alt = rng.choice([o for o in objects if o != answer])
+            others = neighbor_rng.sample([o for o in sorted(mapping) if o != subject], TEXT_NEIGHBORS)
+            neighbors = [{"prompt": FACT_QUESTIONS[relation][0].format(o), "answer": mapping[o]} for o in others]
             record = {"src": src, "rephrase": rephrase, "pred": answer, "alt": alt, "loc": loc, "loc_ans": loc_ans}
+            record["neighbors"] = neighbors
             out["text_eval" if position % 4 == 3 else "text_train"].append(record)
     return out
 
@@ -646,6 +652,7 @@ def vocabulary(records: Iterable[dict[str, Any]]) -> list[str]:
     text_fields = ("src", "rephrase", "pred", "alt", "loc", "loc_ans", "m_loc_q", "m_loc_a")
     for record in records:
         texts = [record[f] for f in text_fields]
+        texts += [text for item in record.get("neighbors", []) for text in item.values()]
         for item in record.get("port_new", []):
             texts += list(item["Q&A"].values()) if "Q&A" in item else list(item.values())
         for text in texts:

@@ -11,6 +11,10 @@ Three public layouts are read, each record on its own (a file may mix them):
 CounterFact's first paraphrase prompt is the rephrase and its first neighbourhood prompt the locality
 input, whose answer is `target_true` (the neighbours share the true object, as in ROME's evaluation).
 A text record has no image fields: a record that has an `image` field belongs to the image layouts.
+
+Near neighbours (same relation, another subject, with the pre-edit answer) are an optional list in the
+zsRE and EasyEdit layouts, `neighbors: [{"prompt": p, "answer": a}, ...]`; ROME's CounterFact gives them
+as every `neighborhood_prompts` item, answered `target_true`. They are scored as `n_locality`.
 """
 
 from __future__ import annotations
@@ -47,9 +51,17 @@ PROMPTS = {"src": "prompt", "rephrase": "rephrase_prompt", "loc": "locality_prom
 
 
 @dataclass(frozen=True)
+class Neighbor:
+    """A near neighbour of an edit: the edit's relation about another subject, and its pre-edit answer."""
+
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
 class TextRecord(Located):
     """One text edit: `src` used to be answered `pred` and should now be answered `alt`; `rephrase`
-    too, while `loc` stays answered `loc_ans`."""
+    too, while `loc` stays answered `loc_ans` and each of `neighbors` its answer."""
 
     src: str
     rephrase: str
@@ -57,6 +69,7 @@ class TextRecord(Located):
     loc: str
     loc_ans: str
     pred: str = ""
+    neighbors: tuple[Neighbor, ...] = ()
     origin: Origin | None = field(default=None, compare=False, repr=False)
 
 
@@ -84,6 +97,40 @@ def _first(raw: Mapping[str, Any], key: str, file: str, index: int) -> tuple[str
     if not isinstance(items[0], str):
         return None, [Problem(file, index, f"{key}[0]", f"expected a string, got {json_type(items[0])}")]
     return items[0], []
+
+
+def _neighbors(raw: Mapping[str, Any], file: str, index: int) -> tuple[tuple[Neighbor, ...], list[Problem]]:
+    """The optional `neighbors` list of a zsRE or EasyEdit record, or the problems with it."""
+    items = raw.get("neighbors", [])
+    if not isinstance(items, list):
+        return (), [Problem(file, index, "neighbors", f"expected a list, got {json_type(items)}")]
+    neighbors, problems = [], []
+    for position, item in enumerate(items):
+        name = f"neighbors[{position}]"
+        if not isinstance(item, dict):
+            problems.append(Problem(file, index, name, f"expected an object, got {json_type(item)}"))
+            continue
+        more = _string_problems(item, ["prompt", "answer"], file, index, f"{name}.")
+        if not more and not item["prompt"].strip():
+            more.append(Problem(file, index, f"{name}.prompt", "empty or whitespace-only prompt"))
+        if not more and not item["answer"].strip():
+            more.append(Problem(file, index, f"{name}.answer", "empty target"))
+        problems += more
+        if not more:
+            neighbors.append(Neighbor(item["prompt"], item["answer"]))
+    return tuple(neighbors), problems
+
+
+def _rome_neighbors(raw: Mapping[str, Any], answer: str, file: str, index: int) -> tuple[tuple[Neighbor, ...], list]:
+    """Every `neighborhood_prompts` item as a neighbour answered `answer` (`target_true`)."""
+    problems = [
+        Problem(file, index, f"neighborhood_prompts[{k}]", f"expected a string, got {json_type(item)}")
+        for k, item in enumerate(raw["neighborhood_prompts"])
+        if not isinstance(item, str)
+    ]
+    if problems:
+        return (), problems
+    return tuple(Neighbor(prompt, answer) for prompt in raw["neighborhood_prompts"] if prompt.strip()), []
 
 
 def _rome_fields(raw: Mapping[str, Any], file: str, index: int) -> tuple[dict[str, str], list[Problem], dict]:
@@ -134,6 +181,9 @@ def parse_text_record(raw: Any, file: str, index: int) -> tuple[TextRecord | Non
     problems = _duplicate_problems(raw, file, index) + _text_problems(raw, file, index, "")
     if "requested_rewrite" in raw:
         fields, more, names = _rome_fields(raw, file, index)
+        if fields:
+            fields["neighbors"], most = _rome_neighbors(raw, fields["loc_ans"], file, index)
+            more += most
     elif "src" in raw:
         keys = [*ZSRE_FIELDS, *(["pred"] if "pred" in raw else [])]
         more = _string_problems(raw, keys, file, index)
@@ -150,6 +200,9 @@ def parse_text_record(raw: Any, file: str, index: int) -> tuple[TextRecord | Non
             "pred": raw.get("ground_truth"),
         }
         names = {**PROMPTS, "alt": "target_new", "loc_ans": "locality_ground_truth"}
+    if "requested_rewrite" not in raw:
+        fields["neighbors"], most = _neighbors(raw, file, index)
+        more += most
     problems += more
     for key in ("src", "rephrase", "loc", "loc_ans"):
         value = fields.get(key)

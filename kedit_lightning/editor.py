@@ -42,6 +42,7 @@ from kedit_lightning.backbones import FAMILIES, Backbone
 from kedit_lightning.editors.edited_model import StepInputs, WeightEditedModel
 from kedit_lightning.editors.serac import SERAC
 from kedit_lightning.evaluation import HOPS, EditMetrics, evaluate_batch, headline, record_batches
+from kedit_lightning.generation import GenerationMetrics
 
 
 class NonFiniteEdit(FloatingPointError):
@@ -437,17 +438,20 @@ def evaluate(
     hops: Sequence[str] = HOPS,
     progress: bool = True,
     groups: Sequence[str] = (),
+    generate: bool = False,
 ) -> dict[str, Any]:
     """Edit each record on its own, from the unedited model, and score it: what validation reports (also per
-    metric group, `EditMetrics`)."""
+    metric group, `EditMetrics`); with `generate` also the `gen_*` exact match of greedily generated answers
+    (generation.py)."""
     metrics = EditMetrics(hops, groups).to(device_of(backbone))
+    generation = GenerationMetrics().to(device_of(backbone)) if generate else None
     plain = editor.attach(backbone)
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
     with tqdm(total=total, desc="editing", disable=not progress) as bar:
         for batch in _batches(loader, device_of(backbone)):
-            evaluate_batch(plain, backbone, batch, metrics)
+            evaluate_batch(plain, backbone, batch, metrics, generation)
             bar.update(batch["edit_inner"]["input_ids"].shape[0])
-    return metrics.compute()
+    return {**metrics.compute(), **(generation.compute() if generate else {})}
 
 
 def curve_points(n_edits: int) -> list[int]:

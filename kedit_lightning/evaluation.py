@@ -22,6 +22,7 @@ from torch import nn
 from data_modules.encoding import IGNORE_INDEX, SUB_BATCH_KEYS, EditBatch, SubBatch
 from kedit_lightning.backbones.base import Backbone
 from kedit_lightning.editors.edited_model import Editor, StepInputs
+from kedit_lightning.generation import GenerationMetrics
 from kedit_lightning.metrics import EditAccuracy, EditLocality, PortabilityByHop
 
 HOPS = ("1-hop", "2-hop", "3-hop", "4-hop")
@@ -36,6 +37,10 @@ SUB_BATCH_OF = {
 LOCALITY_KEYS = ("t_locality", "i_locality")
 HEADLINE = ACCURACY_KEYS + LOCALITY_KEYS
 LOCALITY_SUB_BATCHES = ("loc", "loc_image")
+NEIGHBOR_KEY, NEIGHBOR = "n_locality", "neighbor"
+"""Near-neighbour locality (same relation, another subject): reported where the data has neighbours, not in
+the headline mean (so `val/score` means the same with or without them)."""
+LOCALITY_OF = {**{key: SUB_BATCH_OF[key] for key in LOCALITY_KEYS}, NEIGHBOR_KEY: NEIGHBOR}
 
 
 def headline(report: Mapping[str, Any]) -> list[str]:
@@ -53,6 +58,10 @@ def record_batches(batch: EditBatch) -> Iterator[dict[str, Any]]:
         one: dict[str, Any] = {key: _rows(batch[key], slice(i, i + 1)) for key in SUB_BATCH_KEYS if key in batch}
         if "meta" in batch:
             one["meta"] = batch["meta"][i : i + 1]
+        if NEIGHBOR in batch:
+            rows = (batch["neighbor_record"] == i).nonzero().flatten()
+            if rows.numel():
+                one[NEIGHBOR], one["neighbor_record"] = _rows(batch[NEIGHBOR], rows), torch.zeros_like(rows)
         if "port" in batch:
             rows = (batch["port_record"] == i).nonzero().flatten()
             if rows.numel():
@@ -84,7 +93,7 @@ class EditMetrics(nn.Module):
     def __init__(self, hops: Sequence[str] = HOPS, groups: Sequence[str] = ()) -> None:
         super().__init__()
         self.accuracy = nn.ModuleDict({key: EditAccuracy() for key in ACCURACY_KEYS})
-        self.locality = nn.ModuleDict({key: EditLocality() for key in LOCALITY_KEYS})
+        self.locality = nn.ModuleDict({key: EditLocality() for key in LOCALITY_OF})
         self.portability = PortabilityByHop(hops=tuple(hops))
         self.portability_exact = PortabilityByHop(hops=tuple(hops), exact=True)
         self.group_names = list(groups)
@@ -115,8 +124,7 @@ class EditMetrics(nn.Module):
         for key in ACCURACY_KEYS:
             if SUB_BATCH_OF[key] in post:
                 self.accuracy[key].update(post[SUB_BATCH_OF[key]], labels[SUB_BATCH_OF[key]])
-        for key in LOCALITY_KEYS:
-            name = SUB_BATCH_OF[key]
+        for key, name in LOCALITY_OF.items():
             if name in post:
                 self.locality[key].update(pre[name], post[name], labels[name])
         if "port" in post:
@@ -172,16 +180,23 @@ def flatten_report(report: Mapping[str, Any], prefix: str = "") -> dict[str, flo
 
 
 def evaluate_batch(
-    editor: Editor, backbone: Backbone, batch: EditBatch, metrics: EditMetrics
+    editor: Editor,
+    backbone: Backbone,
+    batch: EditBatch,
+    metrics: EditMetrics,
+    generation: GenerationMetrics | None = None,
 ) -> dict[str, torch.Tensor]:
     """Edit every record of `batch` on its own and score it into `metrics`; the post-edit answer logits
     per sub-batch. Passes: the frozen prefix (once per width bucket), one edit capture (two with one-hop
-    edits), one post-edit and one pre-edit pass, whatever the number of records."""
-    names = [key for key in (*SUB_BATCH_KEYS, "port", "port_edit") if key in batch]
+    edits), one post-edit and one pre-edit pass, whatever the number of records. With `generation`
+    the same edits also answer by greedy decoding (`gen_*` scores)."""
+    names = [key for key in (*SUB_BATCH_KEYS, NEIGHBOR, "port", "port_edit") if key in batch]
     inputs = StepInputs(backbone, {key: batch[key] for key in names})
     model = editor.edited_model(backbone)
     edits = editor(model, inputs, inputs.rows("edit_inner"))
     queries = {key: edits for key in SUB_BATCH_KEYS if key in batch}
+    if NEIGHBOR in batch:
+        queries[NEIGHBOR] = edits[batch["neighbor_record"].cpu()]
     if "port" in batch:
         port = edits[batch["port_record"].cpu()]
         if "port_edit" in batch:
@@ -192,8 +207,10 @@ def evaluate_batch(
     logits = model.answer_logits(inputs, inputs.rows(*queries), torch.cat(list(queries.values())))
     post = inputs.split(logits, list(queries))
     with model.unedited():  # the original model, also where edits are already folded into the weights
-        locality = [key for key in LOCALITY_SUB_BATCHES if key in batch]
+        locality = [key for key in (*LOCALITY_SUB_BATCHES, NEIGHBOR) if key in batch]
         pre = inputs.split(model.answer_logits(inputs, inputs.rows(*locality)), locality)
     labels = {key: inputs.labels[inputs.rows(key)] for key in queries}
     metrics.update(labels, post, pre, batch.get("port_hops", ()), batch.get("meta", ()))
+    if generation is not None:
+        generation.update(model, backbone, batch, queries)
     return post

@@ -171,3 +171,29 @@ def evaluate_batch(editor: nn.Module, backbone: Backbone, batch: Mapping[str, An
                     logits.append(answers(run_with(backbone, one, weights), one["labels"]))
                 post["port"], labels["port"], hops = torch.cat(logits), record["port"]["labels"], record["port_hops"]
         metrics.update(labels, post, pre, hops)
+
+
+@torch.no_grad()
+def greedy_tokens(
+    backbone: Backbone, sub_batch: SubBatch, max_new_tokens: int, params: Mapping[str, torch.Tensor] | None = None
+) -> list[int]:
+    """A one-row sub-batch's greedy continuation of its prompt (the tokens before its answer), one full forward
+    per token with `params` written into the named weights for the duration; cut at the end-of-sequence token."""
+    start = int((sub_batch["labels"][0] != IGNORE_INDEX).nonzero()[0])
+    ids = sub_batch["input_ids"][:, :start]
+    current = backbone.editable_parameters()
+    saved = {name: current[name].detach().clone() for name in params or {}}
+    try:
+        for name, value in (params or {}).items():
+            current[name].copy_(value)
+        for _ in range(max_new_tokens):
+            logits = backbone.model_logits(ids, torch.ones_like(ids), sub_batch.get("pixel_values"))[:, -1]
+            if backbone.image_token_id is not None and backbone.image_token_id < logits.shape[-1]:
+                logits[:, backbone.image_token_id] = float("-inf")  # a placeholder is never generated
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    finally:
+        for name, value in saved.items():
+            current[name].copy_(value)
+    new = ids[0, start:].tolist()
+    eos = backbone.processor.tokenizer.eos_token_id
+    return new[: new.index(eos)] if eos in new else new

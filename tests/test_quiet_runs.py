@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from data_modules.encoding import IGNORE_INDEX
 from kedit_lightning.cli import main as kedit_main
+from kedit_lightning.generation import greedy_answers
 from kedit_lightning.known_warnings import KNOWN_HARMLESS, quiet_known_warnings
 from kedit_lightning.training_cli import main as train_main
 
@@ -109,7 +110,7 @@ def test_greedy_answer_starts_with_the_argmax_of_the_first_answer_position(fitte
     )
     with torch.no_grad():
         first = int(backbone(row)[row["labels"] != IGNORE_INDEX][0].argmax())
-    answer = fitted.module.greedy_answer(row)
+    answer = greedy_answers(fitted.module.editor.edited_model(backbone), backbone, {"row": row})[0].strip()
     tokenizer = backbone.processor.tokenizer
     assert answer == "" if first == tokenizer.eos_token_id else answer.startswith(tokenizer.decode([first]).strip())
 

@@ -110,9 +110,10 @@ def test_text_batches_have_no_image_sub_batches(world, tokenizer):
     data.setup("fit")
     assert len(data.split_records("train")) == 21 and len(data.split_records("val")) == 7
     batch = next(iter(data.val_dataloader()))
-    assert set(batch) == {"edit_inner", "edit_outer", "loc", "meta"}
+    assert set(batch) == {"edit_inner", "edit_outer", "loc", "neighbor", "neighbor_record", "meta"}
     for key in ("edit_inner", "edit_outer", "loc"):
         assert batch[key]["pixel_values"] is None and batch[key]["input_ids"].shape[0] == 4
+    assert batch["neighbor"]["pixel_values"] is None and batch["neighbor_record"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert batch["meta"][0]["origin"].endswith("text_eval.json:0")
 
 
@@ -242,5 +243,12 @@ def test_text_records_also_edit_an_image_backbone(world):
     editor = MEND.for_backbone(backbone, rank=8)
     metrics = EditMetrics()
     evaluate_batch(editor, backbone, batch, metrics)
-    assert set(metrics.compute()) == {"reliability", "t_generality", "t_locality", "n_edits", "exact_match"}
+    assert set(metrics.compute()) == {
+        "reliability",
+        "t_generality",
+        "t_locality",
+        "n_locality",
+        "n_edits",
+        "exact_match",
+    }
     assert set(outer_losses(editor, backbone, batch)) == {"edit", "loc"}

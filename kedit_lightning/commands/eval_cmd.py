@@ -55,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="score only records with a portability question at --hops (VLKEB's multi-hop runs)",
     )
+    parser.add_argument(
+        "--generate",
+        action="store_true",
+        help="also answer by greedy decoding and report exact match as gen_* keys (not with --sequential)",
+    )
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -113,13 +118,15 @@ def run(args: argparse.Namespace) -> int:
     groups = datamodule.metric_groups("val")
     loader = datamodule.val_dataloader()
     progress = not args.no_progress
+    if args.sequential is not None and args.generate:
+        raise ValueError("--generate scores records edited one at a time; it does not combine with --sequential")
     if args.sequential is not None:
         available = len(datamodule.split_records("val"))
         if not 0 < args.sequential <= available:
             raise ValueError(f"--sequential {args.sequential}: {data} has {available} records")
         report = evaluate_sequential(editor, backbone, loader, args.sequential, HOPS, args.probe, progress, groups)
     else:
-        report = evaluate(editor, backbone, loader, HOPS, progress, groups)
+        report = evaluate(editor, backbone, loader, HOPS, progress, groups, args.generate)
     token = {key: value for key, value in report.items() if key != "sequential"}
     exact = {**report["exact_match"], "n_edits": report["n_edits"]}
     print(metrics_table({"token accuracy": token, "exact match": exact}))

@@ -2,8 +2,9 @@
 
 Each fact of data_modules/facts/real_facts.json becomes one record: `src` (the relation's prompt about
 the subject), `rephrase` (one of its paraphrases), `alt` (the counterfactual), and `loc` alternately a
-near-neighbour prompt (same relation, another subject) and an unrelated one. `pred` and `loc_ans` are
-what the model itself answers (greedy generation): locality is about keeping the model's answer, right
+near-neighbour prompt (same relation, another subject) and an unrelated one, and `neighbors` the
+near-neighbour prompt with its answer (scored as `n_locality`). `pred`, `loc_ans` and the neighbour's answer
+are what the model itself answers (greedy generation): locality is about keeping the model's answer, right
 or wrong. Facts are split into train / eval by subject, so no eval subject is seen in training.
 """
 
@@ -19,14 +20,18 @@ from typing import Any
 
 import torch
 
+from data_modules.encoding import SubBatchEncoder
 from data_modules.text_records import TextRecord
 from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
-from kedit_lightning.editor import Editor
+from kedit_lightning.editor import EditedBackbone, Editor, device_of, to_device
+from kedit_lightning.editors.edited_model import WeightEditedModel
+from kedit_lightning.generation import greedy_answers as decode
 
 FACT_TABLE = Path(__file__).resolve().parents[2] / "data_modules" / "facts" / "real_facts.json"
 FILES = {"train": "facts_train.json", "eval": "facts_eval.json"}
 ANSWER_END = re.compile(r"[\n.,;:!?()\"]")
 MAX_ANSWER_WORDS = 3
+PROMPT_END = "x"  # a one-word target to encode prompts with: it only marks where each prompt ends
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,24 +58,25 @@ def first_answer(continuation: str) -> str:
     return " ".join(ANSWER_END.split(continuation.lstrip(" \t"), maxsplit=1)[0].split()[:MAX_ANSWER_WORDS])
 
 
-@torch.no_grad()
-def greedy_answers(backbone: Backbone, prompts: Sequence[str], max_new_tokens: int = 6, batch: int = 32) -> list[str]:
-    """The model's greedy answer to each prompt (left-padded batches; `first_answer` of the continuation)."""
-    tokenizer = backbone.processor.tokenizer
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def greedy_answers(
+    backbone: Backbone,
+    prompts: Sequence[str],
+    edited: EditedBackbone | None = None,
+    encode: SubBatchEncoder | None = None,
+    max_new_tokens: int = 6,
+    batch: int = 32,
+) -> list[str]:
+    """The model's greedy answer to each prompt (`first_answer` of the continuation, generation.py's decoder),
+    with the edits of `edited` in force; `encode` is what the editor reads its inputs with (default: the backbone's
+    processor; SERAC's adds its own tokens)."""
+    model = WeightEditedModel(backbone) if edited is None else edited.session.model
+    encode = encode or backbone.processor
     answers = []
-    try:
-        for start in range(0, len(prompts), batch):
-            encoded = tokenizer(list(prompts[start : start + batch]), return_tensors="pt", padding=True)
-            encoded = {key: value.to(backbone.model.device) for key, value in encoded.items()}
-            out = backbone.model.generate(
-                **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, num_beams=1
-            )
-            texts = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-            answers += [first_answer(text) for text in texts]
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(prompts), batch):
+        chunk = list(prompts[start : start + batch])
+        rows = to_device(encode(chunk, [PROMPT_END] * len(chunk)), device_of(backbone))
+        groups = None if edited is None else torch.full((len(chunk),), edited.session.head)
+        answers += [first_answer(text) for text in decode(model, backbone, {"prompts": rows}, groups, max_new_tokens)]
     return answers
 
 
@@ -81,7 +87,7 @@ def generation_success(editor: Editor, backbone: Backbone, records: Sequence[Tex
     for record in records:
         edited = editor.edit(backbone, [record])
         try:
-            answers = greedy_answers(backbone, [record.src, record.rephrase])
+            answers = greedy_answers(backbone, [record.src, record.rephrase], edited, editor.processor(backbone))
         finally:
             edited.restore()
         for kind, answer in zip(hits, answers):
@@ -90,18 +96,18 @@ def generation_success(editor: Editor, backbone: Backbone, records: Sequence[Tex
 
 
 def fact_prompts(table: dict[str, Any], index: int) -> dict[str, str]:
-    """A fact's src, rephrase and locality prompt (neighbour for even indices, unrelated for odd)."""
+    """A fact's src, rephrase, locality prompt (neighbour for even indices, unrelated for odd) and its
+    near-neighbour prompt (`neighbor`)."""
     fact = table["facts"][index]
     relation = table["relations"][fact["relation"]]
     paraphrases = relation["paraphrases"]
-    if index % 2 == 0:
-        loc = relation["prompt"].format(fact["neighbour"])
-    else:
-        loc = table["unrelated"][(index // 2) % len(table["unrelated"])]
+    neighbor = relation["prompt"].format(fact["neighbour"])
+    loc = neighbor if index % 2 == 0 else table["unrelated"][(index // 2) % len(table["unrelated"])]
     return {
         "src": relation["prompt"].format(fact["subject"]),
         "rephrase": paraphrases[index % len(paraphrases)].format(fact["subject"]),
         "loc": loc,
+        "neighbor": neighbor,
     }
 
 
@@ -113,17 +119,20 @@ def split_subjects(facts: Sequence[dict[str, Any]], eval_fraction: float, seed: 
 
 
 def build_records(table: dict[str, Any], backbone: Backbone, limit: int | None = None) -> list[dict[str, str]]:
-    """One zsRE record per fact, `pred` / `loc_ans` from the model; facts the model gives no answer for
-    (or already answers with the counterfactual) are dropped."""
+    """One zsRE record per fact, `pred` / `loc_ans` / the neighbour's answer from the model; facts the model
+    gives no answer for (or already answers with the counterfactual) are dropped, and a neighbour it gives no
+    answer for is left out."""
     count = len(table["facts"]) if limit is None else min(limit, len(table["facts"]))
     prompts = [fact_prompts(table, index) for index in range(count)]
-    answers = greedy_answers(backbone, [p["src"] for p in prompts] + [p["loc"] for p in prompts])
+    answers = greedy_answers(backbone, [p[key] for key in ("src", "loc", "neighbor") for p in prompts])
     records = []
     for index, prompt in enumerate(prompts):
-        pred, loc_ans = answers[index], answers[count + index]
+        pred, loc_ans, neighbor = answers[index], answers[count + index], answers[2 * count + index]
         alt = table["facts"][index]["counterfactual"]
         if pred and loc_ans and pred != alt:
-            records.append({**prompt, "pred": pred, "alt": alt, "loc_ans": loc_ans})
+            neighbors = [{"prompt": prompt["neighbor"], "answer": neighbor}] if neighbor else []
+            fields = {key: value for key, value in prompt.items() if key != "neighbor"}
+            records.append({**fields, "pred": pred, "alt": alt, "loc_ans": loc_ans, "neighbors": neighbors})
     return records
 
 

@@ -24,9 +24,9 @@ from data_modules.encoding import IGNORE_INDEX, SubBatch, SubBatchEncoder
 from data_modules.records import DataError
 from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
 from kedit_lightning.backbones.base import backbone_class
-from kedit_lightning.editor import EditSession, NonFiniteEdit
-from kedit_lightning.editors.edited_model import WeightEditedModel
+from kedit_lightning.editors.edited_model import StepInputs
 from kedit_lightning.evaluation import HOPS, EditMetrics, evaluate_batch, flatten_report, headline
+from kedit_lightning.generation import greedy_answers
 from kedit_lightning.sharding import shard_editor_module
 
 REPORT_KEY = "kedit_val_report"
@@ -157,8 +157,9 @@ class EditorModule(LightningModule, ABC):
 
     def _check_ranks_run_the_same_forwards(self, batch: Mapping[str, Any]) -> None:
         """With a sharded backbone every forward gathers weights together with every other rank, so
-        all ranks must run the same forwards: the same sub-batches (portability rows, one-hop edits)."""
-        plan = tuple(key in batch for key in ("port", "port_edit"))
+        all ranks must run the same forwards: the same sub-batches (portability rows, one-hop edits,
+        near neighbours)."""
+        plan = tuple(key in batch for key in ("port", "port_edit", "neighbor"))
         # hash() of a tuple of bools is the same in every process (no string salt).
         gathered = self.all_gather(torch.tensor([hash(plan)], device=self.device))
         if not bool((gathered == gathered[0]).all()):
@@ -207,40 +208,18 @@ class EditorModule(LightningModule, ABC):
         return [self.backbone.processor.tokenizer.decode(row.tolist()).strip() for row in ids]
 
     @torch.no_grad()
-    def greedy_answer(self, row: SubBatch) -> str:
-        """The backbone's greedy answer to the prompt of `row` (a one-row sub-batch): as many tokens as its
-        target has plus two, cut at the end-of-sequence token. A fixed number of forwards on every call."""
-        tokenizer = self.backbone.processor.tokenizer
-        answer = row["labels"][0] != IGNORE_INDEX
-        ids = row["input_ids"][:, : int(answer.nonzero()[0])]
-        start = ids.shape[1]
-        for _ in range(int(answer.sum()) + 2):
-            logits = self.backbone.model_logits(ids, torch.ones_like(ids), row.get("pixel_values"))
-            ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
-        new = ids[0, start:].tolist()
-        if tokenizer.eos_token_id in new:
-            new = new[: new.index(tokenizer.eos_token_id)]
-        return tokenizer.decode(new).strip()
-
     def _generated_answers(self, sub_batch: SubBatch) -> tuple[list[str], list[str]] | None:
-        """Each row's greedy answer before and after its own edit, folded into the weights and restored
-        after; None for memory edits (SERAC: the backbone alone does not answer with them) and for a
-        sharded backbone (ModelParallelStrategy: folding edits into its sharded weights is not done here)."""
-        session = EditSession(self.editor, self.backbone)
-        if not isinstance(session.model, WeightEditedModel) or self.device_mesh is not None:
+        """Each row's greedy answer before and after its own edit (generation.py: the edit in force through
+        the edited model, SERAC's routing included); None for a sharded backbone (ModelParallelStrategy:
+        every rank would have to decode the same rows)."""
+        if self.device_mesh is not None:
             return None
-        pre, post = [], []
-        for i in range(sub_batch["input_ids"].shape[0]):
-            row = {k: v[i : i + 1] if isinstance(v, torch.Tensor) else v for k, v in sub_batch.items()}
-            pre.append(self.greedy_answer(row))
-            try:
-                session.add(row, f"logged edit {i}", "its example shows no post-edit answer")
-                post.append(self.greedy_answer(row))
-            except NonFiniteEdit:
-                post.append("(non-finite edit)")
-            finally:
-                session.restore()
-        return pre, post
+        model = self.editor.edited_model(self.backbone)
+        inputs = StepInputs(self.backbone, {"edit": sub_batch})
+        groups = self.editor(model, inputs, inputs.rows("edit"))
+        pre = greedy_answers(model, self.backbone, {"edit": sub_batch})
+        post = greedy_answers(model, self.backbone, {"edit": sub_batch}, groups)
+        return [a.strip() for a in pre], [a.strip() for a in post]
 
     def _shown_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[C, H, W] in [0, 1]: an image as the model saw it, its processor's normalisation undone."""
@@ -251,7 +230,7 @@ class EditorModule(LightningModule, ABC):
 
     def _log_examples(self, batch: Mapping[str, Any], post_logits: torch.Tensor) -> None:
         """A few edits on TensorBoard: prompt, old answer, target, the greedy answers before and after the
-        edit (SERAC: the answer tokens' argmax), and the edit's image."""
+        edit (the answer tokens' argmax with a sharded backbone), and the edit's image."""
         tb = next((lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
         if tb is None or self.trainer.sanity_checking:
             return

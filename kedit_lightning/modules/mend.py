@@ -4,7 +4,8 @@ A step edits every record on its own from the frozen backbone's weights, all in 
 `WeightEditedModel` group per record); then one forward asks each edited model for the new answer on the
 rephrased prompt (cedit) and on another image of the same thing (iedit), and for unchanged output
 distributions on unrelated text and image inputs (cloc: KL against the unedited model, whose answers
-are cached per record across epochs). Only the editor learns: the transform at `lr`, the per-layer
+are cached per record across epochs), and with `neighbor_locality` on the records' near neighbours too
+(their unedited answers computed each step). Only the editor learns: the transform at `lr`, the per-layer
 step sizes at `lr_lr`.
 
 The editor's normalisation statistics are committed once per step, merged across processes, and not
@@ -25,7 +26,7 @@ from kedit_lightning.backbones import Backbone, BackboneSpec
 from kedit_lightning.editors.edited_model import StepInputs
 from kedit_lightning.editors.losses import masked_kl, masked_nll
 from kedit_lightning.editors.mend import MEND
-from kedit_lightning.evaluation import HOPS
+from kedit_lightning.evaluation import HOPS, NEIGHBOR
 from kedit_lightning.modules.editing import EditorModule
 
 POST_EDIT = ("edit_outer", "edit_outer_image", "loc", "loc_image")
@@ -67,27 +68,36 @@ def outer_losses(
     batch: Mapping[str, Any],
     pre: Mapping[str, torch.Tensor] | None = None,
     cache: LocalityTargets | None = None,
+    neighbors: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The outer loss's parts for a batch: every record edited on its own, one post-edit forward.
 
     `pre`: the unedited answer logits on the locality inputs when known (else computed, and stored in
-    `cache`). Text-only batches have no image sub-batches, and so no `image_edit` part."""
+    `cache`). Text-only batches have no image sub-batches, and so no `image_edit` part. With `neighbors`,
+    the batch's near neighbours (`neighbor` rows, each under its record's edit) join the locality KL."""
     post_edit = [key for key in POST_EDIT if key in batch]
     locality = [key for key in LOCALITY if key in batch]
-    inputs = StepInputs(backbone, {key: batch[key] for key in ("edit_inner", *post_edit)})
+    neighbor = [NEIGHBOR] if neighbors and NEIGHBOR in batch else []
+    inputs = StepInputs(backbone, {key: batch[key] for key in ("edit_inner", *post_edit, *neighbor)})
     model = editor.edited_model(backbone)
     edits = editor(model, inputs, inputs.rows("edit_inner"))
-    post = inputs.split(model.answer_logits(inputs, inputs.rows(*post_edit), edits.repeat(len(post_edit))), post_edit)
+    groups = edits.repeat(len(post_edit))
+    if neighbor:
+        post_edit, groups = [*post_edit, NEIGHBOR], torch.cat([groups, edits[batch["neighbor_record"].cpu()]])
+    post = inputs.split(model.answer_logits(inputs, inputs.rows(*post_edit), groups), post_edit)
     if pre is None:
         with torch.no_grad():  # a pass of its own: in the post-edit one, backward would run through these rows too
             pre = inputs.split(model.answer_logits(inputs, inputs.rows(*locality)), locality)
         if cache is not None and "meta" in batch:
             counts = {name: inputs.answer_counts(inputs.rows(name)).tolist() for name in locality}
             cache.put([meta["origin"] for meta in batch["meta"]], pre, counts)
+    if neighbor:  # computed every step: the cache holds one row per record and sub-batch
+        with torch.no_grad():
+            pre = {**pre, NEIGHBOR: model.answer_logits(inputs, inputs.rows(NEIGHBOR))}
     labels = {name: batch[name]["labels"] for name in post_edit}
     parts = {
         "edit": masked_nll(post["edit_outer"], labels["edit_outer"]),
-        "loc": sum(masked_kl(pre[name], post[name], labels[name]) for name in locality),
+        "loc": sum(masked_kl(pre[name], post[name], labels[name]) for name in [*locality, *neighbor]),
     }
     if "edit_outer_image" in post:
         parts["image_edit"] = masked_nll(post["edit_outer_image"], labels["edit_outer_image"])
@@ -110,6 +120,7 @@ class MENDModule(EditorModule):
         cloc: float = 1.0,
         cache_locality: bool = True,
         locality_cache_mb: int = 512,
+        neighbor_locality: bool = False,
         hops: Sequence[str] = HOPS,
         logged_edits: int = 4,
     ) -> None:
@@ -138,7 +149,14 @@ class MENDModule(EditorModule):
         return cached
 
     def step_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        return outer_losses(self.editor, self.backbone, batch, self._cached_targets(batch), self.locality_targets)
+        return outer_losses(
+            self.editor,
+            self.backbone,
+            batch,
+            self._cached_targets(batch),
+            self.locality_targets,
+            self.hparams.neighbor_locality,
+        )
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         parts = self.step_losses(batch)

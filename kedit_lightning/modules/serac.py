@@ -4,8 +4,9 @@ Each training batch is a set of edits. The scope classifier learns, with a balan
 loss of the positives and the mean loss of the negatives count equally), that each edit covers its
 own prompt, its text rephrasing and the same question about another image of the same thing, and
 not the unrelated text (`loc`) and image (`loc_image`) inputs; with `hard_negatives`, also not the
-in-scope inputs of the batch's other edits. The counterfactual model learns, by NLL, to give the
-new answer to the in-scope inputs given the edit. The base model stays frozen and unchanged.
+in-scope inputs of the batch's other edits; with `neighbor_locality`, also not each edit's near
+neighbours (its relation about other subjects, the `neighbor` rows). The counterfactual model learns,
+by NLL, to give the new answer to the in-scope inputs given the edit. The base model stays frozen and unchanged.
 
 A training step reads all five sub-batches from one `StepInputs` (each distinct image encoded once,
 no backbone prefix). Validation is `evaluate_batch`: each held-out record's edit in its own group of
@@ -34,7 +35,7 @@ from kedit_lightning.editors.serac import (
     SERACEncoder,
     SERACInputs,
 )
-from kedit_lightning.evaluation import HOPS
+from kedit_lightning.evaluation import HOPS, NEIGHBOR
 from kedit_lightning.modules.editing import EditorModule
 
 IN_SCOPE = ("edit_inner", "edit_outer", "edit_outer_image")
@@ -115,6 +116,7 @@ class SERACModule(EditorModule):
         hard_negatives: also train the classifier on the batch's other edits' in-scope inputs as
             negatives (pairs whose records share their edit image are skipped); assumes the
             records of a batch edit different subjects.
+        neighbor_locality: also train the classifier on each record's near neighbours as negatives.
         lr / classifier_lr: Adam learning rates of the counterfactual model (and its image
             projection) and of the classifier.
     """
@@ -130,6 +132,7 @@ class SERACModule(EditorModule):
         image_tokens: int = 32,
         threshold: float = 0.5,
         hard_negatives: bool = False,
+        neighbor_locality: bool = False,
         lr: float = 1e-5,
         classifier_lr: float = 1e-5,
         hops: Sequence[str] = HOPS,
@@ -192,6 +195,8 @@ class SERACModule(EditorModule):
             else:
                 positives.append(classifier(edits, inputs[key].query, edit_keys))
         negatives += [classifier(edits, inputs[key].query, edit_keys) for key in OUT_OF_SCOPE if key in inputs]
+        if NEIGHBOR in inputs:  # each neighbour against its own record's edit
+            negatives.append(classifier(edits.rows(batch["neighbor_record"]), inputs[NEIGHBOR].query))
         positives, negatives = torch.cat(positives), torch.cat(negatives)
         threshold = math.log(self.editor.threshold / (1.0 - self.editor.threshold))
         accuracy = torch.cat([positives >= threshold, negatives < threshold]).float().mean()
@@ -229,7 +234,8 @@ class SERACModule(EditorModule):
 
     def read_step(self, batch: Mapping[str, Any]) -> dict[str, SERACInputs]:
         """Every sub-batch of a training step as SERAC reads it, from one `StepInputs` (images encoded once)."""
-        keys = [key for key in (*IN_SCOPE, *OUT_OF_SCOPE) if key in batch]
+        neighbor = [NEIGHBOR] if self.hparams.neighbor_locality else []
+        keys = [key for key in (*IN_SCOPE, *OUT_OF_SCOPE, *neighbor) if key in batch]
         step = StepInputs(self.backbone, {key: batch[key] for key in keys}, prefix=False)
         return {key: self.editor.read(step, step.rows(key)) for key in keys}
 
