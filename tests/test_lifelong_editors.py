@@ -4,11 +4,12 @@ forward hooks on the backbone, never from the editors' own code."""
 
 import pytest
 import torch
-from test_backbones import MULTIMODAL, TINY, draw_images, tiny_backbone
+from test_backbones import CONFIGS, MULTIMODAL, TINY, draw_images, tiny_backbone
 
 from data_modules.encoding import IGNORE_INDEX
 from data_modules.word_tokenizer import PROMPT_TEXTS, build_word_tokenizer
 from kedit_lightning.artifact import EDITORS, ArtifactError, check_editor_values
+from kedit_lightning.backbones import FAMILIES, load_backbone_spec
 from kedit_lightning.editor import Editor
 from kedit_lightning.editors.edited_model import StepInputs
 from kedit_lightning.editors.grace import GRACE
@@ -205,3 +206,33 @@ def test_registry_rebuilds_and_checks_configs():
         check_editor_values({"method": "grace", "editor": {"config": {"eps": -1}}}, "somewhere")
     with pytest.raises(ValueError, match="multiple of save_freq"):
         WISE(save_freq=300, merge_freq=1000)
+
+
+def test_editing_api_keeps_memory_edits_beside_the_weights(tokenizer, tmp_path):
+    backbone = backbone_of("text", tokenizer)
+    before = {name: p.detach().clone() for name, p in backbone.editable_parameters().items()}
+    editor = Editor({"method": "grace", "backbone_fingerprint": backbone.fingerprint()}, "grace", GRACE(n_iter=5))
+    assert not editor.edits_weights
+    edited = editor.edit(backbone, [{"prompt": "Where is place1?", "target": "answer1"}])
+    assert edited.n_edits == 1 and not edited.edits_weights
+    assert all(torch.equal(p, before[name]) for name, p in backbone.editable_parameters().items())
+    with pytest.raises(TypeError, match="GRACE's edits live in a memory"):
+        edited.save_pretrained(tmp_path / "edited")
+
+
+@pytest.mark.parametrize("make", [lambda: GRACE(n_iter=20), lambda: WISE(n_iter=20)])
+def test_edits_a_bfloat16_backbone(make, tokenizer):
+    torch.manual_seed(0)
+    spec = load_backbone_spec(CONFIGS / TINY["text"])
+    backbone = (
+        FAMILIES["text"]
+        .from_config(spec.config, edit_params=spec.edit_params, dtype=torch.bfloat16, tokenizer=tokenizer)
+        .eval()
+    )
+    inputs = StepInputs(backbone, edit_and_far(backbone))
+    editor = make()
+    model = editor.edited_model(backbone)
+    group = editor(model, inputs, inputs.rows("edit"))
+    logits = answers(model, inputs, "edit", group)
+    assert logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits).all())
+    assert not torch.equal(logits, answers(model, inputs, "edit"))

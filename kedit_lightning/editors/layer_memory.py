@@ -10,6 +10,7 @@ group's chain and of every folded group; `fold` puts all groups in force for eve
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ class HookRows:
     editing: bool
 
 
-class LayerMemoryModel(EditGroups):
+class LayerMemoryModel(EditGroups, ABC):
     """A backbone whose `weight` Linear (or Conv1D) output is changed by edits held in groups.
 
     Subclasses implement `transform(x, output, rows)` (x [N, T, in], output [N, T, out]) and keep their
@@ -67,14 +68,16 @@ class LayerMemoryModel(EditGroups):
         self.hidden = False  # inside `unedited`
 
     # -- per subclass ------------------------------------------------------------------------
+    @abstractmethod
     def transform(self, x: torch.Tensor, output: torch.Tensor, rows: HookRows) -> torch.Tensor:
-        raise NotImplementedError
+        """The layer's output for these rows, given its input."""
 
-    def has_edits(self) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def has_edits(self) -> bool: ...
 
+    @abstractmethod
     def drop_groups(self, mark: int) -> None:
-        raise NotImplementedError
+        """Forget the state of the groups from `mark` on."""
 
     def fold_groups(self) -> None:
         """Called by `fold` before the groups so far become folded."""

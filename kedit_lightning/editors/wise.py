@@ -238,8 +238,10 @@ class WISE(nn.Module):
         `n_iter` masked SGD steps on NLL + margin loss. Returns each row's group."""
         groups, weights = new_edit_groups(model, len(rows), on_top_of, batched)
         x, mask = model.layer_inputs(inputs, rows)
+        x = x.float()  # the scores in float32 whatever the backbone's dtype, as the deltas are
         prompt_width = int((inputs.labels[rows] == IGNORE_INDEX).sum(1).max())
         x_irr, mask_irr = self.irrelevant(model, prompt_width, x.device)
+        x_irr = x_irr.float()
         new = sorted(set(groups.tolist()))
         # What each new group's side memory holds before its edit: the folded part and its ancestors'.
         visible = model.visible(torch.tensor(new), len(new), x.device)
