@@ -236,3 +236,19 @@ def test_edits_a_bfloat16_backbone(make, tokenizer):
     logits = answers(model, inputs, "edit", group)
     assert logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits).all())
     assert not torch.equal(logits, answers(model, inputs, "edit"))
+
+
+@pytest.mark.parametrize("make", [lambda: GRACE(n_iter=2), lambda: WISE(n_iter=2)])
+def test_fold_refuses_non_finite_edits(make, tokenizer):
+    backbone = backbone_of("text", tokenizer)
+    inputs = StepInputs(backbone, edit_and_far(backbone))
+    editor = make()
+    model = editor.edited_model(backbone)
+    pre = answers(model, inputs, "edit")
+    editor(model, inputs, inputs.rows("edit"))
+    broken = model.values if isinstance(editor, GRACE) else model.deltas[0]
+    broken[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        model.fold()
+    model.drop_after(0)  # what EditSession does with a refused edit
+    assert torch.equal(answers(model, inputs, "edit"), pre)

@@ -91,6 +91,11 @@ class CodebookModel(LayerMemoryModel):
         replaced = torch.where(hit.unsqueeze(1), values, output[index, at])
         return output.index_put((index, at), replaced)
 
+    def fold_groups(self) -> None:
+        """Refused (FloatingPointError, nothing folded) when a value is not finite."""
+        if self.values is not None and not bool(torch.isfinite(self.values).all()):
+            raise FloatingPointError("non-finite values in the GRACE codebook")
+
     def add_entry(self, key: torch.Tensor, value: torch.Tensor, radius: float, group: int, answer: tuple) -> int:
         self.keys = key[None] if self.keys is None else torch.cat([self.keys, key[None]])
         self.values = value[None] if self.values is None else torch.cat([self.values, value[None]])

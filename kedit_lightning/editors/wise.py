@@ -120,7 +120,10 @@ class SideMemoryModel(LayerMemoryModel):
         return output + (routed.view(-1, 1, 1) * change).to(output.dtype)
 
     def fold_groups(self) -> None:
-        """Pending changes into their shards; every `merge_freq` edits the shards merge into the side memory."""
+        """Pending changes into their shards; every `merge_freq` edits the shards merge into the side memory.
+        Refused (FloatingPointError, nothing folded) when a change is not finite."""
+        if not all(bool(torch.isfinite(delta).all()) for delta in self.deltas.values()):
+            raise FloatingPointError("non-finite values in a WISE side-memory change")
         for group in sorted(self.deltas):
             shard = self.shard_of[group]
             self.shards[shard] = self.shards.get(shard, torch.zeros_like(self.merged)) + self.deltas[group]
