@@ -250,11 +250,8 @@ class WISE(nn.Module):
         visible = model.visible(torch.tensor(new), len(new), x.device)
         below = torch.stack([model.delta_of(visible[i]) for i in range(len(new))])
         deltas = nn.Parameter(torch.zeros(len(new), *model.shape, device=x.device))
-        masks = torch.stack(
-            [self.shard_mask(model.edits_in_chain(g) // self.save_freq, model.shape, x.device) for g in new]
-        )
-        for group in new:
-            model.shard_of[group] = model.edits_in_chain(group) // self.save_freq
+        model.shard_of.update({group: model.edits_in_chain(group) // self.save_freq for group in new})
+        masks = torch.stack([self.shard_mask(model.shard_of[group], model.shape, x.device) for group in new])
         slot = torch.tensor([new.index(g) for g in groups.tolist()], device=x.device)
         optimizer = torch.optim.SGD([deltas], lr=self.edit_lr, weight_decay=1e-5)
         previous = float("inf")
