@@ -45,8 +45,10 @@ from data_modules.encoding import SubBatchEncoder
 from kedit_lightning.backbones import Backbone, TextLMBackbone
 from kedit_lightning.backbones.base import weights_differ
 from kedit_lightning.editors.ft import FineTune
+from kedit_lightning.editors.grace import GRACE
 from kedit_lightning.editors.mend import MEND
 from kedit_lightning.editors.serac import SERAC, SERACEncoder
+from kedit_lightning.editors.wise import WISE
 
 FORMAT = "kedit-editor"
 FORMAT_VERSION = 2  # 2: the `editor` section, and SERAC's tokenizers inside the artifact
@@ -56,10 +58,10 @@ SCOPE_TOKENIZER = "scope_tokenizer"
 COUNTERFACTUAL_TOKENIZER = "counterfactual_tokenizer"
 _CARD_FIELDS = ("format", "format_version", "method", "hyper_parameters", "backbone_fingerprint", "weights")
 
-EDITORS: dict[str, type[nn.Module]] = {"mend": MEND, "ft": FineTune, "serac": SERAC}
+EDITORS: dict[str, type[nn.Module]] = {"mend": MEND, "ft": FineTune, "serac": SERAC, "grace": GRACE, "wise": WISE}
 """Each editing method's editor class; `cls.from_config(editor.config)` rebuilds an editor. Each edits
 the edited model it makes (`editor.edited_model(backbone)`) when called: MEND and FT with low-rank
-weight changes, SERAC with memory entries."""
+weight changes, SERAC with memory entries, GRACE and WISE at one layer (a codebook, a side memory)."""
 
 
 class ArtifactError(ValueError):
@@ -232,6 +234,19 @@ _SANE_CONFIG: dict[str, dict[str, tuple[Any, str]]] = {
     "serac": {
         "threshold": (lambda v: _is_number(v) and 0 < v < 1, "a number strictly between 0 and 1"),
         "image_tokens": (lambda v: _is_count(v, 1), "an integer >= 1"),
+    },
+    "grace": {
+        "edit_lr": (_is_lr, f"a finite number in (0, {MAX_LR:g}]"),
+        "n_iter": (lambda v: _is_count(v, 1), "an integer >= 1"),
+        "eps": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    },
+    "wise": {
+        "edit_lr": (_is_lr, f"a finite number in (0, {MAX_LR:g}]"),
+        "n_iter": (lambda v: _is_count(v, 1), "an integer >= 1"),
+        "mask_ratio": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "act_ratio": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+        "save_freq": (lambda v: _is_count(v, 1), "an integer >= 1"),
+        "merge_freq": (lambda v: _is_count(v, 1), "an integer >= 1"),
     },
 }
 

@@ -39,8 +39,7 @@ from data_modules.records import EditRecord
 from data_modules.text_records import TextRecord
 from kedit_lightning.artifact import check_fingerprint, read_card, read_processor, rebuild_editor, verify_weights
 from kedit_lightning.backbones import FAMILIES, Backbone
-from kedit_lightning.editors.edited_model import StepInputs, WeightEditedModel
-from kedit_lightning.editors.serac import SERAC
+from kedit_lightning.editors.edited_model import StepInputs, WeightEditedModel, WeightEditor
 from kedit_lightning.evaluation import HOPS, EditMetrics, evaluate_batch, headline, record_batches
 from kedit_lightning.generation import GenerationMetrics
 
@@ -177,7 +176,7 @@ class EditSession:
 class EditedBackbone:
     """What `Editor.edit` returns: the post-edit model; `restore()` gives back the original exactly.
 
-    Weight edits are written into `backbone` itself; memory edits (SERAC) live in the session's
+    Weight edits are written into `backbone` itself; memory edits (SERAC, GRACE, WISE) live in the session's
     memory and the weights never change.
     """
 
@@ -222,9 +221,9 @@ class EditedBackbone:
         """
         if not self.edits_weights:
             raise TypeError(
-                "SERAC's edits live in a memory beside the unchanged base model (a classifier routes inputs to a "
-                "counterfactual model), so there are no edited weights to save as a transformers directory; keep "
-                "the editor artifact and the edits"
+                f"{type(self.session.editor).__name__}'s edits live in a memory beside the unchanged base model "
+                "(SERAC: a counterfactual model; GRACE, WISE: a codebook or side memory at one layer), so there are "
+                "no edited weights to save as a transformers directory; keep the editor and the edits"
             )
         if max_norm_ratio is not None:
             name, (before, after) = max(self.norm_ratios().items(), key=lambda item: norm_factor(*item[1]))
@@ -282,7 +281,7 @@ class Editor:
     @property
     def edits_weights(self) -> bool:
         """True when edits become new weights (saveable as a transformers model); False for memory editors."""
-        return not isinstance(self.editor, SERAC)
+        return isinstance(self.editor, WeightEditor)
 
     def load_backbone(
         self,
