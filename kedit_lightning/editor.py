@@ -429,11 +429,16 @@ def score(session: EditSession, batches: Iterable[EditBatch], hops: Sequence[str
 
 
 def evaluate(
-    editor: Editor, backbone: Backbone, loader: Iterable[EditBatch], hops: Sequence[str] = HOPS, progress: bool = True
+    editor: Editor | nn.Module,
+    backbone: Backbone,
+    loader: Iterable[EditBatch],
+    hops: Sequence[str] = HOPS,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Edit each record on its own, from the unedited model, and score it: what validation reports."""
+    """Edit each record on its own, from the unedited model, and score it: what validation reports.
+    `editor` is an exported one or a plain editor module (a baseline)."""
     metrics = EditMetrics(hops).to(device_of(backbone))
-    plain = editor.attach(backbone)
+    plain = editor.attach(backbone) if isinstance(editor, Editor) else editor
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
     with tqdm(total=total, desc="editing", disable=not progress) as bar:
         for batch in _batches(loader, device_of(backbone)):
