@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from kedit_lightning.baselines import load_baseline
@@ -122,6 +123,14 @@ class CompareWithFineTuning(Callback):
         self._report(
             trainer, {**unedited, **learned, f"FT ({self.steps} step, lr {self.lr:g})": baseline_report, **scored}
         )
+
+    @rank_zero_only
+    def _report(self, trainer: Trainer, columns: dict[str, dict]) -> None:
+        table = metrics_table(columns)
+        print("\nHeld-out edits (validation split):\n" + table)
+        folder = run_folder(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.md").write_text(table + "\n")
 
 
 class TorchThreads(Callback):
