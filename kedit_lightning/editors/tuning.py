@@ -121,14 +121,15 @@ class OptimizedEdit(WeightEditor, ABC):
                 going = losses.detach() >= self.stop_loss
                 if not bool(going.any()):
                     break
-                kept = {id(t): t.detach().clone() for tensors in params.values() for t in tensors}
+                # Groups already under `stop_loss` take no step: their values are put back after it.
+                stopped = ~going
+                kept = [(t, t.detach()[stopped].clone()) for tensors in params.values() for t in tensors]
                 optimizer.zero_grad()
                 losses[going].sum().backward()
                 optimizer.step()
                 with torch.no_grad():
-                    for tensors in params.values():
-                        for t in tensors:  # groups already under `stop_loss` take no step
-                            t[~going] = kept[id(t)][~going]
+                    for t, values in kept:
+                        t[stopped] = values
                     self.constrain(params)
         with torch.no_grad():
             detached = {name: [t.detach() for t in tensors] for name, tensors in params.items()}
