@@ -46,8 +46,11 @@ from kedit_lightning.backbones import Backbone, TextLMBackbone
 from kedit_lightning.backbones.base import weights_differ
 from kedit_lightning.editors.ft import FineTune
 from kedit_lightning.editors.grace import GRACE
+from kedit_lightning.editors.ike import IKE
 from kedit_lightning.editors.mend import MEND
 from kedit_lightning.editors.serac import SERAC, SERACEncoder
+from kedit_lightning.editors.tuning import FTL, LoRA
+from kedit_lightning.editors.unedited import Unedited
 from kedit_lightning.editors.wise import WISE
 
 FORMAT = "kedit-editor"
@@ -58,10 +61,22 @@ SCOPE_TOKENIZER = "scope_tokenizer"
 COUNTERFACTUAL_TOKENIZER = "counterfactual_tokenizer"
 _CARD_FIELDS = ("format", "format_version", "method", "hyper_parameters", "backbone_fingerprint", "weights")
 
-EDITORS: dict[str, type[nn.Module]] = {"mend": MEND, "ft": FineTune, "serac": SERAC, "grace": GRACE, "wise": WISE}
+EDITORS: dict[str, type[nn.Module]] = {
+    "mend": MEND,
+    "ft": FineTune,
+    "serac": SERAC,
+    "ft-l": FTL,
+    "lora": LoRA,
+    "ike": IKE,
+    "grace": GRACE,
+    "wise": WISE,
+    "unedited": Unedited,
+}
 """Each editing method's editor class; `cls.from_config(editor.config)` rebuilds an editor. Each edits
-the edited model it makes (`editor.edited_model(backbone)`) when called: MEND and FT with low-rank
-weight changes, SERAC with memory entries, GRACE and WISE at one layer (a codebook, a side memory)."""
+the edited model it makes (`editor.edited_model(backbone)`) when called: MEND, FT, FT-L and LoRA with
+low-rank weight changes, SERAC with memory entries, IKE with in-context demonstrations, GRACE and WISE at
+one layer (a codebook, a side memory). The untrained ones are baselines (`baselines.py`: a registry entry
+plus configs/editors/<name>.yaml)."""
 
 
 class ArtifactError(ValueError):
@@ -254,7 +269,7 @@ _SANE_CONFIG: dict[str, dict[str, tuple[Any, str]]] = {
 def check_editor_values(card: Mapping[str, Any], path: str | Path) -> None:
     """Refuse editor.json values outside sane ranges (`_SANE_CONFIG`), naming the field."""
     config = card["editor"]["config"]
-    for name, (sane, description) in _SANE_CONFIG[card["method"]].items():
+    for name, (sane, description) in _SANE_CONFIG.get(card["method"], {}).items():
         if name in config and not sane(config[name]):
             raise ArtifactError(
                 f"{Path(path) / CARD_FILE}: editor.config.{name} is {config[name]!r}; it must be {description}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,11 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
 
+from kedit_lightning.baselines import load_baseline
 from kedit_lightning.editors.ft import FineTune
+from kedit_lightning.editors.ike import IKE
 from kedit_lightning.evaluation import EditMetrics, evaluate_batch, flatten_report
 from kedit_lightning.modules.editing import REPORT_KEY
 
@@ -76,27 +80,36 @@ class RunFolderConfig(SaveConfigCallback):
 
 
 class CompareWithFineTuning(Callback):
-    """At the end of a fit: score the FT baseline on the validation edits, print both side by side.
+    """At the end of a fit: score baselines on the validation edits, print them beside the trained editor.
 
-    The baseline fine-tunes the same edited layers with `steps` gradient steps at `lr`; with one
-    step it has the same gradient budget as MEND. The table also lands in the run's folder (`run_folder`).
+    Always the FT baseline: the same edited layers with `steps` gradient steps at `lr` (with one step,
+    MEND's gradient budget); then each of `baselines` (`baselines.py` names or YAML files: unedited,
+    ft-l, lora, ike), IKE with the training split's records as demonstrations. Columns: unedited, the
+    trained editor, FT, the rest. The table also lands in the run's folder (`run_folder`).
     """
 
-    def __init__(self, lr: float = 1e-2, steps: int = 1) -> None:
+    def __init__(self, lr: float = 1e-2, steps: int = 1, baselines: Sequence[str] = ()) -> None:
         self.lr = lr
         self.steps = steps
+        self.baselines = dict(load_baseline(spec) for spec in baselines)
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _score(self, editor: nn.Module, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         metrics = EditMetrics(pl_module.hparams.hops).to(pl_module.device)
         # The same validation batches the editor was scored on (`limit_val_batches` included).
         limit = trainer.num_val_batches[0] if trainer.num_val_batches else float("inf")
         batches = itertools.islice(trainer.datamodule.val_dataloader(), None if math.isinf(limit) else int(limit))
-        baseline = FineTune(self.lr, self.steps)
         for batch in batches:
             evaluate_batch(
-                baseline, pl_module.backbone, pl_module.transfer_batch_to_device(batch, pl_module.device, 0), metrics
+                editor, pl_module.backbone, pl_module.transfer_batch_to_device(batch, pl_module.device, 0), metrics
             )
-        baseline_report = metrics.compute()
+        return metrics.compute()
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for editor in self.baselines.values():
+            if isinstance(editor, IKE):
+                editor.demonstrate(trainer.datamodule.split_records("train"))
+        scored = {name: self._score(editor, trainer, pl_module) for name, editor in self.baselines.items()}
+        baseline_report = self._score(FineTune(self.lr, self.steps), trainer, pl_module)
         method = type(pl_module).__name__.removesuffix("Module")
         # The editor a run keeps is its best checkpoint's, so that is the one to report.
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
@@ -106,7 +119,10 @@ class CompareWithFineTuning(Callback):
             else pl_module.last_report.get("val")
         )
         learned = {method: report} if report is not None else {}
-        self._report(trainer, {**learned, f"FT ({self.steps} step, lr {self.lr:g})": baseline_report})
+        unedited = {name: scored.pop(name) for name in ("unedited",) if name in scored}
+        self._report(
+            trainer, {**unedited, **learned, f"FT ({self.steps} step, lr {self.lr:g})": baseline_report, **scored}
+        )
 
     @rank_zero_only
     def _report(self, trainer: Trainer, columns: dict[str, dict]) -> None:

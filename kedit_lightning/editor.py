@@ -430,8 +430,13 @@ def score(
     return metrics.compute()
 
 
+def editor_module(editor: Editor | nn.Module, backbone: Backbone) -> nn.Module:
+    """The editor module to edit `backbone` with: an exported editor's, attached, or a plain one (a baseline)."""
+    return editor.attach(backbone) if isinstance(editor, Editor) else editor
+
+
 def evaluate(
-    editor: Editor,
+    editor: Editor | nn.Module,
     backbone: Backbone,
     loader: Iterable[EditBatch],
     hops: Sequence[str] = HOPS,
@@ -441,10 +446,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Edit each record on its own, from the unedited model, and score it: what validation reports (also per
     metric group, `EditMetrics`); with `generate` also the `gen_*` exact match of greedily generated answers
-    (generation.py)."""
+    (generation.py). `editor` is an exported one or a plain editor module (a baseline)."""
     metrics = EditMetrics(hops, groups).to(device_of(backbone))
     generation = GenerationMetrics().to(device_of(backbone)) if generate else None
-    plain = editor.attach(backbone)
+    plain = editor_module(editor, backbone)
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
     with tqdm(total=total, desc="editing", disable=not progress) as bar:
         for batch in _batches(loader, device_of(backbone)):
@@ -463,7 +468,7 @@ def curve_points(n_edits: int) -> list[int]:
 
 
 def evaluate_sequential(
-    editor: Editor,
+    editor: Editor | nn.Module,
     backbone: Backbone,
     loader: Iterable[EditBatch],
     n_edits: int,
@@ -480,7 +485,7 @@ def evaluate_sequential(
     """
     device = device_of(backbone)
     marks = set(curve_points(n_edits))
-    session, earliest, curve, done = editor.start(backbone), [], [], 0
+    session, earliest, curve, done = EditSession(editor_module(editor, backbone), backbone), [], [], 0
     try:
         with tqdm(total=n_edits, desc="sequential edits", disable=not progress) as bar:
             for record in _records(loader, device, n_edits):

@@ -24,6 +24,7 @@ from kedit_lightning.editors.edited_model import edited_module
 from kedit_lightning.editors.ft import FineTune
 from kedit_lightning.editors.losses import masked_kl, masked_nll
 from kedit_lightning.editors.mend import MEND
+from kedit_lightning.editors.tuning import FTL, LoRA
 from kedit_lightning.evaluation import EditMetrics, record_batches
 
 Weights = dict[str, torch.Tensor]
@@ -122,7 +123,62 @@ def ft_weights(
     return current
 
 
+def objective_nll(logits: torch.Tensor, labels: torch.Tensor, objective: str) -> torch.Tensor:
+    """[B] per row: mean NLL of its answer tokens, read where they are (target_new) or all at the first
+    answer position, the last prompt token's prediction (prompt_last); `logits` [B, T, V] aligned with labels."""
+    losses = []
+    for b in range(labels.shape[0]):
+        positions = (labels[b] != IGNORE_INDEX).nonzero().flatten()
+        read = positions[:1].expand(len(positions)) if objective == "prompt_last" else positions
+        log_probs = torch.log_softmax(logits[b, read].float(), -1)
+        losses.append(-log_probs[torch.arange(len(positions)), labels[b, positions]].mean())
+    return torch.stack(losses)
+
+
+def optimized_weights(
+    editor: FTL | LoRA, backbone: Backbone, sub_batch: SubBatch, params: Mapping[str, torch.Tensor] | None = None
+) -> Weights:
+    """FT-L's / LoRA's dense edited weights for the (batched) edit `sub_batch`: Adam on dense weights through
+    the whole model, stopping when the mean loss is under `stop_loss`; FT-L clamped after every step."""
+    current = _current(backbone, params)
+    trainable: dict[str, list[torch.Tensor]] = {}
+    for name, w in current.items():
+        out, inp = w.T.shape if isinstance(edited_module(backbone, name), Conv1D) else w.shape
+        if isinstance(editor, LoRA):
+            a = torch.empty(editor.rank, inp)
+            nn.init.kaiming_uniform_(a, a=5**0.5)
+            trainable[name] = [torch.zeros(out, editor.rank, requires_grad=True), a.requires_grad_()]
+        else:
+            trainable[name] = [torch.zeros(out, inp, requires_grad=True)]
+
+    def weights() -> Weights:
+        edited = {}
+        for name, w in current.items():
+            tensors = trainable[name]
+            change = editor.alpha / editor.rank * tensors[0] @ tensors[1] if isinstance(editor, LoRA) else tensors[0]
+            edited[name] = w + (change.T if isinstance(edited_module(backbone, name), Conv1D) else change)
+        return edited
+
+    optimizer = torch.optim.Adam([t for tensors in trainable.values() for t in tensors], lr=editor.lr)
+    with torch.enable_grad():
+        for _ in range(editor.steps):
+            logits = run_with(backbone, sub_batch, weights())
+            loss = objective_nll(logits, sub_batch["labels"], editor.objective).mean()
+            if loss < editor.stop_loss:
+                break
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if isinstance(editor, FTL) and editor.norm_constraint is not None:
+                with torch.no_grad():
+                    for (change,) in trainable.values():
+                        change.clamp_(-editor.norm_constraint, editor.norm_constraint)
+    return {name: w.detach() for name, w in weights().items()}
+
+
 def dense_edit(editor: nn.Module, backbone: Backbone, sub_batch: SubBatch, params: Weights | None = None) -> Weights:
+    if isinstance(editor, (FTL, LoRA)):
+        return optimized_weights(editor, backbone, sub_batch, params)
     return (mend_weights if isinstance(editor, MEND) else ft_weights)(editor, backbone, sub_batch, params)
 
 

@@ -8,6 +8,10 @@ ADS-Edit files (records with an `image_type`) are read as such, and every metric
 `data_type` and per `image_type`. VQA-layout files are read as VLKEB reads them (a superset of E-VQA):
 portability questions are scored per hop (`--hops` chooses), and the one-hop-edit variant applies its second edit before
 scoring the question that depends on it.
+
+`--baseline NAME` (repeatable) adds a baseline editor's scores on the same backbone and records
+(`baselines.py`: ft-l, lora, ike, unedited, ft, or a YAML file with class_path / init_args); with a
+backbone YAML as `--backbone`, baselines run without an exported editor.
 """
 
 from __future__ import annotations
@@ -15,27 +19,49 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from data_modules.ads import ADSEditDataModule
 from data_modules.ads_records import file_is_ads
 from data_modules.datamodules import EditDataModule, TextEditDataModule
 from data_modules.encoding import SubBatchEncoder
-from data_modules.records import DataError
+from data_modules.records import DataError, read_records
+from data_modules.text_records import read_text_records
 from data_modules.validate import add_image_arguments
 from data_modules.vlkeb import VLKEBDataModule
+from kedit_lightning.backbones import Backbone, build_backbone, load_backbone_spec
+from kedit_lightning.baselines import load_baseline
 from kedit_lightning.callbacks import metrics_table
 from kedit_lightning.commands.shared import (
     TEXT_KIND,
     add_data_arguments,
     add_editor_arguments,
+    check_device_and_dtype,
     load_editor_and_backbone,
+    resolve_kind,
 )
 from kedit_lightning.editor import evaluate, evaluate_sequential
+from kedit_lightning.editors.ike import IKE
 from kedit_lightning.evaluation import HOPS, headline
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_editor_arguments(parser)
+    add_editor_arguments(parser, editor_required=False)
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also score a baseline on the same backbone and records: ft-l, lora, ike, unedited, ft "
+        "(configs/editors/NAME.yaml) or a YAML file with class_path / init_args; repeatable. Without --editor, "
+        "--backbone is a backbone YAML (configs/backbones/*.yaml)",
+    )
+    parser.add_argument(
+        "--demonstrations",
+        default=None,
+        metavar="FILE",
+        help="--baseline ike: the training edits its demonstrations come from (same layout as --data)",
+    )
     add_data_arguments(parser)
     add_image_arguments(parser)
     parser.add_argument(
@@ -101,15 +127,43 @@ def image_datamodule(args: argparse.Namespace, data: Path, processor: SubBatchEn
     return EditDataModule(str(data.parent), kind=args.kind, **options)
 
 
+def load_baselines(args: argparse.Namespace) -> dict[str, Any]:
+    """The `--baseline` editors by name, IKE given its demonstrations; checked before any model loads."""
+    baselines = dict(load_baseline(spec) for spec in args.baseline)
+    for name, editor in baselines.items():
+        if isinstance(editor, IKE):
+            if args.demonstrations is None:
+                raise ValueError(f"--baseline {name}: IKE needs --demonstrations FILE (training edits)")
+            read = read_text_records if resolve_kind(args) == TEXT_KIND else read_records
+            editor.demonstrate(read(args.demonstrations))
+    return baselines
+
+
+def load_backbone(args: argparse.Namespace) -> tuple[Any, Backbone]:
+    """(the exported editor or None, the backbone): without --editor, --backbone is a backbone YAML."""
+    if args.editor is not None:
+        return load_editor_and_backbone(args)
+    if not args.baseline:
+        raise ValueError("--editor: required (or --baseline NAME with a backbone YAML as --backbone)")
+    if not args.backbone.endswith((".yaml", ".yml")):
+        raise ValueError(f"--backbone {args.backbone}: without --editor, give a backbone YAML (configs/backbones/)")
+    check_device_and_dtype(args.device, args.dtype)
+    resolve_kind(args)
+    spec = load_backbone_spec(args.backbone)
+    if args.dtype is not None:
+        spec.dtype = args.dtype
+    return None, build_backbone(spec).to(args.device).eval()
+
+
 def run(args: argparse.Namespace) -> int:
-    editor, backbone = load_editor_and_backbone(args)
+    baselines = load_baselines(args)
+    editor, backbone = load_backbone(args)
+    processor = backbone.processor if editor is None else editor.processor(backbone)
     data = Path(args.data)
     datamodule = (
-        TextEditDataModule(
-            str(data.parent), data.name, data.name, batch_size=args.batch_size, processor=editor.processor(backbone)
-        )
+        TextEditDataModule(str(data.parent), data.name, data.name, batch_size=args.batch_size, processor=processor)
         if args.kind == TEXT_KIND
-        else image_datamodule(args, data, editor.processor(backbone))
+        else image_datamodule(args, data, processor)
     )
     datamodule.setup("validate")
     problems = datamodule.visual_problems(type(backbone).visual_inputs, backbone.family)
@@ -124,17 +178,33 @@ def run(args: argparse.Namespace) -> int:
         available = len(datamodule.split_records("val"))
         if not 0 < args.sequential <= available:
             raise ValueError(f"--sequential {args.sequential}: {data} has {available} records")
-        report = evaluate_sequential(editor, backbone, loader, args.sequential, HOPS, args.probe, progress, groups)
+
+    def score(scored_editor: Any) -> dict[str, Any]:
+        if args.sequential is not None:
+            return evaluate_sequential(
+                scored_editor, backbone, loader, args.sequential, HOPS, args.probe, progress, groups
+            )
+        return evaluate(scored_editor, backbone, loader, HOPS, progress, groups, args.generate)
+
+    report = score(editor) if editor is not None else {}
+    scored = {name: score(baseline) for name, baseline in baselines.items()}
+    columns = ({editor.method: report} if editor is not None else {}) | scored
+    if not scored:
+        token = {key: value for key, value in report.items() if key != "sequential"}
+        exact = {**report["exact_match"], "n_edits": report["n_edits"]}
+        print(metrics_table({"token accuracy": token, "exact match": exact}))
     else:
-        report = evaluate(editor, backbone, loader, HOPS, progress, groups, args.generate)
-    token = {key: value for key, value in report.items() if key != "sequential"}
-    exact = {**report["exact_match"], "n_edits": report["n_edits"]}
-    print(metrics_table({"token accuracy": token, "exact match": exact}))
-    if "sequential" in report:
-        print(
-            f"\nThe first {report['sequential']['probe_edits']} edits as more edits accumulate:\n"
-            + sequential_table(report["sequential"]["curve"])
-        )
+        print("Token accuracy:\n" + metrics_table(columns))
+        exact = {name: {**r["exact_match"], "n_edits": r["n_edits"]} for name, r in columns.items()}
+        print("\nExact match:\n" + metrics_table(exact))
+    for name, scored_report in columns.items():
+        if "sequential" in scored_report:
+            print(
+                f"\n{name}: the first {scored_report['sequential']['probe_edits']} edits as more edits accumulate:\n"
+                + sequential_table(scored_report["sequential"]["curve"])
+            )
+    if scored:
+        report["baselines"] = scored
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -15,9 +15,9 @@ from kedit_lightning.editor import Editor
 TEXT_KIND = "text"
 
 
-def add_editor_arguments(parser: argparse.ArgumentParser) -> None:
+def add_editor_arguments(parser: argparse.ArgumentParser, editor_required: bool = True) -> None:
     parser.add_argument(
-        "--editor", required=True, help="an exported editor directory (editor.json + editor.safetensors)"
+        "--editor", required=editor_required, help="an exported editor directory (editor.json + editor.safetensors)"
     )
     parser.add_argument(
         "--backbone",

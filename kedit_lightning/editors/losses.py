@@ -42,3 +42,14 @@ def masked_kl(pre_logits: torch.Tensor, post_logits: torch.Tensor, labels: torch
     post_logp = F.log_softmax(post_logits.float(), dim=-1)
     kl = F.kl_div(post_logp, pre_logp, reduction="none", log_target=True).sum(-1)
     return _per_example_mean(kl, labels).mean()
+
+
+def per_example_prompt_last_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[N]: each example's mean NLL of its answer tokens all read at its first answer position (the
+    last prompt token's prediction): EasyEdit's FT-L objective `prompt_last`, after ROME's paper."""
+    counts = (labels != IGNORE_INDEX).sum(-1)
+    first = torch.cumsum(counts, 0) - counts
+    log_probs = F.log_softmax(logits[first].float(), dim=-1)  # [N, V]; an example without answers reads garbage
+    example_of_token = torch.repeat_interleave(torch.arange(len(counts), device=labels.device), counts)
+    nll = -log_probs[example_of_token, labels[labels != IGNORE_INDEX]]
+    return _per_example_mean(nll, labels)

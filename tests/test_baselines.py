@@ -1,0 +1,162 @@
+"""Baselines in the evaluation harness: FT-L and LoRA against a plain dense Adam loop (tests/oracle.py), the
+prompt_last loss by hand, IKE's context against the same text run through the whole model, and the
+`kedit eval --baseline` surface."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from conftest import CONFIGS, VAL_FILE
+from oracle import answers, optimized_weights
+from oracle import evaluate_batch as oracle_evaluate_batch
+from test_backbones import make_tokenizer, tiny_backbone
+from test_edited_model import PROMPTS, TARGETS, make_batch
+
+from data_modules.encoding import IGNORE_INDEX
+from data_modules.text_records import TextRecord
+from kedit_lightning.backbones import load_backbone_spec
+from kedit_lightning.cli import main
+from kedit_lightning.editors.edited_model import StepInputs, WeightEditedModel
+from kedit_lightning.editors.ike import IKE
+from kedit_lightning.editors.losses import per_example_prompt_last_nll
+from kedit_lightning.editors.tuning import FTL, LoRA
+from kedit_lightning.evaluation import EditMetrics, evaluate_batch, flatten_report
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def first_record(sub_batch):
+    return {k: (v[:1] if isinstance(v, torch.Tensor) else v) for k, v in sub_batch.items()}
+
+
+def test_prompt_last_reads_every_answer_token_at_the_last_prompt_position():
+    labels = torch.tensor([[IGNORE_INDEX, 0, 2], [IGNORE_INDEX, IGNORE_INDEX, 0]])
+    logits = torch.tensor([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [math.log(2), 0.0, 0.0]])
+    # Example 0 reads both tokens at its first answer row (uniform: ln 3 each); example 1: p = 2 / 4.
+    expected = torch.tensor([math.log(3), math.log(2)])
+    torch.testing.assert_close(per_example_prompt_last_nll(logits, labels), expected)
+
+
+@pytest.mark.parametrize("family", ["text", "blip2"])
+@pytest.mark.parametrize("objective", ["prompt_last", "target_new"])
+def test_ftl_metrics_match_a_dense_adam_loop(tokenizer, family, objective):
+    torch.manual_seed(3)
+    backbone = tiny_backbone(family, tokenizer).eval()
+    batch = make_batch(backbone)
+    editor = FTL(lr=2e-2, steps=3, norm_constraint=3e-2, objective=objective)
+    fast, slow = EditMetrics(), EditMetrics()
+    evaluate_batch(editor, backbone, batch, fast)
+    oracle_evaluate_batch(editor, backbone, batch, slow)
+    fast, slow = flatten_report(fast.compute()), flatten_report(slow.compute())
+    assert fast == pytest.approx(slow)
+    assert slow["reliability"] > 0 and slow["t_locality"] < 1  # the edits did something
+
+
+@pytest.mark.parametrize("editor", [FTL(lr=1e-2, steps=4, norm_constraint=2e-2), LoRA(rank=4, lr=1e-2, steps=4)])
+def test_batched_edit_folds_into_the_dense_adam_weights(tokenizer, editor):
+    torch.manual_seed(4)
+    backbone = tiny_backbone("text", tokenizer).eval()
+    edit = make_batch(backbone)["edit_inner"]
+    inputs = StepInputs(backbone, {"edit": edit})
+    model = WeightEditedModel(backbone)
+    torch.manual_seed(5)  # LoRA's A: the same draws in both
+    editor(model, inputs, inputs.rows("edit"), batched=True)
+    got = model.weights()
+    torch.manual_seed(5)
+    expected = optimized_weights(editor, backbone, edit)
+    for name, w in backbone.editable_parameters().items():
+        change, expected_change = got[name] - w, expected[name] - w
+        assert expected_change.abs().max() > 0
+        torch.testing.assert_close(change, expected_change, rtol=1e-3, atol=1e-3 * float(expected_change.abs().max()))
+    if isinstance(editor, FTL):  # 4 Adam steps of 1e-2 reach the 2e-2 bound, and no element passes it
+        bound = max(float((got[n] - w).abs().max()) for n, w in backbone.editable_parameters().items())
+        assert bound == pytest.approx(editor.norm_constraint, rel=1e-4)
+
+
+def test_an_edit_under_the_stop_loss_takes_no_step(tokenizer):
+    backbone = tiny_backbone("text", tokenizer).eval()
+    edit = make_batch(backbone)["edit_inner"]
+    inputs = StepInputs(backbone, {"edit": edit})
+    model = WeightEditedModel(backbone)
+    FTL(stop_loss=1e6)(model, inputs, inputs.rows("edit"))
+    for name, w in backbone.editable_parameters().items():
+        assert torch.equal(model.weights()[name], w)
+
+
+def test_ike_answers_each_prompt_after_the_new_fact(tokenizer):
+    """With no demonstrations the context is "New Fact: {prompt} {target}\\nPrompt: ": the same text through
+    the whole model gives the same answer logits."""
+    torch.manual_seed(6)
+    backbone = tiny_backbone("text", tokenizer).eval()
+    batch = make_batch(backbone)
+    inputs = StepInputs(backbone, {"edit": first_record(batch["edit_inner"]), "loc": batch["loc"]})
+    editor = IKE(k=0)
+    model = editor.edited_model(backbone)
+    group = editor(model, inputs, inputs.rows("edit"))
+    loc = inputs.rows("loc")
+    got = model.answer_logits(inputs, loc, group.expand(len(loc)))
+    fact = f"New Fact: {PROMPTS['edit_inner'][0]} {TARGETS['edit_inner'][0]}\nPrompt: "
+    whole = backbone.processor([fact + p for p in PROMPTS["loc"]], TARGETS["loc"])
+    with torch.no_grad():
+        expected = answers(backbone(whole), whole["labels"])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with model.unedited(), torch.no_grad():  # no edit in force: the plain model
+        torch.testing.assert_close(
+            model.answer_logits(inputs, loc), answers(backbone(batch["loc"]), batch["loc"]["labels"])
+        )
+
+
+def test_ike_picks_the_most_similar_demonstrations(tokenizer):
+    backbone = tiny_backbone("text", tokenizer).eval()
+    batch = make_batch(backbone)
+    inputs = StepInputs(backbone, {"edit": first_record(batch["edit_inner"])})
+    near = TextRecord(src="Where is this object located?", rephrase="Where is it?", alt="Velor", loc="x", loc_ans="y")
+    far = TextRecord(src="Question: colour?", rephrase="colour?", alt="blue", loc="z", loc_ans="w")
+    editor = IKE(k=1).demonstrate([far, near])
+    model = editor.edited_model(backbone)
+    group = editor(model, inputs, inputs.rows("edit"))
+    text = backbone.processor.tokenizer.decode(model.context(int(group[0])))
+    # The copy sentence of the identical fact (its fact twice), then the new fact itself.
+    assert text.lower().count("where is this object located ? velor") == 3, text
+
+
+def test_kedit_eval_scores_baselines_beside_the_editor(fitted, world, base_dir, tmp_path):
+    quick = tmp_path / "ft-l-quick.yaml"
+    quick.write_text(yaml.safe_dump({"class_path": "kedit_lightning.editors.tuning.FTL", "init_args": {"steps": 2}}))
+    out = tmp_path / "eval.json"
+    common = ["--data", str(world / VAL_FILE), "--images", str(world / "images"), "--device", "cpu", "--no-progress"]
+    args = ["eval", "--editor", str(fitted.artifact), "--backbone", str(base_dir), *common, "--json", str(out)]
+    demos = ["--demonstrations", str(world / "vqa" / "vqa_train.json")]
+    assert main([*args, "--baseline", "unedited", "--baseline", str(quick), "--baseline", "ike", *demos]) == 0
+    report = json.loads(out.read_text())
+    assert "reliability" in report and set(report["baselines"]) == {"unedited", "ft-l-quick", "ike"}
+    unedited = report["baselines"]["unedited"]
+    assert unedited["t_locality"] == unedited["i_locality"] == 1.0  # the pre-edit model agrees with itself
+    assert all(r["n_edits"] == report["n_edits"] for r in report["baselines"].values())
+
+
+def test_kedit_eval_runs_baselines_on_a_backbone_yaml_without_an_editor(world, tmp_path, capsys):
+    spec = dataclasses.asdict(load_backbone_spec(CONFIGS / "blip2-tiny.yaml"))
+    backbone_yaml = tmp_path / "blip2.yaml"
+    backbone_yaml.write_text(yaml.safe_dump({**spec, "processor": str(world / "tokenizer")}))
+    out = tmp_path / "eval.json"
+    common = ["--data", str(world / VAL_FILE), "--images", str(world / "images"), "--no-progress", "--device", "cpu"]
+    assert main(["eval", "--backbone", str(backbone_yaml), *common, "--baseline", "unedited", "--json", str(out)]) == 0
+    assert set(json.loads(out.read_text())) == {"baselines"}
+    assert "| unedited |" in capsys.readouterr().out
+    refusals = {
+        "--baseline nope: not a known baseline": ["--baseline", "nope"],
+        "--baseline ike: IKE needs --demonstrations FILE": ["--baseline", "ike"],
+        "--editor: required": [],
+        "drop --sequential": ["--baseline", "unedited", "--sequential", "2"],
+    }
+    for message, extra in refusals.items():
+        assert main(["eval", "--backbone", str(backbone_yaml), *common, *extra]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], lines
