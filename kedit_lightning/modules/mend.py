@@ -23,9 +23,10 @@ no discounted per-step rewards (one loss at the chain's end), no norm penalty, c
 batch. The gradient reaches every edit of the chain through its terms in the post-edit forward; the
 inputs each edit sees (x, delta) are detached, as in MEND. `backprop_window` W makes the edits more than
 W positions before a chain's end under `no_grad` (they shape the weights, but are not trained by the
-step). Memory: the stored terms grow linearly with K (one rank-one term per answer token per edit);
-the graph held for backward with min(K, W) edits, and the post-edit forward applies K groups per row
-(K low-rank corrections per edited layer, also linear). K = 1 is the single-edit step, bit for bit.
+step). Memory grows linearly with K, at a fixed batch size: the stored terms (one rank-one term per
+gradient row, i.e. per token, per edit), the transform's activations kept for backward (min(K, W)
+edits), and the post-edit forward, which applies up to K groups per row (K low-rank corrections per
+edited layer). K = 1 is the single-edit step, bit for bit.
 
 The editor's normalisation statistics are committed once per step, merged across processes, and not
 at all for a skipped step; a step whose loss is not finite on any process is skipped on all of them
