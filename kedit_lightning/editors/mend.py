@@ -7,9 +7,23 @@ W~ = W - alpha_l * sum_t delta~_t x~_t^T, with a learned step size alpha_l per l
 applied as low-rank terms of a `WeightEditedModel`, so an outer loss on other inputs backpropagates into g
 and alpha. With identity g and no statistics yet, an edit is one step of gradient descent.
 
-Statistics change once per training step, never within it: every edit of a step normalises with the
-statistics as of its start, and the step's rows are committed afterwards (merged across processes,
-dropped for a skipped step), so a step is a function of its global batch alone.
+Statistics are committed once per training step: the step's rows are merged into them afterwards (across
+processes, dropped for a skipped step). In the `paper` variant every edit of a step normalises with the
+statistics as of its start, so a step is a function of its global batch alone.
+
+`variant` names the two readings of MEND (each difference a choice with a reason, neither a fix):
+
+- `paper` (the default, and this package's behaviour before variants existed): W~ = W - alpha * g~, the
+  paper's sign (a step of descent when g is the identity); the last residual layer linear, so the
+  identity-initialised transform can move its output both ways; normalisation the identity until two
+  rows are committed, then the statistics as of the step's start.
+- `reference-code` (github.com/eric-mitchell/mend, algs/mend.py and nn.py; EasyEdit's trainer follows
+  it): W~ = W + alpha * g~; every residual layer clamped at 0, the last one too; training normalises
+  with statistics that already hold the rows seen so far, this edit's own included (the reference
+  updates its moments row by row before normalising, one edited layer after another), so the very
+  first edit is normalised by its own rows, and DDP ranks normalise with their own rows within a step.
+  The reference's gradient accumulation (`accumulate_bs`) is the Trainer's `accumulate_grad_batches`,
+  set in the configs that carry the public defaults.
 """
 
 from __future__ import annotations
@@ -106,11 +120,19 @@ class RunningMoments(nn.Module):
         """Unbiased variance (as `torch.var`); meaningful once `count >= 2`."""
         return self.m2 / (self.count - 1).clamp(min=1)
 
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+    def forward(self, rows: torch.Tensor, with_pending: bool = False) -> torch.Tensor:
+        """`rows` normalised by the committed moments, or with `with_pending` by those merged with the
+        pending ones (the step's rows so far); the identity while fewer than two rows count."""
+        count, mean, var = self.count, self.mean, self.var
+        if with_pending and self.pending is not None:
+            running = torch.cat([self.count.reshape(1).float(), self.mean.float(), self.m2.float()])
+            merged = merge_moments(torch.stack([running, self.pending]))
+            count, mean, m2 = merged[0], merged[1 : 1 + self.dim], merged[1 + self.dim :]
+            var = m2 / (count - 1).clamp(min=1)
         # torch.where instead of an `if` keeps the check on the device (no host sync per edit).
-        ready = self.count >= 2
-        mean = torch.where(ready, self.mean, torch.zeros_like(self.mean))
-        inv_std = torch.where(ready, 1.0 / (self.var.sqrt() + _NORM_EPS), torch.ones_like(self.mean))
+        ready = count >= 2
+        mean = torch.where(ready, mean, torch.zeros_like(mean))
+        inv_std = torch.where(ready, 1.0 / (var.sqrt() + _NORM_EPS), torch.ones_like(mean))
         return (rows - mean) * inv_std
 
 
@@ -141,13 +163,14 @@ class LowRankResidual(nn.Module):
 
 
 class ResidualMLP(nn.Module):
-    """`n_hidden` activated low-rank residual layers, then one linear low-rank residual layer."""
+    """`n_hidden` activated low-rank residual layers, then one more, linear unless `activate_last`."""
 
-    def __init__(self, dim: int, rank: int, n_hidden: int, n_modes: int, init: str) -> None:
+    def __init__(self, dim: int, rank: int, n_hidden: int, n_modes: int, init: str, activate_last: bool) -> None:
         super().__init__()
         rank = min(rank, dim)
         self.layers = nn.ModuleList(
-            LowRankResidual(dim, rank, n_modes, activate=i < n_hidden, init=init) for i in range(n_hidden + 1)
+            LowRankResidual(dim, rank, n_modes, activate=i < n_hidden or activate_last, init=init)
+            for i in range(n_hidden + 1)
         )
 
     def forward(self, z: torch.Tensor, mode: int | torch.Tensor) -> torch.Tensor:
@@ -160,23 +183,34 @@ class GradientTransform(nn.Module):
     """g: (x [N, x_dim], delta [N, delta_dim]) -> (x~, delta~), shared by the layers of one weight shape.
 
     `combine=True` transforms concat(x, delta) with one MLP (the paper's default); otherwise x and
-    delta get one MLP each.
+    delta get one MLP each. `reference_code`: every layer activated, and training normalises with
+    the step's pending rows included (see the module docstring).
     """
 
     def __init__(
-        self, x_dim: int, delta_dim: int, n_modes: int, rank: int, n_hidden: int, combine: bool, init: str, norm: bool
+        self,
+        x_dim: int,
+        delta_dim: int,
+        n_modes: int,
+        rank: int,
+        n_hidden: int,
+        combine: bool,
+        init: str,
+        norm: bool,
+        reference_code: bool = False,
     ) -> None:
         super().__init__()
         self.x_dim, self.delta_dim = x_dim, delta_dim
         self.norm = norm
         self.combine = combine
+        self.with_pending = reference_code
         self.x_moments = RunningMoments(x_dim)
         self.delta_moments = RunningMoments(delta_dim)
         if combine:
-            self.mlp = ResidualMLP(x_dim + delta_dim, rank, n_hidden, n_modes, init)
+            self.mlp = ResidualMLP(x_dim + delta_dim, rank, n_hidden, n_modes, init, reference_code)
         else:
-            self.x_mlp = ResidualMLP(x_dim, rank, n_hidden, n_modes, init)
-            self.delta_mlp = ResidualMLP(delta_dim, rank, n_hidden, n_modes, init)
+            self.x_mlp = ResidualMLP(x_dim, rank, n_hidden, n_modes, init, reference_code)
+            self.delta_mlp = ResidualMLP(delta_dim, rank, n_hidden, n_modes, init, reference_code)
 
     def forward(
         self, x: torch.Tensor, delta: torch.Tensor, mode: int | torch.Tensor
@@ -186,7 +220,7 @@ class GradientTransform(nn.Module):
             if self.training:
                 self.x_moments.accumulate(x)
                 self.delta_moments.accumulate(delta)
-            x, delta = self.x_moments(x), self.delta_moments(delta)
+            x, delta = self.x_moments(x, self.with_pending), self.delta_moments(delta, self.with_pending)
         if self.combine:
             return self.mlp(torch.cat([x, delta], dim=-1), mode).split([self.x_dim, self.delta_dim], dim=-1)
         return self.x_mlp(x, mode), self.delta_mlp(delta, mode)
@@ -199,7 +233,10 @@ class MEND(WeightEditor):
     to its shape; names in `transposed` are stored [in, out] (GPT-2's Conv1D), all others
     [out, in] (nn.Linear). `MEND.for_backbone(backbone, ...)` fills both in from a backbone.
     Calling it, `editor(model, inputs, rows)`, edits a `WeightEditedModel` on rows of a step's inputs.
+    `variant`: "paper" or "reference-code" (see the module docstring).
     """
+
+    VARIANTS = ("paper", "reference-code")
 
     def __init__(
         self,
@@ -211,10 +248,13 @@ class MEND(WeightEditor):
         edit_lr: float = 1e-4,
         norm: bool = True,
         transposed: Collection[str] = (),
+        variant: str = "paper",
     ) -> None:
         super().__init__()
         if init not in ("id", "xavier"):
             raise ValueError(f"MEND init must be 'id' or 'xavier', got {init!r}")
+        if variant not in self.VARIANTS:
+            raise ValueError(f"MEND variant must be one of {', '.join(self.VARIANTS)}; got {variant!r}")
         unknown = set(transposed) - set(param_shapes)
         if unknown:
             raise ValueError(f"MEND transposed names not among param_shapes: {sorted(unknown)}")
@@ -234,7 +274,10 @@ class MEND(WeightEditor):
             "edit_lr": edit_lr,
             "norm": norm,
             "transposed": self.transposed,
+            "variant": variant,
         }
+        # The reference code adds the transformed update; edit terms are subtracted (W - u v^T), so u flips.
+        self.adds_update = variant == "reference-code"
 
         # Group by (out, in): layers of one shape share a transform; their index in the group is their mode.
         groups: dict[str, list[str]] = {}
@@ -253,6 +296,7 @@ class MEND(WeightEditor):
                     combine=combine,
                     init=init,
                     norm=norm,
+                    reference_code=variant == "reference-code",
                 )
                 for key, members in groups.items()
             }
@@ -333,13 +377,18 @@ class MEND(WeightEditor):
         for key, transform in self.transforms.items():
             # The layers sharing a transform go through it together (their modes row by row): one
             # matmul per weight of the transform, and one gradient for it, instead of one per layer.
-            names = [name for name in self.param_names if self.route[name][0] == key]
-            sizes = [len(factors[name][0]) for name in names]
-            x, delta = (torch.cat([factors[name][i] for name in names]) for i in (0, 1))
-            modes = torch.cat([torch.full((n,), self.route[name][1], device=x.device) for name, n in zip(names, sizes)])
-            x, delta = transform(x, delta, modes)
-            for name, x_part, delta_part in zip(names, x.split(sizes), delta.split(sizes)):
-                # Float32 even under bf16 autocast: the terms are summed over every token of the edit.
-                with torch.autocast(x_part.device.type, enabled=False):
-                    model.add({name: (step[name] * delta_part.float(), x_part.float())}, groups[row_of[name]])
+            # The reference code runs them one at a time, each normalised with the rows seen so far.
+            shared = [name for name in self.param_names if self.route[name][0] == key]
+            for names in [[name] for name in shared] if transform.with_pending else [shared]:
+                sizes = [len(factors[name][0]) for name in names]
+                x, delta = (torch.cat([factors[name][i] for name in names]) for i in (0, 1))
+                modes = torch.cat(
+                    [torch.full((n,), self.route[name][1], device=x.device) for name, n in zip(names, sizes)]
+                )
+                x, delta = transform(x, delta, modes)
+                for name, x_part, delta_part in zip(names, x.split(sizes), delta.split(sizes)):
+                    # Float32 even under bf16 autocast: the terms are summed over every token of the edit.
+                    with torch.autocast(x_part.device.type, enabled=False):
+                        u = step[name] * delta_part.float()
+                        model.add({name: (-u if self.adds_update else u, x_part.float())}, groups[row_of[name]])
         return groups

@@ -8,6 +8,27 @@ are cached per record across epochs), and with `neighbor_locality` on the record
 (their unedited answers computed each step). Only the editor learns: the transform at `lr`, the per-layer
 step sizes at `lr_lr`.
 
+Sequence-aware training (`sequence_length` K > 1, ours, after RLEdit: Li et al. 2025, arXiv
+2502.05759). MEND is meta-trained on single edits of the unedited weights, and a sequence of edits at
+test time meets weights it never saw (issue 16 measures the collapse). RLEdit trains the hypernetwork
+over whole edit sequences: each edit is made on the weights the previous ones produced, and the loss
+rewards the newest edit, the retention of earlier ones ("memory backtracking") and locality. Here a
+step's B records form ceil(B / K) chains of up to K edits (record i: chain i mod C, position i div C);
+edit k of every chain is computed in one batched call on top of edit k-1's group (`on_top_of`:
+capture sees the earlier edits), which is MEND's own per-group batching reused along the chain. One
+post-edit forward under each chain's last group then gives the outer loss: cedit * NLL on the newest
+edit's rephrases (iedit for its image rephrase), `cretain` * NLL on the earlier edits' rephrases (text
+and image), and cloc * KL against the unedited model on every record's locality inputs. What is
+RLEdit's: training on chains, the retention term, locality against the unedited model. What is ours:
+no discounted per-step rewards (one loss at the chain's end), no norm penalty, chains built from the
+batch. The gradient reaches every edit of the chain through its terms in the post-edit forward; the
+inputs each edit sees (x, delta) are detached, as in MEND. `backprop_window` W makes the edits more than
+W positions before a chain's end under `no_grad` (they shape the weights, but are not trained by the
+step). Memory grows linearly with K, at a fixed batch size: the stored terms (one rank-one term per
+gradient row, i.e. per token, per edit), the transform's activations kept for backward (min(K, W)
+edits), and the post-edit forward, which applies up to K groups per row (K low-rank corrections per
+edited layer). K = 1 is the single-edit step, bit for bit.
+
 The editor's normalisation statistics are committed once per step, merged across processes, and not
 at all for a skipped step; a step whose loss is not finite on any process is skipped on all of them
 (counted in `skipped_steps`): no statistics and no optimizer update. So under DDP, N processes with B
@@ -17,14 +38,15 @@ records each train as one process with N*B records would.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import grad_norm
 
 from kedit_lightning.backbones import Backbone, BackboneSpec
-from kedit_lightning.editors.edited_model import StepInputs
-from kedit_lightning.editors.losses import masked_kl, masked_nll
+from kedit_lightning.editors.edited_model import StepInputs, WeightEditedModel
+from kedit_lightning.editors.losses import masked_kl, per_example_nll
 from kedit_lightning.editors.mend import MEND
 from kedit_lightning.evaluation import HOPS, NEIGHBOR
 from kedit_lightning.modules.editing import EditorModule
@@ -62,6 +84,26 @@ class LocalityTargets:
                 self.bytes += size
 
 
+def chain_edits(
+    editor: MEND, model: WeightEditedModel, inputs: StepInputs, sequence_length: int, window: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edit the `edit_inner` records as chains (see the module docstring): (each record's chain's last
+    group [B], whether the record is its chain's newest edit [B])."""
+    rows = inputs.rows("edit_inner")
+    n_chains = -(-len(rows) // sequence_length)
+    steps = -(-len(rows) // n_chains)
+    last: torch.Tensor | None = None
+    for step in range(steps):
+        step_rows = rows[step * n_chains : (step + 1) * n_chains]
+        on_top_of = None if last is None else last[: len(step_rows)]
+        trained = window is None or step >= steps - window
+        with nullcontext() if trained else torch.no_grad():
+            groups = editor(model, inputs, step_rows, on_top_of)
+        last = groups if last is None else torch.cat([groups, last[len(groups) :]])
+    records = torch.arange(len(rows))
+    return last[records % n_chains], records + n_chains >= len(rows)
+
+
 def outer_losses(
     editor: MEND,
     backbone: Backbone,
@@ -69,18 +111,23 @@ def outer_losses(
     pre: Mapping[str, torch.Tensor] | None = None,
     cache: LocalityTargets | None = None,
     neighbors: bool = False,
+    sequence_length: int = 1,
+    window: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The outer loss's parts for a batch: every record edited on its own, one post-edit forward.
+    """The outer loss's parts for a batch: the records edited in chains of `sequence_length` (1: each
+    on its own), one post-edit forward under each chain's last edit.
 
     `pre`: the unedited answer logits on the locality inputs when known (else computed, and stored in
-    `cache`). Text-only batches have no image sub-batches, and so no `image_edit` part. With `neighbors`,
-    the batch's near neighbours (`neighbor` rows, each under its record's edit) join the locality KL."""
+    `cache`). Text-only batches have no image sub-batches, and so no `image_edit` part; chains of one
+    edit have no `retain` part. With `neighbors`, the batch's near neighbours (`neighbor` rows, each under
+    its record's edit) join the locality KL."""
     post_edit = [key for key in POST_EDIT if key in batch]
     locality = [key for key in LOCALITY if key in batch]
     neighbor = [NEIGHBOR] if neighbors and NEIGHBOR in batch else []
     inputs = StepInputs(backbone, {key: batch[key] for key in ("edit_inner", *post_edit, *neighbor)})
     model = editor.edited_model(backbone)
-    edits = editor(model, inputs, inputs.rows("edit_inner"))
+    edits, newest = chain_edits(editor, model, inputs, sequence_length, window)
+    newest = newest.to(inputs.labels.device)
     groups = edits.repeat(len(post_edit))
     if neighbor:
         post_edit, groups = [*post_edit, NEIGHBOR], torch.cat([groups, edits[batch["neighbor_record"].cpu()]])
@@ -95,12 +142,16 @@ def outer_losses(
         with torch.no_grad():
             pre = {**pre, NEIGHBOR: model.answer_logits(inputs, inputs.rows(NEIGHBOR))}
     labels = {name: batch[name]["labels"] for name in post_edit}
+    rephrased = [name for name in ("edit_outer", "edit_outer_image") if name in post]
+    nll = {name: per_example_nll(post[name], labels[name]) for name in rephrased}
     parts = {
-        "edit": masked_nll(post["edit_outer"], labels["edit_outer"]),
+        "edit": nll["edit_outer"][newest].mean(),
         "loc": sum(masked_kl(pre[name], post[name], labels[name]) for name in [*locality, *neighbor]),
     }
     if "edit_outer_image" in post:
-        parts["image_edit"] = masked_nll(post["edit_outer_image"], labels["edit_outer_image"])
+        parts["image_edit"] = nll["edit_outer_image"][newest].mean()
+    if not bool(newest.all()):
+        parts["retain"] = sum(nll[name][~newest].mean() for name in rephrased)
     return parts
 
 
@@ -123,7 +174,19 @@ class MENDModule(EditorModule):
         neighbor_locality: bool = False,
         hops: Sequence[str] = HOPS,
         logged_edits: int = 4,
+        variant: str = "paper",
+        sequence_length: int = 1,
+        backprop_window: int | None = None,
+        cretain: float | None = None,
     ) -> None:
+        """`variant`: see `editors.mend`. `sequence_length`, `backprop_window`: sequence-aware training (see
+        the module docstring); `cretain`: the retention term's weight (default: `cedit`)."""
+        if variant not in MEND.VARIANTS:
+            raise ValueError(f"model.variant must be one of {', '.join(MEND.VARIANTS)}; got {variant!r}")
+        if not isinstance(sequence_length, int) or sequence_length < 1:
+            raise ValueError(f"model.sequence_length must be an integer >= 1; got {sequence_length!r}")
+        if backprop_window is not None and (not isinstance(backprop_window, int) or backprop_window < 1):
+            raise ValueError(f"model.backprop_window must be an integer >= 1 or null; got {backprop_window!r}")
         super().__init__(backbone, hops, logged_edits)
         self.save_hyperparameters()
         self.editor: MEND | None = None
@@ -135,7 +198,13 @@ class MENDModule(EditorModule):
     def build_editor(self, backbone: Backbone) -> None:
         hp = self.hparams
         self.editor = MEND.for_backbone(
-            backbone, rank=hp.rank, n_hidden=hp.n_hidden, combine=hp.combine, norm=hp.norm, edit_lr=hp.edit_lr
+            backbone,
+            rank=hp.rank,
+            n_hidden=hp.n_hidden,
+            combine=hp.combine,
+            norm=hp.norm,
+            edit_lr=hp.edit_lr,
+            variant=hp.variant,
         )
 
     def _cached_targets(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
@@ -149,19 +218,24 @@ class MENDModule(EditorModule):
         return cached
 
     def step_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        hp = self.hparams
         return outer_losses(
             self.editor,
             self.backbone,
             batch,
             self._cached_targets(batch),
             self.locality_targets,
-            self.hparams.neighbor_locality,
+            hp.neighbor_locality,
+            hp.sequence_length,
+            hp.backprop_window,
         )
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         parts = self.step_losses(batch)
         hp = self.hparams
         loss = hp.cedit * parts["edit"] + hp.iedit * parts.get("image_edit", 0.0) + hp.cloc * parts["loc"]
+        if "retain" in parts:
+            loss = loss + (hp.cedit if hp.cretain is None else hp.cretain) * parts["retain"]
         pending = self.editor.take_pending_statistics()
         # Every rank must agree, or DDP would wait forever for the gradients of a skipped rank.
         finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
