@@ -15,7 +15,7 @@ from data_modules.encoding import IGNORE_INDEX
 from data_modules.word_tokenizer import PROMPT_TEXTS, build_word_tokenizer
 from kedit_lightning.backbones import load_backbone_spec
 from kedit_lightning.editors.edited_model import StepInputs
-from kedit_lightning.editors.serac import SERACEncoder
+from kedit_lightning.editors.serac import SERAC, SERACEncoder
 from kedit_lightning.evaluation import SUB_BATCH_OF, EditMetrics, evaluate_batch, record_batches
 from kedit_lightning.modules.serac import ScopeEncoderSpec, SERACModule, balanced_bce
 
@@ -360,3 +360,82 @@ def test_rows_route_only_to_their_own_groups_entries(tokenizer_dir):
         expected = alone.answer_logits(inputs, queries[record : record + 1], group)
         start = int(inputs.answer_counts(queries[:record]).sum())
         torch.testing.assert_close(logits[start : start + expected.shape[0]], expected)
+
+
+def test_deep_chains_route_as_a_plain_walk_over_every_entry(module):
+    """A memory of sequential edits (each group on top of the last) and a side branch, routed in one
+    matrix op, against a plain oracle: each (input, entry) pair scored on its own, entries filtered by
+    walking the input's chain; again after dropping the newest groups."""
+    words = ["Velor", "Marun", "red", "blue", "green", "Zandia", "object", "colour", "city", "capital"]
+    prompts = [f"{a} {b} {c} ?" for a in words[:5] for b in words[5:] for c in words[2:5]][:48]
+    encoder, red, blue = module.input_processor(), *draw_images()
+    edits = encoder(prompts, ["Velor"] * len(prompts), [red if i % 3 else blue for i in range(len(prompts))])
+    serac = module.editor
+    model = serac.edited_model(module.backbone)
+    inputs = StepInputs(module.backbone, {"edits": edits}, prefix=False)
+    head = torch.tensor([-1])
+    for row in range(40):  # 40 sequential edits: chains up to 40 groups deep
+        head = serac(model, inputs, torch.tensor([row]), on_top_of=head)
+    side = serac(model, inputs, torch.arange(40, 48), on_top_of=torch.full((8,), 9))  # 8 branches off edit 10
+
+    def oracle(queries: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        read = serac.read(inputs, queries).query
+        entries = serac.read(inputs, torch.arange(48))
+        best, best_entry = [], []
+        for x, group in enumerate(groups.tolist()):
+            chain = set(model.chains(torch.tensor([group]))[0].tolist())
+            allowed = [e for e in range(len(model)) if int(model.entry_groups[e]) in chain]
+            with torch.no_grad():
+                scores = torch.stack(
+                    [
+                        serac.classifier(entries.descriptor.rows(torch.tensor([e])), read.rows(torch.tensor([x])))[0]
+                        for e in allowed
+                    ]
+                )
+            best.append(float(scores.max()))
+            best_entry.append(allowed[int(scores.argmax())])
+        return torch.tensor(best), torch.tensor(best_entry)
+
+    queries = torch.randperm(48, generator=torch.Generator().manual_seed(0))[:12]
+    groups = torch.cat([head.expand(4), side[:4], torch.tensor([0, 5, 9, 20])])
+    serac.threshold = 0.5
+    in_scope, entry = model.route(serac.read(inputs, queries).query, groups)
+    best, best_entry = oracle(queries, groups)
+    assert torch.equal(entry, best_entry)
+    assert torch.equal(in_scope, best >= math.log(0.5))
+    model.drop_after(25)  # edits 26..40 and the branches are gone
+    assert len(model) == 25 and torch.equal(model.entry_groups, torch.arange(25))
+    groups = torch.tensor([24, 24, 3, 10])
+    _, entry = model.route(serac.read(inputs, queries[:4]).query, groups)
+    assert torch.equal(entry, oracle(queries[:4], groups)[1])
+
+
+def test_old_artifacts_embedding_classifier_rebuilds_as_cosine(module, tokenizer_dir):
+    serac = module.editor
+    config = {**serac.config, "kind": "cosine"}
+    cosine = SERAC.from_config(config)
+    old = SERAC.from_config({**config, "kind": "embedding"})  # what artifacts before `distance` hold
+    assert old.classifier.kind == "cosine"
+    old.load_state_dict(cosine.state_dict())  # strict: the same parameters
+    assert SERAC.from_config({k: v for k, v in config.items() if k != "kind"}).classifier.kind == "cosine"
+    with pytest.raises(ValueError, match="scope classifier must be one of distance, cosine, cross, got 'knn'"):
+        SERAC.from_config({**config, "kind": "knn"})
+    with pytest.raises(ValueError, match="classifier 'embedding' is now called 'cosine'"):
+        make_module(tokenizer_dir, classifier="embedding")
+
+
+@pytest.mark.parametrize("edit_prompt_positive", [False, True])
+def test_positives_are_the_rephrases_unless_asked(tokenizer_dir, edit_prompt_positive):
+    module = make_module(tokenizer_dir, edit_prompt_positive=edit_prompt_positive)
+    batch = edit_batch(module)
+    inputs = module.read_step(batch)
+    classifier, edits = module.editor.classifier, inputs["edit_inner"].descriptor
+    with torch.no_grad():
+        loss, _ = module._classifier_loss(inputs, batch)
+        scores = {key: classifier(edits, inputs[key].query) for key in inputs}
+    positive_keys = ["edit_outer", "edit_outer_image"] + (["edit_inner"] if edit_prompt_positive else [])
+    positives = torch.cat([scores[key] for key in positive_keys])
+    negatives = torch.cat([scores["loc"], scores["loc_image"]])
+    # By hand: the mean -log p of the positives plus the mean -log(1 - p) of the negatives.
+    expected = -positives.mean() - torch.log(1 - negatives.exp()).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4)
