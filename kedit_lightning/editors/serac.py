@@ -245,7 +245,11 @@ class ScopeClassifier(nn.Module):
         def squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             if pairwise:
                 return (a - b).pow(2).sum(-1)
-            return torch.cdist(b, a, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+            # One matrix product (|b|^2 + |a|^2 - 2 b.a), around the inputs' mean: distances stay the same, and the
+            # large component all encoder states share no longer cancels in float32.
+            center = b.mean(0)
+            a, b = a - center, b - center
+            return (b.pow(2).sum(-1, keepdim=True) + a.pow(2).sum(-1) - 2 * b @ a.T).clamp(min=0.0)
 
         if self.kind == "distance":
             distance = squared_distance(edits.text, inputs.text)
