@@ -417,11 +417,29 @@ def test_old_artifacts_embedding_classifier_rebuilds_as_cosine(module, tokenizer
     old = SERAC.from_config({**config, "kind": "embedding"})  # what artifacts before `distance` hold
     assert old.classifier.kind == "cosine"
     old.load_state_dict(cosine.state_dict())  # strict: the same parameters
-    assert SERAC.from_config({k: v for k, v in config.items() if k != "kind"}).classifier.kind == "cosine"
+    before_options = {k: v for k, v in config.items() if k not in ("kind", "scope_target")}
+    assert SERAC.from_config(before_options).classifier.kind == "cosine"
+    assert SERAC.from_config(before_options).scope_target  # the classifier read prompt + new answer then
     with pytest.raises(ValueError, match="scope classifier must be one of distance, cosine, cross, got 'knn'"):
         SERAC.from_config({**config, "kind": "knn"})
     with pytest.raises(ValueError, match="classifier 'embedding' is now called 'cosine'"):
         make_module(tokenizer_dir, classifier="embedding")
+
+
+@pytest.mark.parametrize("scope_target", [False, True])
+def test_a_memory_entry_reads_as_its_prompt_unless_the_target_is_asked_for(module, batch, scope_target):
+    serac = module.editor
+    serac.scope_target = scope_target
+    try:
+        inputs = StepInputs(module.backbone, {"edit": batch["edit_inner"]}, prefix=False)
+        descriptor = serac.read(inputs, inputs.rows("edit")).descriptor.text
+    finally:
+        serac.scope_target = False
+    tokenizer = module.input_processor().scope_tokenizer
+    texts = [f"{p} {t}" if scope_target else p for p, t, *_ in EDITS]
+    expected = tokenizer(texts, padding=True, return_tensors="pt")
+    torch.testing.assert_close(descriptor.ids, expected["input_ids"])
+    torch.testing.assert_close(descriptor.mask, expected["attention_mask"])
 
 
 @pytest.mark.parametrize("edit_prompt_positive", [False, True])

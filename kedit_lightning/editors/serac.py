@@ -405,10 +405,12 @@ class SERAC(nn.Module):
         counterfactual: CounterfactualModel,
         image_dim: int | None,
         threshold: float = 0.5,
+        scope_target: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be a probability strictly between 0 and 1, got {threshold}")
+        self.scope_target = scope_target
         self.classifier = classifier
         self.counterfactual = counterfactual
         self.image_dim = image_dim
@@ -425,17 +427,21 @@ class SERAC(nn.Module):
         counterfactual_image: bool = True,
         image_tokens: int = 32,
         threshold: float = 0.5,
+        scope_target: bool = False,
     ) -> SERAC:
         """SERAC around a transformers encoder (the classifier's) and causal LM (the counterfactual model's).
 
         `image_dim` is the base model's input embedding width (its image features replace
         placeholder embeddings); `image_scope` / `counterfactual_image` say which part reads images.
+        `scope_target`: the classifier reads an entry as its prompt and new answer (ours before), not
+        its prompt alone (the reference code's entry for decoder LMs, which answer after the prompt).
         """
         return cls(
             ScopeClassifier(scope_encoder, kind, image_dim if image_scope else None),
             CounterfactualModel(language_model, image_dim if counterfactual_image else None, image_tokens),
             image_dim,
             threshold,
+            scope_target,
         )
 
     @property
@@ -450,6 +456,7 @@ class SERAC(nn.Module):
             "counterfactual_image": self.counterfactual.image_dim is not None,
             "image_tokens": self.counterfactual.image_tokens,
             "threshold": self.threshold,
+            "scope_target": self.scope_target,
         }
 
     @classmethod
@@ -458,6 +465,7 @@ class SERAC(nn.Module):
         options = dict(config)
         kind = options.get("kind", "embedding")
         options["kind"] = RENAMED_KINDS.get(kind, kind)
+        options.setdefault("scope_target", True)  # what artifacts from before the option read
         scope_encoder = AutoModel.from_config(AutoConfig.for_model(**options.pop("scope_encoder")))
         language_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**options.pop("language_model")))
         return cls.build(scope_encoder, language_model, **options)
@@ -484,7 +492,11 @@ class SERAC(nn.Module):
         )
         return SERACInputs(
             query=ScopeInput(_trimmed(Tokens.of(inputs.fields, SCOPE_QUERY).rows(rows))[0], pooled, has_image),
-            descriptor=ScopeInput(_trimmed(Tokens.of(inputs.fields, SCOPE_EDIT).rows(rows))[0], pooled, has_image),
+            descriptor=ScopeInput(
+                _trimmed(Tokens.of(inputs.fields, SCOPE_EDIT if self.scope_target else SCOPE_QUERY).rows(rows))[0],
+                pooled,
+                has_image,
+            ),
             counterfactual=counterfactual,
             counterfactual_labels=counterfactual_labels,
             image_tokens=image_tokens,

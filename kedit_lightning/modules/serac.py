@@ -118,6 +118,8 @@ class SERACModule(EditorModule):
         counterfactual_image: the counterfactual model reads the input image (projected).
         image_tokens: at most this many image tokens for the counterfactual model (average-pooled).
         threshold: an input is in scope when sigmoid(score) >= threshold.
+        scope_target: the classifier reads a memory entry as the edit prompt and its new answer (ours
+            before), not the edit prompt alone (the reference code's entry for decoder LMs).
         edit_prompt_positive: also count the edit prompt itself as a positive (the reference counts
             the rephrases only).
         classifier_weight / counterfactual_weight: the two losses' weights (the reference's cloc 1 and
@@ -139,6 +141,7 @@ class SERACModule(EditorModule):
         counterfactual_image: bool = True,
         image_tokens: int = 32,
         threshold: float = 0.5,
+        scope_target: bool = False,
         edit_prompt_positive: bool = False,
         classifier_weight: float = 1.0,
         counterfactual_weight: float = 0.1,
@@ -181,6 +184,7 @@ class SERACModule(EditorModule):
             counterfactual_image=hp.counterfactual_image,
             image_tokens=hp.image_tokens,
             threshold=hp.threshold,
+            scope_target=hp.scope_target,
         )
         self.encoder = SERACEncoder(backbone.processor, scope_tokenizer, counterfactual.processor)
 
