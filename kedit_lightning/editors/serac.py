@@ -3,8 +3,9 @@
 Mitchell, Lin, Bosselut, Manning and Finn, "Memory-Based Model Editing at Scale", ICML 2022
 (https://arxiv.org/abs/2206.06520).
 
-1. Edit memory. An edit is kept as its descriptor, the edit prompt followed by the new answer,
-   together with the base model's features of the edit image.
+1. Edit memory. An edit is kept as its descriptors, together with the base model's features of
+   the edit image: for the scope classifier the edit prompt (with `scope_target`, followed by the
+   new answer), for the counterfactual model the edit prompt followed by the new answer.
 2. Scope classifier. Scores (memory entry, input) pairs as the log-probability that the input is in
    the entry's scope; an input goes with its best-scoring entry, and is in scope when that
    probability is >= threshold. The paper's two architectures: an embedding classifier embeds
@@ -37,7 +38,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ from kedit_lightning.backbones.base import Backbone
 from kedit_lightning.editors.edited_model import EditGroups, StepInputs, new_edit_groups
 
 ClassifierKind = Literal["distance", "cosine", "cross"]
-CLASSIFIER_KINDS = ("distance", "cosine", "cross")
+CLASSIFIER_KINDS = get_args(ClassifierKind)
 # Artifacts written before `distance` existed call today's `cosine` classifier `embedding`.
 RENAMED_KINDS = {"embedding": "cosine"}
 # Sub-batch keys that SERACEncoder adds: classifier tokens of the prompt alone (an input) and of
