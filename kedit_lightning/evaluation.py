@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 
 from data_modules.encoding import IGNORE_INDEX, SUB_BATCH_KEYS, EditBatch, SubBatch
 from kedit_lightning.backbones.base import Backbone
@@ -98,6 +99,9 @@ class EditMetrics(nn.Module):
         self.portability_exact = PortabilityByHop(hops=tuple(hops), exact=True)
         self.group_names = list(groups)
         self.groups = nn.ModuleList(EditMetrics(hops) for _ in self.group_names)
+        # A memory editor's scope decisions (SERAC): the fraction of rows it routed to an edit, per metric's
+        # sub-batch, over the in-scope ones (recall) and over the locality ones (false-positive rate).
+        self.routed = nn.ModuleDict({key: MeanMetric() for key in (*HEADLINE, NEIGHBOR_KEY, "recall", "fp_rate")})
 
     @torch.no_grad()
     def update(
@@ -131,6 +135,15 @@ class EditMetrics(nn.Module):
             for metric in (self.portability, self.portability_exact):
                 metric.update(post["port"], labels["port"], hops)
 
+    @torch.no_grad()
+    def update_scope(self, routed: Mapping[str, torch.Tensor]) -> None:
+        """Scope decisions: per sub-batch, [N] bool, whether each row was routed to an edit."""
+        by_metric = {key: routed[name].float() for key, name in (SUB_BATCH_OF | LOCALITY_OF).items() if name in routed}
+        for key, value in by_metric.items():
+            self.routed[key].update(value)
+        self.routed["recall"].update(torch.cat([by_metric[key] for key in ACCURACY_KEYS if key in by_metric]))
+        self.routed["fp_rate"].update(torch.cat([by_metric[key] for key in LOCALITY_OF if key in by_metric]))
+
     def compute(self, every_metric: bool = False) -> dict[str, Any]:
         """The report: fractions in [0, 1], portability keyed by hop, the same under `exact_match`. Metrics
         never updated (the image ones, for text-only data) are absent. `every_metric` (groups, which some
@@ -150,6 +163,9 @@ class EditMetrics(nn.Module):
             if by_hop:
                 out["portability"] = by_hop
         # compute() syncs across ranks (and caches); the `count` state itself stays this rank's own.
+        scope = {key: float(metric.compute()) for key, metric in self.routed.items() if metric.update_count}
+        if scope:
+            token["scope"] = scope
         n_edits = int(self.accuracy["reliability"].compute()["count"])
         for name, group in zip(self.group_names, self.groups):
             field, value = name.split("/", 1)
@@ -162,7 +178,8 @@ class EditMetrics(nn.Module):
         return {**token, "n_edits": n_edits, "exact_match": exact}
 
     def reset(self) -> None:
-        for metric in [*self.accuracy.values(), *self.locality.values(), self.portability, self.portability_exact]:
+        metrics = [*self.accuracy.values(), *self.locality.values(), *self.routed.values()]
+        for metric in [*metrics, self.portability, self.portability_exact]:
             metric.reset()
         for group in self.groups:
             group.reset()
@@ -206,6 +223,8 @@ def evaluate_batch(
         queries["port"] = port
     logits = model.answer_logits(inputs, inputs.rows(*queries), torch.cat(list(queries.values())))
     post = inputs.split(logits, list(queries))
+    if getattr(model, "routed", None) is not None:  # a memory editor's scope decisions, row for row (SERAC)
+        metrics.update_scope(dict(zip(queries, model.routed.split([len(inputs.rows(key)) for key in queries]))))
     with model.unedited():  # the original model, also where edits are already folded into the weights
         locality = [key for key in (*LOCALITY_SUB_BATCHES, NEIGHBOR) if key in batch]
         pre = inputs.split(model.answer_logits(inputs, inputs.rows(*locality)), locality)

@@ -254,7 +254,8 @@ def test_a_serac_artifact_holds_its_config_and_its_tokenizers(serac_fitted):
     config = card_of(artifact)["editor"]["config"]
     assert card_of(artifact)["editor"]["class"] == "SERAC"
     assert config["scope_encoder"]["model_type"] == "bert" and config["language_model"]["model_type"] == "llama"
-    assert (config["kind"], config["image_scope"], config["counterfactual_image"]) == ("embedding", True, True)
+    assert (config["kind"], config["image_scope"], config["counterfactual_image"]) == ("distance", True, True)
+    assert config["scope_target"] is False  # the classifier's entries are the edit prompts
 
 
 def test_artifacts_load_and_edit_with_lightning_and_jsonargparse_blocked(fitted, serac_fitted, world, base_dir):

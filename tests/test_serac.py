@@ -1,6 +1,7 @@
 """SERAC on tiny random-weight models: routing, memory lookup, classifier training, an untouched base."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from data_modules.encoding import IGNORE_INDEX
 from data_modules.word_tokenizer import PROMPT_TEXTS, build_word_tokenizer
 from kedit_lightning.backbones import load_backbone_spec
 from kedit_lightning.editors.edited_model import StepInputs
-from kedit_lightning.editors.serac import SERACEncoder
+from kedit_lightning.editors.serac import SERAC, SERACEncoder
 from kedit_lightning.evaluation import SUB_BATCH_OF, EditMetrics, evaluate_batch, record_batches
 from kedit_lightning.modules.serac import ScopeEncoderSpec, SERACModule, balanced_bce
 
@@ -135,9 +136,7 @@ def test_in_scope_goes_to_the_counterfactual_and_the_rest_to_the_base(tokenizer_
     # Put the threshold between the best and the worst input's score: some rows in scope, the others not.
     with torch.no_grad():
         scores = serac.classifier.score_all(model.scope, serac.read(inputs, queries).query, model.keys)[:, 0]
-        serac.classifier.bias -= (scores.max() + scores.min()) / 2
-        model = serac.edited_model(backbone)
-        group = serac(model, inputs, inputs.rows("edit_inner")[:1])
+    serac.threshold = math.exp((scores.max() + scores.min()) / 2)
     in_scope, entry = model.route(serac.read(inputs, queries).query, groups)
     assert in_scope.any() and (~in_scope).any()
     assert (entry == 0).all()
@@ -193,9 +192,9 @@ def test_cross_encoder_scores_every_pair_as_it_scores_one(tokenizer_dir):
         torch.testing.assert_close(every[:, e], one, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("classifier", ["embedding", "cross"])
+@pytest.mark.parametrize("classifier", ["distance", "cosine", "cross"])
 def test_classifier_loss_falls_and_the_base_stays_untouched(tokenizer_dir, tmp_path, classifier):
-    module = make_module(tokenizer_dir, classifier=classifier, hard_negatives=classifier == "embedding")
+    module = make_module(tokenizer_dir, classifier=classifier, hard_negatives=classifier != "cross")
     batch = edit_batch(module)
     base_before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
     projection_before = {k: v.clone() for k, v in module.editor.counterfactual.image_projection.state_dict().items()}
@@ -226,6 +225,10 @@ def test_classifier_loss_falls_and_the_base_stays_untouched(tokenizer_dir, tmp_p
     )
     after = classifier_loss()
     assert after < 0.5 * before, (before, after)
+    # The published loss weights: cloc 1, cedit 0.1.
+    logged = trainer.callback_metrics
+    expected = logged["train/loss_classifier"] + 0.1 * logged["train/loss_counterfactual"]
+    assert float(logged["train/loss"]) == pytest.approx(float(expected), rel=1e-5)
     assert {
         "train/loss_classifier",
         "train/loss_counterfactual",
@@ -247,9 +250,16 @@ def test_classifier_loss_falls_and_the_base_stays_untouched(tokenizer_dir, tmp_p
     )
 
 
-def test_balanced_bce_weighs_both_sides_equally():
-    many, few = torch.full((9,), 2.0), torch.full((1,), -2.0)
-    assert torch.isclose(balanced_bce(many, few), balanced_bce(many[:1], few))
+def test_balanced_bce_is_the_mean_loss_of_each_side_summed():
+    # In-scope probabilities 0.9 (nine times) and 0.5; out-of-scope ones 0.2 and 0.6: each side's mean counts once.
+    positives = torch.tensor([0.9] * 9 + [0.5]).log()
+    negatives = torch.tensor([0.2, 0.6]).log()
+    expected = -(9 * math.log(0.9) + math.log(0.5)) / 10 - (math.log(0.8) + math.log(0.4)) / 2  # = 0.7339
+    assert float(balanced_bce(positives, negatives)) == pytest.approx(expected, rel=1e-6)
+    # Nine more copies of a positive change nothing: the sides are weighed equally, not by count.
+    assert float(balanced_bce(positives[-1:], negatives)) == pytest.approx(-math.log(0.5) + 0.5697171, rel=1e-6)
+    # A negative the classifier is sure of (p = 1) costs -log(eps), finite.
+    assert torch.isfinite(balanced_bce(positives, torch.zeros(1)))
 
 
 def test_answers_the_counterfactual_splits_differently_are_refused(module):
@@ -263,18 +273,20 @@ def test_answers_the_counterfactual_splits_differently_are_refused(module):
 def oracle_metrics(module: SERACModule, batch: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     """The old straightforward way: each record alone, its edit the only memory entry, each sub-batch read
     on its own, scored pair by pair and routed row by row (full forwards, no shared inputs).
-    The report, and the post-edit answer logits per sub-batch (records in order)."""
+    The report (with the fraction of rows routed to the edit, per metric's sub-batch), and the post-edit
+    answer logits per sub-batch (records in order)."""
     serac, backbone = module.editor, module.backbone
     metrics, every_post = EditMetrics(), {name: [] for name in SUB_BATCH_OF.values()}
+    sent = {key: [] for key in SUB_BATCH_OF}
     for record in record_batches(batch):
-        post, pre, labels = {}, {}, {}
+        post, pre, labels, routed_rows = {}, {}, {}, {}
         for name in SUB_BATCH_OF.values():
             sub_batch = record[name]
             inputs = StepInputs(backbone, {"edit": record["edit_inner"], "query": sub_batch}, prefix=False)
             edit, query = serac.read(inputs, inputs.rows("edit")), serac.read(inputs, inputs.rows("query"))
             base = answers(backbone, sub_batch)
             with torch.no_grad():
-                in_scope = torch.sigmoid(serac.classifier(edit.descriptor, query.query)) >= serac.threshold
+                in_scope = serac.classifier(edit.descriptor, query.query).exp() >= serac.threshold
                 if bool(in_scope):
                     cf_logits, cf_labels = serac.counterfactual(
                         edit.counterfactual, query.counterfactual, query.counterfactual_labels, query.image_tokens
@@ -284,21 +296,35 @@ def oracle_metrics(module: SERACModule, batch: dict) -> tuple[dict, dict[str, to
                         routed, (0, base.shape[-1] - routed.shape[-1]), value=torch.finfo(routed.dtype).min
                     )
             post[name], pre[name], labels[name] = (routed if bool(in_scope) else base), base, sub_batch["labels"]
+            routed_rows[name] = bool(in_scope)
             every_post[name].append(post[name])
         metrics.update(labels, post, pre)
-    return metrics.compute(), {name: torch.cat(logits) for name, logits in every_post.items()}
+        for key, name in SUB_BATCH_OF.items():
+            sent[key].append(routed_rows[name])
+    report = metrics.compute()
+    in_scope = [r for key in ("reliability", "t_generality", "i_generality") for r in sent[key]]
+    out_of_scope = sent["t_locality"] + sent["i_locality"]
+    report["scope"] = {
+        **{key: sum(rows) / len(rows) for key, rows in sent.items()},
+        "recall": sum(in_scope) / len(in_scope),
+        "fp_rate": sum(out_of_scope) / len(out_of_scope),
+    }
+    return report, {name: torch.cat(logits) for name, logits in every_post.items()}
 
 
 def test_batched_evaluation_matches_each_record_alone(tokenizer_dir):
     module = make_module(tokenizer_dir)
     batch = edit_batch(module)
     serac, backbone = module.editor, module.backbone
-    # Threshold at the median score of every (edit, input) pair: some inputs in scope, the others not.
+    # Threshold in the widest gap between the scores of every (edit, input) pair: some inputs in scope, the
+    # others not, none of them near the threshold.
     inputs = StepInputs(backbone, {key: batch[key] for key in SUB_BATCH_OF.values()}, prefix=False)
     edits = serac.read(inputs, inputs.rows("edit_inner")).descriptor
     with torch.no_grad():
         scores = serac.classifier.score_all(edits, serac.read(inputs, inputs.rows(*SUB_BATCH_OF.values())).query)
-        serac.classifier.bias -= scores.median()
+    ordered = scores.flatten().sort().values
+    cut = int(ordered.diff().argmax())
+    serac.threshold = math.exp(float(ordered[cut : cut + 2].mean()))
     metrics = EditMetrics()
     post = evaluate_batch(serac, backbone, batch, metrics)
     oracle, oracle_post = oracle_metrics(module, batch)
@@ -308,6 +334,7 @@ def test_batched_evaluation_matches_each_record_alone(tokenizer_dir):
     report = metrics.compute()
     assert min(report["t_locality"], report["i_locality"]) < 1.0
     assert report.keys() == oracle.keys()
+    assert 0 < report["scope"]["fp_rate"] and report["scope"]["recall"] > 0
     for key, value in report.items():
         assert value == pytest.approx(oracle[key], abs=1e-6), key
 
@@ -318,7 +345,7 @@ def test_rows_route_only_to_their_own_groups_entries(tokenizer_dir):
     batch = edit_batch(module)
     serac, backbone = module.editor, module.backbone
     with torch.no_grad():
-        serac.classifier.bias += 100.0  # everything in scope of every entry: only the groups decide
+        serac.classifier.scale.zero_()  # everything in scope of every entry (p = 1): only the groups decide
     inputs = StepInputs(backbone, {key: batch[key] for key in ("edit_inner", "edit_outer")})
     model = serac.edited_model(backbone)
     groups = serac(model, inputs, inputs.rows("edit_inner"))
@@ -333,3 +360,100 @@ def test_rows_route_only_to_their_own_groups_entries(tokenizer_dir):
         expected = alone.answer_logits(inputs, queries[record : record + 1], group)
         start = int(inputs.answer_counts(queries[:record]).sum())
         torch.testing.assert_close(logits[start : start + expected.shape[0]], expected)
+
+
+def test_deep_chains_route_as_a_plain_walk_over_every_entry(module):
+    """A memory of sequential edits (each group on top of the last) and a side branch, routed in one
+    matrix op, against a plain oracle: each (input, entry) pair scored on its own, entries filtered by
+    walking the input's chain; again after dropping the newest groups."""
+    words = ["Velor", "Marun", "red", "blue", "green", "Zandia", "object", "colour", "city", "capital"]
+    prompts = [f"{a} {b} {c} ?" for a in words[:5] for b in words[5:] for c in words[2:5]][:48]
+    encoder, red, blue = module.input_processor(), *draw_images()
+    edits = encoder(prompts, ["Velor"] * len(prompts), [red if i % 3 else blue for i in range(len(prompts))])
+    serac = module.editor
+    model = serac.edited_model(module.backbone)
+    inputs = StepInputs(module.backbone, {"edits": edits}, prefix=False)
+    head = torch.tensor([-1])
+    for row in range(40):  # 40 sequential edits: chains up to 40 groups deep
+        head = serac(model, inputs, torch.tensor([row]), on_top_of=head)
+    side = serac(model, inputs, torch.arange(40, 48), on_top_of=torch.full((8,), 9))  # 8 branches off edit 10
+
+    def oracle(queries: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        read = serac.read(inputs, queries).query
+        entries = serac.read(inputs, torch.arange(48))
+        best, best_entry = [], []
+        for x, group in enumerate(groups.tolist()):
+            chain = set(model.chains(torch.tensor([group]))[0].tolist())
+            allowed = [e for e in range(len(model)) if int(model.entry_groups[e]) in chain]
+            with torch.no_grad():
+                scores = torch.stack(
+                    [
+                        serac.classifier(entries.descriptor.rows(torch.tensor([e])), read.rows(torch.tensor([x])))[0]
+                        for e in allowed
+                    ]
+                )
+            best.append(float(scores.max()))
+            best_entry.append(allowed[int(scores.argmax())])
+        return torch.tensor(best), torch.tensor(best_entry)
+
+    queries = torch.randperm(48, generator=torch.Generator().manual_seed(0))[:12]
+    groups = torch.cat([head.expand(4), side[:4], torch.tensor([0, 5, 9, 20])])
+    serac.threshold = 0.5
+    in_scope, entry = model.route(serac.read(inputs, queries).query, groups)
+    best, best_entry = oracle(queries, groups)
+    assert torch.equal(entry, best_entry)
+    assert torch.equal(in_scope, best >= math.log(0.5))
+    model.drop_after(25)  # edits 26..40 and the branches are gone
+    assert len(model) == 25 and torch.equal(model.entry_groups, torch.arange(25))
+    groups = torch.tensor([24, 24, 3, 10])
+    _, entry = model.route(serac.read(inputs, queries[:4]).query, groups)
+    assert torch.equal(entry, oracle(queries[:4], groups)[1])
+
+
+def test_old_artifacts_embedding_classifier_rebuilds_as_cosine(module, tokenizer_dir):
+    serac = module.editor
+    config = {**serac.config, "kind": "cosine"}
+    cosine = SERAC.from_config(config)
+    old = SERAC.from_config({**config, "kind": "embedding"})  # what artifacts before `distance` hold
+    assert old.classifier.kind == "cosine"
+    old.load_state_dict(cosine.state_dict())  # strict: the same parameters
+    before_options = {k: v for k, v in config.items() if k not in ("kind", "scope_target")}
+    assert SERAC.from_config(before_options).classifier.kind == "cosine"
+    assert SERAC.from_config(before_options).scope_target  # the classifier read prompt + new answer then
+    with pytest.raises(ValueError, match="scope classifier must be one of distance, cosine, cross, got 'knn'"):
+        SERAC.from_config({**config, "kind": "knn"})
+    with pytest.raises(ValueError, match="classifier 'embedding' is now called 'cosine'"):
+        make_module(tokenizer_dir, classifier="embedding")
+
+
+@pytest.mark.parametrize("scope_target", [False, True])
+def test_a_memory_entry_reads_as_its_prompt_unless_the_target_is_asked_for(module, batch, scope_target):
+    serac = module.editor
+    serac.scope_target = scope_target
+    try:
+        inputs = StepInputs(module.backbone, {"edit": batch["edit_inner"]}, prefix=False)
+        descriptor = serac.read(inputs, inputs.rows("edit")).descriptor.text
+    finally:
+        serac.scope_target = False
+    tokenizer = module.input_processor().scope_tokenizer
+    texts = [f"{p} {t}" if scope_target else p for p, t, *_ in EDITS]
+    expected = tokenizer(texts, padding=True, return_tensors="pt")
+    torch.testing.assert_close(descriptor.ids, expected["input_ids"])
+    torch.testing.assert_close(descriptor.mask, expected["attention_mask"])
+
+
+@pytest.mark.parametrize("edit_prompt_positive", [False, True])
+def test_positives_are_the_rephrases_unless_asked(tokenizer_dir, edit_prompt_positive):
+    module = make_module(tokenizer_dir, edit_prompt_positive=edit_prompt_positive)
+    batch = edit_batch(module)
+    inputs = module.read_step(batch)
+    classifier, edits = module.editor.classifier, inputs["edit_inner"].descriptor
+    with torch.no_grad():
+        loss, _ = module._classifier_loss(inputs, batch)
+        scores = {key: classifier(edits, inputs[key].query) for key in inputs}
+    positive_keys = ["edit_outer", "edit_outer_image"] + (["edit_inner"] if edit_prompt_positive else [])
+    positives = torch.cat([scores[key] for key in positive_keys])
+    negatives = torch.cat([scores["loc"], scores["loc_image"]])
+    # By hand: the mean -log p of the positives plus the mean -log(1 - p) of the negatives.
+    expected = -positives.mean() - torch.log(1 - negatives.exp()).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4)

