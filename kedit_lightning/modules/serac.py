@@ -9,7 +9,8 @@ image (`loc_image`) inputs; with `hard_negatives`, also not the in-scope inputs 
 edits; with `neighbor_locality`, also not each edit's near neighbours (its relation about other
 subjects, the `neighbor` rows). The counterfactual model learns, by NLL, to give the new answer to the
 in-scope inputs given the edit. The loss is `classifier_weight * classifier loss +
-counterfactual_weight * counterfactual loss`, by default the reference's cloc 1 and cedit 0.1. The base model stays frozen and unchanged.
+counterfactual_weight * counterfactual loss`, by default the reference's cloc 1 and cedit 0.1. The base
+model stays frozen and unchanged.
 
 A training step reads all five sub-batches from one `StepInputs` (each distinct image encoded once,
 no backbone prefix). Validation is `evaluate_batch`: each held-out record's edit in its own group of
