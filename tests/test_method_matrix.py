@@ -16,7 +16,7 @@ from kedit_lightning.editors.serac import SERAC, SERACEncoder
 from kedit_lightning.evaluation import HEADLINE, EditMetrics, evaluate_batch
 from kedit_lightning.modules.serac import ScopeEncoderSpec
 
-# One tiny backbone per family: (family test module's builder, its tiny config).
+# Each family's tiny backbone: the builder its own tests use, and the name that builder takes.
 TINY_CONFIGS = {
     **{family: (tiny_backbone, family) for family in TINY},
     **{family: (qwen, family) for family in TINY_QWEN},
