@@ -150,11 +150,17 @@ def test_kedit_eval_runs_baselines_on_a_backbone_yaml_without_an_editor(world, t
     assert main(["eval", "--backbone", str(backbone_yaml), *common, "--baseline", "unedited", "--json", str(out)]) == 0
     assert set(json.loads(out.read_text())) == {"baselines"}
     assert "| unedited |" in capsys.readouterr().out
+    # Sequential editing compares baselines too: each gets its curve, the unedited one flat at 1.0 locality.
+    sequential = ["--baseline", "unedited", "--baseline", "grace", "--sequential", "2", "--json", str(out)]
+    assert main(["eval", "--backbone", str(backbone_yaml), *common, *sequential]) == 0
+    curves = {name: r["sequential"]["curve"] for name, r in json.loads(out.read_text())["baselines"].items()}
+    assert set(curves) == {"unedited", "grace"} and [p["n_edits"] for p in curves["grace"]] == [1, 2]
+    assert all(point["t_locality"] == 1.0 for point in curves["unedited"])
+    assert "grace: the first 2 edits as more edits accumulate" in capsys.readouterr().out
     refusals = {
         "--baseline nope: not a known baseline": ["--baseline", "nope"],
         "--baseline ike: IKE needs --demonstrations FILE": ["--baseline", "ike"],
         "--editor: required": [],
-        "drop --sequential": ["--baseline", "unedited", "--sequential", "2"],
     }
     for message, extra in refusals.items():
         assert main(["eval", "--backbone", str(backbone_yaml), *common, *extra]) == 2
