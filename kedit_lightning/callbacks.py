@@ -14,7 +14,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
 from kedit_lightning.editors.ft import FineTune
-from kedit_lightning.evaluation import EditMetrics, evaluate_batch, flatten_report
+from kedit_lightning.evaluation import EditMetrics, evaluate_batch, flatten_report, report_column
 from kedit_lightning.modules.editing import REPORT_KEY
 
 
@@ -76,7 +76,8 @@ class RunFolderConfig(SaveConfigCallback):
 
 
 class CompareWithFineTuning(Callback):
-    """At the end of a fit: score the FT baseline on the validation edits, print both side by side.
+    """At the end of a fit: score the FT baseline on the validation edits, print it beside the trained editor
+    and the unedited model.
 
     The baseline fine-tunes the same edited layers with `steps` gradient steps at `lr`; with one
     step it has the same gradient budget as MEND. The table also lands in the run's folder (`run_folder`).
@@ -87,7 +88,8 @@ class CompareWithFineTuning(Callback):
         self.steps = steps
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        metrics = EditMetrics(pl_module.hparams.hops).to(pl_module.device)
+        protocol = pl_module.hparams.get("protocol", "kedit")
+        metrics = EditMetrics(pl_module.hparams.hops, (protocol,), unedited=True).to(pl_module.device)
         # The same validation batches the editor was scored on (`limit_val_batches` included).
         limit = trainer.num_val_batches[0] if trainer.num_val_batches else float("inf")
         batches = itertools.islice(trainer.datamodule.val_dataloader(), None if math.isinf(limit) else int(limit))
@@ -106,7 +108,9 @@ class CompareWithFineTuning(Callback):
             else pl_module.last_report.get("val")
         )
         learned = {method: report} if report is not None else {}
-        self._report(trainer, {**learned, f"FT ({self.steps} step, lr {self.lr:g})": baseline_report})
+        unedited = report_column(baseline_report, unedited=True)  # the same records, before any edit
+        fine_tuned = {f"FT ({self.steps} step, lr {self.lr:g})": report_column(baseline_report)}
+        self._report(trainer, {"unedited": unedited, **learned, **fine_tuned})
 
     @rank_zero_only
     def _report(self, trainer: Trainer, columns: dict[str, dict]) -> None:

@@ -41,7 +41,7 @@ from kedit_lightning.artifact import check_fingerprint, read_card, read_processo
 from kedit_lightning.backbones import FAMILIES, Backbone
 from kedit_lightning.editors.edited_model import StepInputs, WeightEditedModel
 from kedit_lightning.editors.serac import SERAC
-from kedit_lightning.evaluation import HOPS, EditMetrics, evaluate_batch, headline, record_batches
+from kedit_lightning.evaluation import HOPS, EditMetrics, Protocol, evaluate_batch, headline, record_batches
 
 
 class NonFiniteEdit(FloatingPointError):
@@ -418,9 +418,9 @@ def _batches(loader: Iterable[EditBatch], device: torch.device, limit: int | Non
         yield to_device(batch, device)
 
 
-def score(session: EditSession, batches: Iterable[EditBatch], hops: Sequence[str] = HOPS) -> dict[str, Any]:
-    """The edit report of `batches`' records on the edits in force (one-hop edits go on top, then are dropped)."""
-    metrics = EditMetrics(hops).to(device_of(session.backbone))
+def score(session: EditSession, batches: Iterable[EditBatch], metrics: EditMetrics) -> dict[str, Any]:
+    """The report of `metrics` on `batches`' records, the edits in force (one-hop edits go on top, then are dropped)."""
+    metrics = metrics.to(device_of(session.backbone))
     for batch in batches:
         mark = session.model.mark()
         evaluate_batch(session, session.backbone, batch, metrics)
@@ -429,10 +429,16 @@ def score(session: EditSession, batches: Iterable[EditBatch], hops: Sequence[str
 
 
 def evaluate(
-    editor: Editor, backbone: Backbone, loader: Iterable[EditBatch], hops: Sequence[str] = HOPS, progress: bool = True
+    editor: Editor,
+    backbone: Backbone,
+    loader: Iterable[EditBatch],
+    hops: Sequence[str] = HOPS,
+    progress: bool = True,
+    protocols: Sequence[Protocol] = ("kedit",),
 ) -> dict[str, Any]:
-    """Edit each record on its own, from the unedited model, and score it: what validation reports."""
-    metrics = EditMetrics(hops).to(device_of(backbone))
+    """Edit each record on its own, from the unedited model, and score it: what validation reports, under
+    each of `protocols`, with the unedited model's scores (`pre_` keys)."""
+    metrics = EditMetrics(hops, protocols, unedited=True).to(device_of(backbone))
     plain = editor.attach(backbone)
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
     with tqdm(total=total, desc="editing", disable=not progress) as bar:
@@ -459,16 +465,18 @@ def evaluate_sequential(
     hops: Sequence[str] = HOPS,
     probe: int = 10,
     progress: bool = True,
+    protocols: Sequence[Protocol] = ("kedit",),
 ) -> dict[str, Any]:
     """Edit the first `n_edits` records one after another, each on top of the previous edits.
 
     At 1, 2, 5, 10, ... edits the first `probe` records edited so far are scored (how Reliability
-    of the earliest edits and Locality hold up as edits accumulate: `sequential.curve`). The
-    report itself scores all `n_edits` records on the final post-edit model. `loader` is iterated twice.
+    of the earliest edits and Locality hold up as edits accumulate: `sequential.curve`, one array per
+    headline metric against `n_edits`). The report itself scores all `n_edits` records on the final
+    post-edit model, under each of `protocols`, beside the unedited model. `loader` is iterated twice.
     """
     device = device_of(backbone)
     marks = set(curve_points(n_edits))
-    session, earliest, curve, done = editor.start(backbone), [], [], 0
+    session, earliest, curve, done = editor.start(backbone), [], {"n_edits": []}, 0
     try:
         with tqdm(total=n_edits, desc="sequential edits", disable=not progress) as bar:
             for record in _records(loader, device, n_edits):
@@ -478,12 +486,14 @@ def evaluate_sequential(
                 if len(earliest) < probe:
                     earliest.append(record)
                 if done in marks:
-                    report = score(session, earliest, hops)
-                    curve.append({"n_edits": done, **{key: report[key] for key in headline(report)}})
+                    report = score(session, earliest, EditMetrics(hops, protocols[:1]))
+                    curve["n_edits"].append(done)
+                    for key in headline(report):
+                        curve.setdefault(key, []).append(report[key])
                 bar.update()
         if done < n_edits:
             raise ValueError(f"{n_edits} sequential edits asked for, but the data has only {done} records")
-        final = score(session, _batches(loader, device, n_edits), hops)
+        final = score(session, _batches(loader, device, n_edits), EditMetrics(hops, protocols, unedited=True))
     finally:
         session.restore()
     return {**final, "sequential": {"probe_edits": len(earliest), "curve": curve}}

@@ -8,12 +8,17 @@ Portability per hop, each as answer-token accuracy and exact match, averaged per
 
 VLKEB's one-hop-edit variant (`port_edit` rows, see data_modules/vlkeb.py) answers a portability
 question after a second edit on top of the record's own.
+
+A protocol is a set of metric definitions (README, "Metric protocols"): `kedit` (ours), `easyedit` and
+`vlkeb` (the reference toolkits'). They differ only in locality; the first protocol asked for gives the
+report's plain keys, every one asked for (when several) its `<protocol>/<metric>` keys. With
+`unedited=True` the same metrics score the unedited model too (`pre_<metric>` keys).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -21,7 +26,7 @@ from torch import nn
 from data_modules.encoding import SUB_BATCH_KEYS, EditBatch, SubBatch
 from kedit_lightning.backbones.base import Backbone
 from kedit_lightning.editors.edited_model import Editor, StepInputs
-from kedit_lightning.metrics import EditAccuracy, EditLocality, PortabilityByHop
+from kedit_lightning.metrics import EditAccuracy, EditLocality, PairedIdAgreement, PortabilityByHop, TopKAgreement
 
 HOPS = ("1-hop", "2-hop", "3-hop", "4-hop")
 ACCURACY_KEYS = ("reliability", "t_generality", "i_generality")
@@ -35,6 +40,21 @@ SUB_BATCH_OF = {
 LOCALITY_KEYS = ("t_locality", "i_locality")
 HEADLINE = ACCURACY_KEYS + LOCALITY_KEYS
 LOCALITY_SUB_BATCHES = ("loc", "loc_image")
+Protocol = Literal["kedit", "easyedit", "vlkeb"]
+PROTOCOLS: tuple[Protocol, ...] = ("kedit", "easyedit", "vlkeb")
+EVERY_POSITION_PROTOCOLS = ("easyedit",)
+"""Protocols whose locality reads the logits at every attended position, not only the answer's."""
+
+
+def locality_metrics(protocol: Protocol) -> nn.ModuleDict:
+    """T-/I-Locality as `protocol` defines them (Reliability, Generality and Portability are the same in all)."""
+    if protocol == "kedit":
+        return nn.ModuleDict({key: EditLocality() for key in LOCALITY_KEYS})
+    if protocol == "easyedit":
+        return nn.ModuleDict({"t_locality": TopKAgreement(k=1), "i_locality": TopKAgreement(k=10)})
+    if protocol == "vlkeb":
+        return nn.ModuleDict({key: PairedIdAgreement() for key in LOCALITY_KEYS})
+    raise ValueError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
 
 
 def headline(report: Mapping[str, Any]) -> list[str]:
@@ -68,14 +88,22 @@ def record_batches(batch: EditBatch) -> Iterator[dict[str, Any]]:
 
 
 class EditMetrics(nn.Module):
-    """All edit metrics of one evaluation, updated one edited record at a time."""
+    """All edit metrics of one evaluation, under each of `protocols`, updated one edited record at a time;
+    with `unedited`, the same metrics of the unedited model beside them."""
 
-    def __init__(self, hops: Sequence[str] = HOPS) -> None:
+    def __init__(
+        self, hops: Sequence[str] = HOPS, protocols: Sequence[Protocol] = ("kedit",), unedited: bool = False
+    ) -> None:
         super().__init__()
+        if not protocols:
+            raise ValueError("no metric protocol given")
+        self.protocols = tuple(protocols)
         self.accuracy = nn.ModuleDict({key: EditAccuracy() for key in ACCURACY_KEYS})
-        self.locality = nn.ModuleDict({key: EditLocality() for key in LOCALITY_KEYS})
+        self.locality = nn.ModuleDict({protocol: locality_metrics(protocol) for protocol in self.protocols})
         self.portability = PortabilityByHop(hops=tuple(hops))
         self.portability_exact = PortabilityByHop(hops=tuple(hops), exact=True)
+        self.unedited = EditMetrics(hops, protocols) if unedited else None
+        self.every_position = any(protocol in EVERY_POSITION_PROTOCOLS for protocol in self.protocols)
 
     @torch.no_grad()
     def update(
@@ -84,26 +112,38 @@ class EditMetrics(nn.Module):
         post: Mapping[str, torch.Tensor],
         pre: Mapping[str, torch.Tensor],
         hops: Sequence[str] = (),
+        every_position: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         """Score a batch: `labels` [N, T] per sub-batch, post-edit answer logits [P, V] per sub-batch,
-        pre-edit ones for the locality sub-batches; `hops` names each `port` row's hop. A metric whose
-        sub-batch is absent (the image ones, for text-only data) is not updated."""
+        pre-edit ones for the locality sub-batches (for every sub-batch with `unedited`); `hops` names each
+        `port` row's hop; `every_position` (for protocols that read them) per locality sub-batch: pre- and
+        post-edit logits at every attended position and each row's count of them. A metric whose sub-batch
+        is absent (the image ones, for text-only data) is not updated."""
         for key in ACCURACY_KEYS:
             if SUB_BATCH_OF[key] in post:
                 self.accuracy[key].update(post[SUB_BATCH_OF[key]], labels[SUB_BATCH_OF[key]])
-        for key in LOCALITY_KEYS:
-            name = SUB_BATCH_OF[key]
-            if name in post:
-                self.locality[key].update(pre[name], post[name], labels[name])
+        for protocol, metrics in self.locality.items():
+            for key, metric in metrics.items():
+                name = SUB_BATCH_OF[key]
+                if name not in post:
+                    continue
+                if protocol in EVERY_POSITION_PROTOCOLS:
+                    metric.update(*every_position[name])
+                else:
+                    metric.update(pre[name], post[name], labels[name])
         if "port" in post:
             for metric in (self.portability, self.portability_exact):
                 metric.update(post["port"], labels["port"], hops)
+        if self.unedited is not None:
+            unedited_everywhere = None
+            if every_position is not None:
+                unedited_everywhere = {name: (p, p, n) for name, (p, _, n) in every_position.items()}
+            self.unedited.update(labels, {key: pre[key] for key in post}, pre, hops, unedited_everywhere)
 
-    def compute(self) -> dict[str, Any]:
-        """The report: fractions in [0, 1], portability keyed by hop, the same under `exact_match`. Metrics
-        never updated (the image ones, for text-only data) are absent."""
+    def _protocol_report(self, protocol: Protocol) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(token-level, exact-match) scores under `protocol`; metrics never updated are absent."""
         token, exact = {}, {}
-        for key, metric in [*self.accuracy.items(), *self.locality.items()]:
+        for key, metric in [*self.accuracy.items(), *self.locality[protocol].items()]:
             if metric.update_count == 0 and key != "reliability":
                 continue
             scores = metric.compute()
@@ -114,13 +154,53 @@ class EditMetrics(nn.Module):
             by_hop = {hop: float(v) for hop, v in metric.compute().items() if not torch.isnan(v)}
             if by_hop:
                 out["portability"] = by_hop
+        return token, exact
+
+    def compute(self) -> dict[str, Any]:
+        """The report: fractions in [0, 1], portability keyed by hop, the same under `exact_match`, for the
+        first protocol; with several, every protocol's token-level scores as `<protocol>/<metric>`; with
+        `unedited`, `pre_<metric>` (and `<protocol>/pre_<metric>`) for the unedited model."""
+        token, exact = self._protocol_report(self.protocols[0])
         # compute() syncs across ranks (and caches); the `count` state itself stays this rank's own.
-        n_edits = int(self.accuracy["reliability"].compute()["count"])
-        return {**token, "n_edits": n_edits, "exact_match": exact}
+        report = {**token, "n_edits": int(self.accuracy["reliability"].compute()["count"]), "exact_match": exact}
+        if len(self.protocols) > 1:
+            for protocol in self.protocols:
+                report.update({f"{protocol}/{key}": value for key, value in self._protocol_report(protocol)[0].items()})
+        if self.unedited is not None:
+            before = self.unedited.compute()
+            for key, value in before.items():
+                if key == "exact_match":
+                    exact.update({f"pre_{k}": v for k, v in value.items()})
+                elif key != "n_edits":
+                    protocol, _, metric = key.rpartition("/")
+                    report[f"{protocol}/pre_{metric}" if protocol else f"pre_{key}"] = value
+        return report
 
     def reset(self) -> None:
-        for metric in [*self.accuracy.values(), *self.locality.values(), self.portability, self.portability_exact]:
+        metrics = [*self.accuracy.values(), *(m for ms in self.locality.values() for m in ms.values())]
+        for metric in [*metrics, self.portability, self.portability_exact]:
             metric.reset()
+        if self.unedited is not None:
+            self.unedited.reset()
+
+
+def report_column(
+    report: Mapping[str, Any], protocol: str = "", unedited: bool = False, exact: bool = False
+) -> dict[str, Any]:
+    """One column of a printed table from a report: the first protocol's scores (or `protocol`'s, from its
+    `<protocol>/` keys), the unedited model's (`pre_` keys) with `unedited`, exact match with `exact`."""
+    prefix = (f"{protocol}/" if protocol else "") + ("pre_" if unedited else "")
+    column = {}
+    for key, value in (report.get("exact_match", {}) if exact else report).items():
+        rest = key[len(prefix) :] if key.startswith(prefix) else ""
+        if (
+            rest
+            and "/" not in rest
+            and not rest.startswith("pre_")
+            and rest not in ("n_edits", "exact_match", "sequential")
+        ):
+            column[rest] = value
+    return {**column, "n_edits": report.get("n_edits")}
 
 
 def flatten_report(report: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -139,7 +219,8 @@ def evaluate_batch(
 ) -> dict[str, torch.Tensor]:
     """Edit every record of `batch` on its own and score it into `metrics`; the post-edit answer logits
     per sub-batch. Passes: the frozen prefix (once per width bucket), one edit capture (two with one-hop
-    edits), one post-edit and one pre-edit pass, whatever the number of records."""
+    edits), one post-edit and one pre-edit pass, whatever the number of records; a protocol that reads
+    every position adds one post- and one pre-edit pass over the locality rows."""
     names = [key for key in (*SUB_BATCH_KEYS, "port", "port_edit") if key in batch]
     inputs = StepInputs(backbone, {key: batch[key] for key in names})
     model = editor.edited_model(backbone)
@@ -154,9 +235,19 @@ def evaluate_batch(
         queries["port"] = port
     logits = model.answer_logits(inputs, inputs.rows(*queries), torch.cat(list(queries.values())))
     post = inputs.split(logits, list(queries))
+    locality = [key for key in LOCALITY_SUB_BATCHES if key in batch]
+    unedited = list(queries) if metrics.unedited is not None else locality
     with model.unedited():  # the original model, also where edits are already folded into the weights
-        locality = [key for key in LOCALITY_SUB_BATCHES if key in batch]
-        pre = inputs.split(model.answer_logits(inputs, inputs.rows(*locality)), locality)
+        pre = inputs.split(model.answer_logits(inputs, inputs.rows(*unedited)), unedited)
+    every_position = None
+    if metrics.every_position and locality:
+        rows, groups = inputs.rows(*locality), torch.cat([queries[key] for key in locality])
+        post_all = inputs.split(model.answer_logits(inputs, rows, groups, every_position=True), locality, True)
+        with model.unedited():
+            pre_all = inputs.split(model.answer_logits(inputs, rows, every_position=True), locality, True)
+        every_position = {
+            key: (pre_all[key], post_all[key], inputs.read_counts(inputs.rows(key), True)) for key in locality
+        }
     labels = {key: inputs.labels[inputs.rows(key)] for key in queries}
-    metrics.update(labels, post, pre, batch.get("port_hops", ()))
+    metrics.update(labels, post, pre, batch.get("port_hops", ()), every_position)
     return post

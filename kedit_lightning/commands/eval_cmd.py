@@ -2,7 +2,9 @@
 
 Each record is edited from the unedited weights (as in validation), or with `--sequential N` the
 first N records are edited one after another and scored with the final weights, with a curve of
-how the earliest edits' Reliability and Locality change as edits accumulate.
+how the earliest edits' Reliability and Locality change as edits accumulate (`--curve DIR`: as
+TensorBoard scalars against the number of edits, one run per editor, so editors share one plot).
+Every table has the unedited model's column; `--protocol` chooses whose metric definitions score.
 
 VQA-layout files are read as VLKEB reads them (a superset of E-VQA): portability questions are
 scored per hop (`--hops` chooses), and the one-hop-edit variant applies its second edit before
@@ -13,7 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
 
 from data_modules.datamodules import EditDataModule, TextEditDataModule
 from data_modules.encoding import SubBatchEncoder
@@ -27,7 +33,8 @@ from kedit_lightning.commands.shared import (
     load_editor_and_backbone,
 )
 from kedit_lightning.editor import evaluate, evaluate_sequential
-from kedit_lightning.evaluation import HOPS, headline
+from kedit_lightning.editors.serac import EVERY_POSITION_REFUSED
+from kedit_lightning.evaluation import EVERY_POSITION_PROTOCOLS, HOPS, PROTOCOLS, report_column
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +58,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="score only records with a portability question at --hops (VLKEB's multi-hop runs)",
     )
+    parser.add_argument(
+        "--protocol",
+        choices=[*PROTOCOLS, "all"],
+        default="kedit",
+        help="whose metric definitions: kedit (default), easyedit, vlkeb, or all side by side (README)",
+    )
+    parser.add_argument(
+        "--curve",
+        default=None,
+        metavar="DIR",
+        help="with --sequential: the curve as TensorBoard scalars in DIR/<editor method> (tensorboard --logdir DIR)",
+    )
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -65,11 +84,52 @@ def hop_list(text: str) -> list[int] | str:
         raise argparse.ArgumentTypeError(f"expected 'all' or hop numbers such as 1,3, got {text!r}") from None
 
 
-def sequential_table(curve: list[dict]) -> str:
-    keys = headline(curve[0])
+def sequential_table(curve: Mapping[str, list]) -> str:
+    keys = [key for key in curve if key != "n_edits"]
     lines = ["| edits so far | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    lines += [f"| {point['n_edits']} | " + " | ".join(f"{point[key]:.3f}" for key in keys) + " |" for point in curve]
+    for i, n in enumerate(curve["n_edits"]):
+        lines.append(f"| {n} | " + " | ".join(f"{curve[key][i]:.3f}" for key in keys) + " |")
     return "\n".join(lines)
+
+
+def write_curve(folder: Path, run: str, curve: Mapping[str, list]) -> Path:
+    """The curve as TensorBoard scalars `sequential/<metric>` at step = edits so far, in `folder/run`: runs
+    of several editors under one folder overlay in TensorBoard's plots."""
+    out = folder / run
+    with SummaryWriter(str(out)) as writer:
+        for key, values in curve.items():
+            if key != "n_edits":
+                for n, value in zip(curve["n_edits"], values):
+                    writer.add_scalar(f"sequential/{key}", value, n)
+    return out
+
+
+def chosen_protocols(args: argparse.Namespace, edits_weights: bool) -> tuple[str, ...]:
+    """The protocols `--protocol` names; for a memory editor (SERAC) `all` leaves out those it cannot score."""
+    if args.protocol != "all":
+        if args.protocol in EVERY_POSITION_PROTOCOLS and not edits_weights:
+            raise ValueError(f"--protocol {args.protocol}: {EVERY_POSITION_REFUSED}")
+        return (args.protocol,)
+    if edits_weights:
+        return PROTOCOLS
+    print(f"--protocol all: {', '.join(EVERY_POSITION_PROTOCOLS)} left out: {EVERY_POSITION_REFUSED}")
+    return tuple(p for p in PROTOCOLS if p not in EVERY_POSITION_PROTOCOLS)
+
+
+def printed_table(report: Mapping[str, Any], protocols: tuple[str, ...]) -> str:
+    """The unedited model beside the edited one: token accuracy and exact match, or with several protocols
+    each protocol's token-level scores."""
+    if len(protocols) > 1:
+        edited = {protocol: report_column(report, protocol) for protocol in protocols}
+        return metrics_table({"unedited": report_column(report, unedited=True), **edited})
+    return metrics_table(
+        {
+            "unedited": report_column(report, unedited=True),
+            "token accuracy": report_column(report),
+            "unedited, exact": report_column(report, unedited=True, exact=True),
+            "exact match": report_column(report, exact=True),
+        }
+    )
 
 
 def image_datamodule(args: argparse.Namespace, data: Path, processor: SubBatchEncoder) -> EditDataModule:
@@ -90,6 +150,8 @@ def image_datamodule(args: argparse.Namespace, data: Path, processor: SubBatchEn
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.curve and args.sequential is None:
+        raise ValueError("--curve: the curve comes from a sequential run; add --sequential N")
     editor, backbone = load_editor_and_backbone(args)
     data = Path(args.data)
     datamodule = (
@@ -102,21 +164,23 @@ def run(args: argparse.Namespace) -> int:
     datamodule.setup("validate")
     loader = datamodule.val_dataloader()
     progress = not args.no_progress
+    protocols = chosen_protocols(args, editor.edits_weights)
     if args.sequential is not None:
         available = len(datamodule.split_records("val"))
         if not 0 < args.sequential <= available:
             raise ValueError(f"--sequential {args.sequential}: {data} has {available} records")
-        report = evaluate_sequential(editor, backbone, loader, args.sequential, HOPS, args.probe, progress)
+        report = evaluate_sequential(editor, backbone, loader, args.sequential, HOPS, args.probe, progress, protocols)
     else:
-        report = evaluate(editor, backbone, loader, HOPS, progress)
-    token = {key: value for key, value in report.items() if key != "sequential"}
-    exact = {**report["exact_match"], "n_edits": report["n_edits"]}
-    print(metrics_table({"token accuracy": token, "exact match": exact}))
+        report = evaluate(editor, backbone, loader, HOPS, progress, protocols)
+    print(printed_table(report, protocols))
     if "sequential" in report:
+        curve = report["sequential"]["curve"]
         print(
             f"\nThe first {report['sequential']['probe_edits']} edits as more edits accumulate:\n"
-            + sequential_table(report["sequential"]["curve"])
+            + sequential_table(curve)
         )
+        if args.curve:
+            print(f"\ncurve written to {write_curve(Path(args.curve), editor.method, curve)}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

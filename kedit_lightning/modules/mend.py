@@ -25,7 +25,7 @@ from kedit_lightning.backbones import Backbone, BackboneSpec
 from kedit_lightning.editors.edited_model import StepInputs
 from kedit_lightning.editors.losses import masked_kl, masked_nll
 from kedit_lightning.editors.mend import MEND
-from kedit_lightning.evaluation import HOPS
+from kedit_lightning.evaluation import HOPS, Protocol
 from kedit_lightning.modules.editing import EditorModule
 
 POST_EDIT = ("edit_outer", "edit_outer_image", "loc", "loc_image")
@@ -112,8 +112,9 @@ class MENDModule(EditorModule):
         locality_cache_mb: int = 512,
         hops: Sequence[str] = HOPS,
         logged_edits: int = 4,
+        protocol: Protocol = "kedit",
     ) -> None:
-        super().__init__(backbone, hops, logged_edits)
+        super().__init__(backbone, hops, logged_edits, protocol)
         self.save_hyperparameters()
         self.editor: MEND | None = None
         # A buffer, so the count of skipped (non-finite) steps survives checkpoint and resume.
