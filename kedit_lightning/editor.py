@@ -463,13 +463,13 @@ def evaluate_sequential(
     loader: Iterable[EditBatch],
     n_edits: int,
     hops: Sequence[str] = HOPS,
-    probe: int = 10,
+    probe: int | None = 10,
     progress: bool = True,
     protocols: Sequence[Protocol] = ("kedit",),
 ) -> dict[str, Any]:
     """Edit the first `n_edits` records one after another, each on top of the previous edits.
 
-    At 1, 2, 5, 10, ... edits the first `probe` records edited so far are scored (how Reliability
+    At 1, 2, 5, 10, ... edits the first `probe` records edited so far (None: all of them) are scored (how Reliability
     of the earliest edits and Locality hold up as edits accumulate: `sequential.curve`, one array per
     headline metric against `n_edits`). The report itself scores all `n_edits` records on the final
     post-edit model, under each of `protocols`, beside the unedited model. `loader` is iterated twice.
@@ -483,7 +483,7 @@ def evaluate_sequential(
                 what = f"sequential edit {done + 1} ({_origin(record, done)})"
                 session.add(record["edit_inner"], what, "stopped")
                 done += 1
-                if len(earliest) < probe:
+                if probe is None or len(earliest) < probe:
                     earliest.append(record)
                 if done in marks:
                     report = score(session, earliest, EditMetrics(hops, protocols[:1]))

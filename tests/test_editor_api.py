@@ -231,7 +231,7 @@ def test_kedit_eval_protocol_all_reports_every_protocol_and_writes_the_curve(fit
     args = [
         *("eval", "--editor", str(fitted.artifact), "--backbone", str(base_dir), "--device", "cpu", "--no-progress"),
         *("--data", str(world / "vqa" / "vqa_eval.json"), "--images", str(world / "images"), "--sequential", "3"),
-        *("--probe", "2", "--protocol", "all", "--curve", str(curves), "--json", str(out)),
+        *("--probe", "all", "--protocol", "all", "--curve", str(curves), "--json", str(out)),
     ]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -249,6 +249,7 @@ def test_kedit_eval_protocol_all_reports_every_protocol_and_writes_the_curve(fit
     for key in ("t_locality", "i_locality"):
         assert report[f"vlkeb/{key}"] == pytest.approx(0.5 + 0.5 * report[f"kedit/{key}"], abs=1e-6)
     curve = report["sequential"]["curve"]
+    assert report["sequential"]["probe_edits"] == 3  # --probe all: every edit so far at each point
     events = EventAccumulator(str(curves / editor_method(fitted))).Reload()
     for key in HEADLINE:
         scalars = events.Scalars(f"sequential/{key}")
@@ -429,3 +430,19 @@ def test_serac_artifact_edits_through_its_memory_and_reproduces_validation_from_
     ]
     assert main(args) == 2
     assert "keeps edits in a memory" in capsys.readouterr().err
+
+
+def test_kedit_eval_refuses_the_every_position_protocol_for_serac(serac_fitted, world, base_dir, tmp_path, capsys):
+    out = tmp_path / "serac.json"
+    args = [
+        *("eval", "--editor", str(serac_fitted.artifact), "--backbone", str(base_dir), "--device", "cpu"),
+        *("--data", str(world / VAL_FILE), "--images", str(world / "images"), "--no-progress", "--json", str(out)),
+    ]
+    assert main([*args, "--protocol", "easyedit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--protocol easyedit: SERAC answers only at the answer positions" in err
+    assert main([*args, "--protocol", "all"]) == 0
+    assert "--protocol all: easyedit left out" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert "vlkeb/t_locality" in report and "kedit/t_locality" in report
+    assert not any(key.startswith("easyedit/") for key in report)

@@ -78,6 +78,7 @@ def catalogue(bad: Path, fitted, world: Path, base_dir: Path) -> dict[str, list[
         "eval: more sequential edits than records": [*evaluate, "--sequential", "500"],
         "eval: --curve without --sequential": [*evaluate, "--curve", str(bad / "curves")],
         "eval: unknown --protocol": [*evaluate, "--protocol", "mend"],
+        "eval: --probe 0": [*evaluate, "--sequential", "2", "--probe", "0"],
         "edit: data file of the wrong layout": [*edit, "--data", str(bad / "object.json")],
         "edit: malformed data file": [*edit, "--data", str(bad / "broken.json")],
         "edit: --batch-size 0": [*edit, "--sequential", "--batch-size", "0"],

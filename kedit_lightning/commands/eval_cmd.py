@@ -48,7 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sequential", type=int, default=None, metavar="N", help="edit the first N records one after another"
     )
     parser.add_argument(
-        "--probe", type=int, default=10, help="with --sequential: how many of the earliest edits to track"
+        "--probe",
+        type=probe_count,
+        default=10,
+        help="with --sequential: how many of the earliest edits to track, or all (every edit so far)",
     )
     parser.add_argument(
         "--hops", type=hop_list, default="all", help="portability hops to score: all (default) or e.g. 1,3 (VQA layout)"
@@ -72,6 +75,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def probe_count(text: str) -> int | None:
+    """`all` (None: every edit so far) or a positive count."""
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of edits or 'all', got {text!r}")
+    return int(text)
 
 
 def hop_list(text: str) -> list[int] | str:
@@ -176,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     if "sequential" in report:
         curve = report["sequential"]["curve"]
         print(
-            f"\nThe first {report['sequential']['probe_edits']} edits as more edits accumulate:\n"
+            f"\nThe first {report['sequential']['probe_edits']} edits (at most) as more edits accumulate:\n"
             + sequential_table(curve)
         )
         if args.curve:
