@@ -10,9 +10,10 @@ VLKEB's one-hop-edit variant (`port_edit` rows, see data_modules/vlkeb.py) answe
 question after a second edit on top of the record's own.
 
 A protocol is a set of metric definitions (README, "Metric protocols"): `kedit` (ours), `easyedit` and
-`vlkeb` (the reference toolkits'). They differ only in locality; the first protocol asked for gives the
-report's plain keys, every one asked for (when several) its `<protocol>/<metric>` keys. With
-`unedited=True` the same metrics score the unedited model too (`pre_<metric>` keys).
+`vlkeb` (the reference toolkits'). They differ in locality (and `easyedit` has no portability); the
+first protocol asked for gives the report's plain keys, every one asked for (when several) its
+`<protocol>/<metric>` keys. With `unedited=True` the same metrics score the unedited model too
+(`pre_<metric>` keys).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ Protocol = Literal["kedit", "easyedit", "vlkeb"]
 PROTOCOLS: tuple[Protocol, ...] = ("kedit", "easyedit", "vlkeb")
 EVERY_POSITION_PROTOCOLS = ("easyedit",)
 """Protocols whose locality reads the logits at every attended position, not only the answer's."""
+WITHOUT_PORTABILITY = ("easyedit",)
+"""Protocols that define no portability (EasyEdit's multimodal trainer scores none)."""
 
 
 def locality_metrics(protocol: Protocol) -> nn.ModuleDict:
@@ -149,7 +152,7 @@ class EditMetrics(nn.Module):
             scores = metric.compute()
             token[key], exact[key] = float(scores["token_acc"]), float(scores["exact_match"])
         for metric, out in ((self.portability, token), (self.portability_exact, exact)):
-            if metric.update_count == 0:  # data without portability questions
+            if metric.update_count == 0 or protocol in WITHOUT_PORTABILITY:  # or data without portability questions
                 continue
             by_hop = {hop: float(v) for hop, v in metric.compute().items() if not torch.isnan(v)}
             if by_hop:

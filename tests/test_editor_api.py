@@ -245,6 +245,9 @@ def test_kedit_eval_protocol_all_reports_every_protocol_and_writes_the_curve(fit
         # Reliability and generality have one definition in every protocol.
         assert all(report[f"{protocol}/{key}"] == report[key] for key in ("reliability", "i_generality"))
     assert report["kedit/t_locality"] == report["t_locality"]
+    assert "easyedit/portability" not in report  # EasyEdit's multimodal trainer defines none
+    if "portability" in report:
+        assert report["vlkeb/portability"] == report["kedit/portability"] == report["portability"]
     # VLKEB's pair (argmax ids, target ids) per record: (A + agreeing ids) / 2A, a mean of 1/2 + agreement / 2.
     for key in ("t_locality", "i_locality"):
         assert report[f"vlkeb/{key}"] == pytest.approx(0.5 + 0.5 * report[f"kedit/{key}"], abs=1e-6)

@@ -60,13 +60,18 @@ def test_vlkeb_locality_compares_argmax_and_target_id_pairs():
 
 def test_several_protocols_and_the_unedited_model_in_one_report():
     # One record, text only: reliability reads 2 answer tokens, locality 1 answer token among 3 attended positions.
-    labels = {"edit_inner": torch.tensor([[-100, 4, 5]]), "loc": torch.tensor([[-100, -100, 6]])}
-    post = {"edit_inner": ranked([4], [5]), "loc": ranked([6])}
-    pre = {"edit_inner": ranked([4], [0]), "loc": ranked([6])}
+    # A 1-hop portability question with one answer token: right after the edit, wrong before.
+    labels = {
+        "edit_inner": torch.tensor([[-100, 4, 5]]),
+        "loc": torch.tensor([[-100, -100, 6]]),
+        "port": torch.tensor([[-100, 3]]),
+    }
+    post = {"edit_inner": ranked([4], [5]), "loc": ranked([6]), "port": ranked([3])}
+    pre = {"edit_inner": ranked([4], [0]), "loc": ranked([6]), "port": ranked([2])}
     # Every attended position of the loc prompt: 3 positions, the first two change their argmax after the edit.
     every = {"loc": (ranked([1], [2], [6]), ranked([3], [3], [6]), torch.tensor([3]))}
-    metrics = EditMetrics(protocols=("kedit", "easyedit", "vlkeb"), unedited=True)
-    metrics.update(labels, post, pre, every_position=every)
+    metrics = EditMetrics(hops=("1-hop",), protocols=("kedit", "easyedit", "vlkeb"), unedited=True)
+    metrics.update(labels, post, pre, hops=["1-hop"], every_position=every)
     report = metrics.compute()
     assert report["reliability"] == report["easyedit/reliability"] == report["vlkeb/reliability"] == 1.0
     assert report["pre_reliability"] == 0.5  # the unedited model gets 1 of the 2 new answer tokens
@@ -76,8 +81,16 @@ def test_several_protocols_and_the_unedited_model_in_one_report():
     assert report["easyedit/pre_t_locality"] == report["pre_t_locality"] == 1.0
     assert "i_locality" not in report and "easyedit/i_locality" not in report  # no image sub-batches
     assert report["exact_match"]["pre_reliability"] == 0.0
+    assert report["kedit/portability"] == report["vlkeb/portability"] == {"1-hop": 1.0, "all": 1.0}
+    assert report["pre_portability"] == {"1-hop": 0.0, "all": 0.0}
+    assert "easyedit/portability" not in report  # EasyEdit's multimodal trainer defines none
     assert report_column(report, "easyedit") == {"reliability": 1.0, "t_locality": pytest.approx(1 / 3), "n_edits": 1}
-    assert report_column(report, unedited=True) == {"reliability": 0.5, "t_locality": 1.0, "n_edits": 1}
+    assert report_column(report, unedited=True) == {
+        "reliability": 0.5,
+        "t_locality": 1.0,
+        "portability": {"1-hop": 0.0, "all": 0.0},
+        "n_edits": 1,
+    }
 
 
 def test_unknown_protocol_is_refused():
