@@ -258,6 +258,8 @@ def test_kedit_eval_protocol_all_reports_every_protocol_and_writes_the_curve(fit
         scalars = events.Scalars(f"sequential/{key}")
         assert [s.step for s in scalars] == curve["n_edits"] == [1, 2, 3]
         assert [s.value for s in scalars] == pytest.approx(curve[key])
+    assert main(args) == 0  # a second run is a line of its own beside the first
+    assert sorted(path.name for path in curves.iterdir()) == [editor_method(fitted), f"{editor_method(fitted)}_1"]
 
 
 def editor_method(fitted) -> str:

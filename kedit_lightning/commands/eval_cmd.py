@@ -14,6 +14,7 @@ scoring the question that depends on it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -105,9 +106,11 @@ def sequential_table(curve: Mapping[str, list]) -> str:
 
 
 def write_curve(folder: Path, run: str, curve: Mapping[str, list]) -> Path:
-    """The curve as TensorBoard scalars `sequential/<metric>` at step = edits so far, in `folder/run`: runs
-    of several editors under one folder overlay in TensorBoard's plots."""
-    out = folder / run
+    """The curve as TensorBoard scalars `sequential/<metric>` at step = edits so far, in `folder/run` (or
+    `run_1`, ... when taken, so a second run is a line of its own): runs of several editors under one
+    folder overlay in TensorBoard's plots."""
+    names = itertools.chain([run], (f"{run}_{i}" for i in itertools.count(1)))
+    out = next(folder / name for name in names if not (folder / name).exists())
     with SummaryWriter(str(out)) as writer:
         for key, values in curve.items():
             if key != "n_edits":
@@ -187,10 +190,10 @@ def run(args: argparse.Namespace) -> int:
     print(printed_table(report, protocols))
     if "sequential" in report:
         curve = report["sequential"]["curve"]
-        print(
-            f"\nThe first {report['sequential']['probe_edits']} edits (at most) as more edits accumulate:\n"
-            + sequential_table(curve)
+        tracked = (
+            "Every edit so far" if args.probe is None else f"The first {report['sequential']['probe_edits']} edits"
         )
+        print(f"\n{tracked} as more edits accumulate:\n" + sequential_table(curve))
         if args.curve:
             print(f"\ncurve written to {write_curve(Path(args.curve), editor.method, curve)}")
     if args.json:
