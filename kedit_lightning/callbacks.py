@@ -18,7 +18,7 @@ from torch import nn
 from kedit_lightning.baselines import load_baseline
 from kedit_lightning.editors.ft import FineTune
 from kedit_lightning.editors.ike import IKE
-from kedit_lightning.evaluation import EditMetrics, evaluate_batch, flatten_report
+from kedit_lightning.evaluation import EditMetrics, evaluate_batch, flatten_report, report_column
 from kedit_lightning.modules.editing import REPORT_KEY
 
 
@@ -94,7 +94,8 @@ class CompareWithFineTuning(Callback):
         self.baselines = dict(load_baseline(spec) for spec in baselines)
 
     def _score(self, editor: nn.Module, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        metrics = EditMetrics(pl_module.hparams.hops).to(pl_module.device)
+        protocol = pl_module.hparams.get("protocol", "kedit")
+        metrics = EditMetrics(pl_module.hparams.hops, (protocol,), unedited=True).to(pl_module.device)
         # The same validation batches the editor was scored on (`limit_val_batches` included).
         limit = trainer.num_val_batches[0] if trainer.num_val_batches else float("inf")
         batches = itertools.islice(trainer.datamodule.val_dataloader(), None if math.isinf(limit) else int(limit))
@@ -108,7 +109,12 @@ class CompareWithFineTuning(Callback):
         for editor in self.baselines.values():
             if isinstance(editor, IKE):
                 editor.demonstrate(trainer.datamodule.split_records("train"))
-        scored = {name: self._score(editor, trainer, pl_module) for name, editor in self.baselines.items()}
+        # The unedited column is always there (the FT run's `pre_` scores): no need to score it again.
+        scored = {
+            name: self._score(editor, trainer, pl_module)
+            for name, editor in self.baselines.items()
+            if name != "unedited"
+        }
         baseline_report = self._score(FineTune(self.lr, self.steps), trainer, pl_module)
         method = type(pl_module).__name__.removesuffix("Module")
         # The editor a run keeps is its best checkpoint's, so that is the one to report.
@@ -119,10 +125,10 @@ class CompareWithFineTuning(Callback):
             else pl_module.last_report.get("val")
         )
         learned = {method: report} if report is not None else {}
-        unedited = {name: scored.pop(name) for name in ("unedited",) if name in scored}
-        self._report(
-            trainer, {**unedited, **learned, f"FT ({self.steps} step, lr {self.lr:g})": baseline_report, **scored}
-        )
+        unedited = report_column(baseline_report, unedited=True)  # the same records, before any edit
+        fine_tuned = {f"FT ({self.steps} step, lr {self.lr:g})": report_column(baseline_report)}
+        others = {name: report_column(report) for name, report in scored.items()}
+        self._report(trainer, {"unedited": unedited, **learned, **fine_tuned, **others})
 
     @rank_zero_only
     def _report(self, trainer: Trainer, columns: dict[str, dict]) -> None:

@@ -40,7 +40,7 @@ from data_modules.text_records import TextRecord
 from kedit_lightning.artifact import check_fingerprint, read_card, read_processor, rebuild_editor, verify_weights
 from kedit_lightning.backbones import FAMILIES, Backbone
 from kedit_lightning.editors.edited_model import StepInputs, WeightEditedModel, WeightEditor
-from kedit_lightning.evaluation import HOPS, EditMetrics, evaluate_batch, headline, record_batches
+from kedit_lightning.evaluation import HOPS, EditMetrics, Protocol, evaluate_batch, headline, record_batches
 from kedit_lightning.generation import GenerationMetrics
 
 
@@ -418,11 +418,9 @@ def _batches(loader: Iterable[EditBatch], device: torch.device, limit: int | Non
         yield to_device(batch, device)
 
 
-def score(
-    session: EditSession, batches: Iterable[EditBatch], hops: Sequence[str] = HOPS, groups: Sequence[str] = ()
-) -> dict[str, Any]:
-    """The edit report of `batches`' records on the edits in force (one-hop edits go on top, then are dropped)."""
-    metrics = EditMetrics(hops, groups).to(device_of(session.backbone))
+def score(session: EditSession, batches: Iterable[EditBatch], metrics: EditMetrics) -> dict[str, Any]:
+    """The report of `metrics` on `batches`' records, the edits in force (one-hop edits go on top, then are dropped)."""
+    metrics = metrics.to(device_of(session.backbone))
     for batch in batches:
         mark = session.model.mark()
         evaluate_batch(session, session.backbone, batch, metrics)
@@ -443,11 +441,13 @@ def evaluate(
     progress: bool = True,
     groups: Sequence[str] = (),
     generate: bool = False,
+    protocols: Sequence[Protocol] = ("kedit",),
 ) -> dict[str, Any]:
-    """Edit each record on its own, from the unedited model, and score it: what validation reports (also per
-    metric group, `EditMetrics`); with `generate` also the `gen_*` exact match of greedily generated answers
+    """Edit each record on its own, from the unedited model, and score it: what validation reports, under
+    each of `protocols`, with the unedited model's scores (`pre_` keys), also per metric group
+    (`EditMetrics`); with `generate` also the `gen_*` exact match of greedily generated answers
     (generation.py). `editor` is an exported one or a plain editor module (a baseline)."""
-    metrics = EditMetrics(hops, groups).to(device_of(backbone))
+    metrics = EditMetrics(hops, protocols, unedited=True, groups=groups).to(device_of(backbone))
     generation = GenerationMetrics().to(device_of(backbone)) if generate else None
     plain = editor_module(editor, backbone)
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
@@ -473,34 +473,40 @@ def evaluate_sequential(
     loader: Iterable[EditBatch],
     n_edits: int,
     hops: Sequence[str] = HOPS,
-    probe: int = 10,
+    probe: int | None = 10,
     progress: bool = True,
     groups: Sequence[str] = (),
+    protocols: Sequence[Protocol] = ("kedit",),
 ) -> dict[str, Any]:
     """Edit the first `n_edits` records one after another, each on top of the previous edits.
 
-    At 1, 2, 5, 10, ... edits the first `probe` records edited so far are scored (how Reliability
-    of the earliest edits and Locality hold up as edits accumulate: `sequential.curve`). The
-    report itself scores all `n_edits` records on the final post-edit model. `loader` is iterated twice.
+    At 1, 2, 5, 10, ... edits the first `probe` records edited so far (None: all of them) are scored (how Reliability
+    of the earliest edits and Locality hold up as edits accumulate: `sequential.curve`, one array per
+    headline metric against `n_edits`). The report itself scores all `n_edits` records on the final
+    post-edit model, under each of `protocols`, beside the unedited model. `loader` is iterated twice.
     """
     device = device_of(backbone)
     marks = set(curve_points(n_edits))
-    session, earliest, curve, done = EditSession(editor_module(editor, backbone), backbone), [], [], 0
+    session, earliest, curve, done = EditSession(editor_module(editor, backbone), backbone), [], {"n_edits": []}, 0
     try:
         with tqdm(total=n_edits, desc="sequential edits", disable=not progress) as bar:
             for record in _records(loader, device, n_edits):
                 what = f"sequential edit {done + 1} ({_origin(record, done)})"
                 session.add(record["edit_inner"], what, "stopped")
                 done += 1
-                if len(earliest) < probe:
+                if probe is None or len(earliest) < probe:
                     earliest.append(record)
                 if done in marks:
-                    report = score(session, earliest, hops)
-                    curve.append({"n_edits": done, **{key: report[key] for key in headline(report)}})
+                    report = score(session, earliest, EditMetrics(hops, protocols[:1]))
+                    curve["n_edits"].append(done)
+                    for key in headline(report):
+                        curve.setdefault(key, []).append(report[key])
                 bar.update()
         if done < n_edits:
             raise ValueError(f"{n_edits} sequential edits asked for, but the data has only {done} records")
-        final = score(session, _batches(loader, device, n_edits), hops, groups)
+        final = score(
+            session, _batches(loader, device, n_edits), EditMetrics(hops, protocols, unedited=True, groups=groups)
+        )
     finally:
         session.restore()
     return {**final, "sequential": {"probe_edits": len(earliest), "curve": curve}}

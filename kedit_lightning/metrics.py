@@ -21,15 +21,19 @@ from data_modules.encoding import IGNORE_INDEX
 DEFAULT_HOPS = ("1-hop", "2-hop", "3-hop", "4-hop")
 
 
-def _per_example(token_scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[B]: the mean of each example's token scores (`token_scores` [P]: one per answer token, row-major)."""
-    mask = labels != IGNORE_INDEX
-    counts = mask.sum(-1)
+def _per_row(scores: torch.Tensor, counts: torch.Tensor, what: str = "answer tokens") -> torch.Tensor:
+    """[B]: the mean of each row's scores (`scores` [P]: `counts[b]` consecutive ones per row, row-major)."""
+    counts = counts.to(scores.device)
     if bool((counts == 0).any()):
         rows = (counts == 0).nonzero(as_tuple=True)[0].tolist()
-        raise ValueError(f"examples {rows} of the batch have no answer tokens (labels all -100)")
-    example = mask.nonzero(as_tuple=True)[0]
-    return token_scores.float().new_zeros(labels.shape[0]).index_add(0, example, token_scores.float()) / counts
+        raise ValueError(f"examples {rows} of the batch have no {what}")
+    row = torch.repeat_interleave(torch.arange(len(counts), device=scores.device), counts)
+    return scores.float().new_zeros(len(counts)).index_add(0, row, scores.float()) / counts
+
+
+def _per_example(token_scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B]: the mean of each example's token scores (`token_scores` [P]: one per answer token, row-major)."""
+    return _per_row(token_scores, (labels != IGNORE_INDEX).sum(-1), "answer tokens (labels all -100)")
 
 
 def answer_token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -45,6 +49,23 @@ def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def locality_agreement(pre_logits: torch.Tensor, post_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B]: fraction of each example's answer positions where the post-edit argmax equals the pre-edit one."""
     return _per_example(pre_logits.argmax(-1) == post_logits.argmax(-1), labels)
+
+
+def top_k_agreement(pre_logits: torch.Tensor, post_logits: torch.Tensor, counts: torch.Tensor, k: int) -> torch.Tensor:
+    """[B]: EasyEdit's locality (MultimodalTrainer: text k=1, image k=10). Logits [P, V] at every read position
+    of each row (`counts[b]` of row b); per position, the k most likely tokens pre- and post-edit compared
+    rank by rank; the fraction of (position, rank) pairs that agree, over all the row's positions."""
+    same = pre_logits.topk(k, dim=-1).indices == post_logits.topk(k, dim=-1).indices
+    return _per_row(same.float().mean(-1), counts, "attended positions")
+
+
+def paired_id_agreement(pre_logits: torch.Tensor, post_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B]: VLKEB's locality (evaluate.py, compute_multimodal_edit_results). Each run yields the pair (argmax ids,
+    target ids) at the answer positions and the pre- and post-edit pairs are compared element by element,
+    so the target half always agrees: (A + agreeing argmax ids) / 2A for A answer tokens."""
+    targets = labels[labels != IGNORE_INDEX]
+    pairs = torch.stack([pre_logits.argmax(-1) == post_logits.argmax(-1), targets == targets], dim=-1)
+    return _per_example(pairs.float().mean(-1), labels)
 
 
 class _PerExampleMean(Metric):
@@ -85,6 +106,24 @@ class EditLocality(_PerExampleMean):
 
     def update(self, pre_logits: torch.Tensor, post_logits: torch.Tensor, labels: torch.Tensor) -> None:
         self._add(locality_agreement(pre_logits, post_logits, labels))
+
+
+class TopKAgreement(_PerExampleMean):
+    """EasyEdit's locality over every attended position (`top_k_agreement`); "exact_match": all pairs agree."""
+
+    def __init__(self, k: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.k = k
+
+    def update(self, pre_logits: torch.Tensor, post_logits: torch.Tensor, counts: torch.Tensor) -> None:
+        self._add(top_k_agreement(pre_logits, post_logits, counts, self.k))
+
+
+class PairedIdAgreement(_PerExampleMean):
+    """VLKEB's locality (`paired_id_agreement`) at the answer positions."""
+
+    def update(self, pre_logits: torch.Tensor, post_logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self._add(paired_id_agreement(pre_logits, post_logits, labels))
 
 
 class PortabilityByHop(Metric):

@@ -9,6 +9,7 @@ import torch
 from conftest import VAL_FILE
 from oracle import dense_edit
 from safetensors.torch import load_file, save_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import Blip2ForConditionalGeneration
 
 from data_modules.datamodules import VQADataModule
@@ -225,6 +226,46 @@ def test_kedit_edit_refuses_to_save_a_wrecked_model_unless_forced(fitted, world,
     assert (tmp_path / "edited" / "config.json").is_file()
 
 
+def test_kedit_eval_protocol_all_reports_every_protocol_and_writes_the_curve(fitted, world, base_dir, tmp_path, capsys):
+    out, curves = tmp_path / "all.json", tmp_path / "curves"
+    args = [
+        *("eval", "--editor", str(fitted.artifact), "--backbone", str(base_dir), "--device", "cpu", "--no-progress"),
+        *("--data", str(world / "vqa" / "vqa_eval.json"), "--images", str(world / "images"), "--sequential", "3"),
+        *("--probe", "all", "--protocol", "all", "--curve", str(curves), "--json", str(out)),
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| metric | unedited | kedit | easyedit | vlkeb |" in printed
+    report = json.loads(out.read_text())
+    for protocol in ("kedit", "easyedit", "vlkeb"):
+        for key in HEADLINE:
+            assert 0.0 <= report[f"{protocol}/{key}"] <= 1.0 and 0.0 <= report[f"{protocol}/pre_{key}"] <= 1.0
+            assert report[f"{protocol}/pre_{key}"] == report[f"pre_{key}"] or key.endswith("locality")
+        assert report[f"{protocol}/pre_t_locality"] == report[f"{protocol}/pre_i_locality"] == 1.0
+        # Reliability and generality have one definition in every protocol.
+        assert all(report[f"{protocol}/{key}"] == report[key] for key in ("reliability", "i_generality"))
+    assert report["kedit/t_locality"] == report["t_locality"]
+    assert "easyedit/portability" not in report  # EasyEdit's multimodal trainer defines none
+    if "portability" in report:
+        assert report["vlkeb/portability"] == report["kedit/portability"] == report["portability"]
+    # VLKEB's pair (argmax ids, target ids) per record: (A + agreeing ids) / 2A, a mean of 1/2 + agreement / 2.
+    for key in ("t_locality", "i_locality"):
+        assert report[f"vlkeb/{key}"] == pytest.approx(0.5 + 0.5 * report[f"kedit/{key}"], abs=1e-6)
+    curve = report["sequential"]["curve"]
+    assert report["sequential"]["probe_edits"] == 3  # --probe all: every edit so far at each point
+    events = EventAccumulator(str(curves / editor_method(fitted))).Reload()
+    for key in HEADLINE:
+        scalars = events.Scalars(f"sequential/{key}")
+        assert [s.step for s in scalars] == curve["n_edits"] == [1, 2, 3]
+        assert [s.value for s in scalars] == pytest.approx(curve[key])
+    assert main(args) == 0  # a second run is a line of its own beside the first
+    assert sorted(path.name for path in curves.iterdir()) == [editor_method(fitted), f"{editor_method(fitted)}_1"]
+
+
+def editor_method(fitted) -> str:
+    return json.loads((Path(fitted.artifact) / "editor.json").read_text())["method"]
+
+
 def test_kedit_eval_sequential_reports_the_earliest_edits_as_edits_accumulate(fitted, world, base_dir, tmp_path):
     out = tmp_path / "sequential.json"
     args = [
@@ -251,10 +292,13 @@ def test_kedit_eval_sequential_reports_the_earliest_edits_as_edits_accumulate(fi
     report = json.loads(out.read_text())
     assert report["n_edits"] == 6 and report["sequential"]["probe_edits"] == 2
     curve = report["sequential"]["curve"]
-    assert [point["n_edits"] for point in curve] == curve_points(6) == [1, 2, 5, 6]
-    for point in curve:
-        assert all(0.0 <= point[key] <= 1.0 for key in HEADLINE)
+    assert curve["n_edits"] == curve_points(6) == [1, 2, 5, 6]
+    for key in HEADLINE:
+        assert len(curve[key]) == 4 and all(0.0 <= value <= 1.0 for value in curve[key])
     assert all(0.0 <= report[key] <= 1.0 for key in HEADLINE)
+    # The unedited model on the same records: locality is its own agreement with itself.
+    assert report["pre_t_locality"] == report["pre_i_locality"] == 1.0
+    assert all(0.0 <= report[f"pre_{key}"] <= 1.0 for key in HEADLINE)
     assert main([*args[:-5], "--sequential", "500", "--no-progress"]) == 2  # more edits than records
 
 
@@ -391,3 +435,19 @@ def test_serac_artifact_edits_through_its_memory_and_reproduces_validation_from_
     ]
     assert main(args) == 2
     assert "keeps edits in a memory" in capsys.readouterr().err
+
+
+def test_kedit_eval_refuses_the_every_position_protocol_for_serac(serac_fitted, world, base_dir, tmp_path, capsys):
+    out = tmp_path / "serac.json"
+    args = [
+        *("eval", "--editor", str(serac_fitted.artifact), "--backbone", str(base_dir), "--device", "cpu"),
+        *("--data", str(world / VAL_FILE), "--images", str(world / "images"), "--no-progress", "--json", str(out)),
+    ]
+    assert main([*args, "--protocol", "easyedit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--protocol easyedit: SERAC answers only at the answer positions" in err
+    assert main([*args, "--protocol", "all"]) == 0
+    assert "--protocol all: easyedit left out" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert "vlkeb/t_locality" in report and "kedit/t_locality" in report
+    assert not any(key.startswith("easyedit/") for key in report)

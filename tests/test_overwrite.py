@@ -87,6 +87,8 @@ def test_without_a_logger_run_files_land_in_a_fresh_run_folder(base_dir, world, 
     unlogged = tmp_path / "runs" / "unlogged"
     assert sorted(p.name for p in unlogged.iterdir()) == ["version_0", "version_1"]
     assert all((unlogged / v / "report.md").is_file() for v in ("version_0", "version_1"))
+    header = (unlogged / "version_0" / "report.md").read_text().splitlines()[0]
+    assert header.startswith("| metric | unedited |") and "| FT (1 step" in header  # the unedited column first
     assert all((unlogged / v / "editor" / "editor.json").is_file() for v in ("version_0", "version_1"))
     assert not (tmp_path / "report.md").exists()
 

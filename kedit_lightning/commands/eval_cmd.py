@@ -2,7 +2,9 @@
 
 Each record is edited from the unedited weights (as in validation), or with `--sequential N` the
 first N records are edited one after another and scored with the final weights, with a curve of
-how the earliest edits' Reliability and Locality change as edits accumulate.
+how the earliest edits' Reliability and Locality change as edits accumulate (`--curve DIR`: as
+TensorBoard scalars against the number of edits, one run per editor, so editors share one plot).
+Every table has the unedited model's column; `--protocol` chooses whose metric definitions score.
 
 ADS-Edit files (records with an `image_type`) are read as such, and every metric is also reported per
 `data_type` and per `image_type`. VQA-layout files are read as VLKEB reads them (a superset of E-VQA):
@@ -17,9 +19,13 @@ backbone YAML as `--backbone`, baselines run without an exported editor.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
 
 from data_modules.ads import ADSEditDataModule
 from data_modules.ads_records import file_is_ads
@@ -41,8 +47,10 @@ from kedit_lightning.commands.shared import (
     resolve_kind,
 )
 from kedit_lightning.editor import evaluate, evaluate_sequential
+from kedit_lightning.editors.edited_model import WeightEditor
 from kedit_lightning.editors.ike import IKE
-from kedit_lightning.evaluation import HOPS, headline
+from kedit_lightning.editors.serac import EVERY_POSITION_REFUSED
+from kedit_lightning.evaluation import EVERY_POSITION_PROTOCOLS, HOPS, PROTOCOLS, report_column
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sequential", type=int, default=None, metavar="N", help="edit the first N records one after another"
     )
     parser.add_argument(
-        "--probe", type=int, default=10, help="with --sequential: how many of the earliest edits to track"
+        "--probe",
+        type=probe_count,
+        default=10,
+        help="with --sequential: how many of the earliest edits to track, or all (every edit so far)",
     )
     parser.add_argument(
         "--hops", type=hop_list, default="all", help="portability hops to score: all (default) or e.g. 1,3 (VQA layout)"
@@ -86,8 +97,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also answer by greedy decoding and report exact match as gen_* keys (not with --sequential)",
     )
+    parser.add_argument(
+        "--protocol",
+        choices=[*PROTOCOLS, "all"],
+        default="kedit",
+        help="whose metric definitions: kedit (default), easyedit, vlkeb, or all side by side (README)",
+    )
+    parser.add_argument(
+        "--curve",
+        default=None,
+        metavar="DIR",
+        help="with --sequential: the curve as TensorBoard scalars in DIR/<editor method> (tensorboard --logdir DIR)",
+    )
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def probe_count(text: str) -> int | None:
+    """`all` (None: every edit so far) or a positive count."""
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of edits or 'all', got {text!r}")
+    return int(text)
 
 
 def hop_list(text: str) -> list[int] | str:
@@ -100,11 +132,65 @@ def hop_list(text: str) -> list[int] | str:
         raise argparse.ArgumentTypeError(f"expected 'all' or hop numbers such as 1,3, got {text!r}") from None
 
 
-def sequential_table(curve: list[dict]) -> str:
-    keys = headline(curve[0])
+def sequential_table(curve: Mapping[str, list]) -> str:
+    keys = [key for key in curve if key != "n_edits"]
     lines = ["| edits so far | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    lines += [f"| {point['n_edits']} | " + " | ".join(f"{point[key]:.3f}" for key in keys) + " |" for point in curve]
+    for i, n in enumerate(curve["n_edits"]):
+        lines.append(f"| {n} | " + " | ".join(f"{curve[key][i]:.3f}" for key in keys) + " |")
     return "\n".join(lines)
+
+
+def write_curve(folder: Path, run: str, curve: Mapping[str, list]) -> Path:
+    """The curve as TensorBoard scalars `sequential/<metric>` at step = edits so far, in `folder/run` (or
+    `run_1`, ... when taken, so a second run is a line of its own): runs of several editors under one
+    folder overlay in TensorBoard's plots."""
+    names = itertools.chain([run], (f"{run}_{i}" for i in itertools.count(1)))
+    out = next(folder / name for name in names if not (folder / name).exists())
+    with SummaryWriter(str(out)) as writer:
+        for key, values in curve.items():
+            if key != "n_edits":
+                for n, value in zip(curve["n_edits"], values):
+                    writer.add_scalar(f"sequential/{key}", value, n)
+    return out
+
+
+def chosen_protocols(args: argparse.Namespace, edits_weights: bool) -> tuple[str, ...]:
+    """The protocols `--protocol` names; for a memory editor (SERAC) `all` leaves out those it cannot score."""
+    if args.protocol != "all":
+        if args.protocol in EVERY_POSITION_PROTOCOLS and not edits_weights:
+            raise ValueError(f"--protocol {args.protocol}: {EVERY_POSITION_REFUSED}")
+        return (args.protocol,)
+    if edits_weights:
+        return PROTOCOLS
+    print(f"--protocol all: {', '.join(EVERY_POSITION_PROTOCOLS)} left out: {EVERY_POSITION_REFUSED}")
+    return tuple(p for p in PROTOCOLS if p not in EVERY_POSITION_PROTOCOLS)
+
+
+def printed_table(report: Mapping[str, Any], protocols: tuple[str, ...]) -> str:
+    """The unedited model beside the edited one: token accuracy and exact match, or with several protocols
+    each protocol's token-level scores."""
+    if len(protocols) > 1:
+        edited = {protocol: report_column(report, protocol) for protocol in protocols}
+        return metrics_table({"unedited": report_column(report, unedited=True), **edited})
+    return metrics_table(
+        {
+            "unedited": report_column(report, unedited=True),
+            "token accuracy": report_column(report),
+            "unedited, exact": report_column(report, unedited=True, exact=True),
+            "exact match": report_column(report, exact=True),
+        }
+    )
+
+
+def compared_table(columns: Mapping[str, Mapping[str, Any]]) -> str:
+    """Several editors' reports (the same records) beside the unedited model: token accuracy, then exact match."""
+    unedited = next(iter(columns.values()))
+    tables = []
+    for title, exact in (("Token accuracy", False), ("Exact match", True)):
+        table = {"unedited": report_column(unedited, unedited=True, exact=exact)}
+        table |= {name: report_column(report, exact=exact) for name, report in columns.items()}
+        tables.append(f"{title}:\n" + metrics_table(table))
+    return "\n\n".join(tables)
 
 
 def image_datamodule(args: argparse.Namespace, data: Path, processor: SubBatchEncoder) -> EditDataModule:
@@ -156,6 +242,8 @@ def load_backbone(args: argparse.Namespace) -> tuple[Any, Backbone]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.curve and args.sequential is None:
+        raise ValueError("--curve: the curve comes from a sequential run; add --sequential N")
     baselines = load_baselines(args)
     editor, backbone = load_backbone(args)
     processor = backbone.processor if editor is None else editor.processor(backbone)
@@ -174,6 +262,9 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.sequential is not None and args.generate:
         raise ValueError("--generate scores records edited one at a time; it does not combine with --sequential")
+    # The every-position protocols need every editor scored to answer at every position: weight editors do.
+    modules = [*([editor.editor] if editor is not None else []), *baselines.values()]
+    protocols = chosen_protocols(args, all(isinstance(module, WeightEditor) for module in modules))
     if args.sequential is not None:
         available = len(datamodule.split_records("val"))
         if not 0 < args.sequential <= available:
@@ -182,28 +273,25 @@ def run(args: argparse.Namespace) -> int:
     def score(scored_editor: Any) -> dict[str, Any]:
         if args.sequential is not None:
             return evaluate_sequential(
-                scored_editor, backbone, loader, args.sequential, HOPS, args.probe, progress, groups
+                scored_editor, backbone, loader, args.sequential, HOPS, args.probe, progress, groups, protocols
             )
-        return evaluate(scored_editor, backbone, loader, HOPS, progress, groups, args.generate)
+        return evaluate(scored_editor, backbone, loader, HOPS, progress, groups, args.generate, protocols)
 
     report = score(editor) if editor is not None else {}
     scored = {name: score(baseline) for name, baseline in baselines.items()}
     columns = ({editor.method: report} if editor is not None else {}) | scored
-    if not scored:
-        token = {key: value for key, value in report.items() if key != "sequential"}
-        exact = {**report["exact_match"], "n_edits": report["n_edits"]}
-        print(metrics_table({"token accuracy": token, "exact match": exact}))
-    else:
-        token = {name: {k: v for k, v in r.items() if k != "sequential"} for name, r in columns.items()}
-        print("Token accuracy:\n" + metrics_table(token))
-        exact = {name: {**r["exact_match"], "n_edits": r["n_edits"]} for name, r in columns.items()}
-        print("\nExact match:\n" + metrics_table(exact))
+    print(printed_table(report, protocols) if not scored else compared_table(columns))
     for name, scored_report in columns.items():
         if "sequential" in scored_report:
-            print(
-                f"\n{name}: the first {scored_report['sequential']['probe_edits']} edits as more edits accumulate:\n"
-                + sequential_table(scored_report["sequential"]["curve"])
+            curve = scored_report["sequential"]["curve"]
+            tracked = (
+                "every edit so far"
+                if args.probe is None
+                else f"the first {scored_report['sequential']['probe_edits']} edits"
             )
+            print(f"\n{name}: {tracked} as more edits accumulate:\n" + sequential_table(curve))
+            if args.curve:
+                print(f"curve written to {write_curve(Path(args.curve), name, curve)}")
     if scored:
         report["baselines"] = scored
     if args.json:

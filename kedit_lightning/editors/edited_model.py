@@ -93,9 +93,15 @@ class StepInputs:
     def answer_counts(self, rows: torch.Tensor) -> torch.Tensor:
         return (self.labels[rows] != IGNORE_INDEX).sum(-1)
 
-    def split(self, logits: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Answer logits of the named sub-batches' rows (in order, as `rows(*names)`) -> one tensor per name."""
-        sizes = [int(self.answer_counts(self.rows(name)).sum()) for name in names]
+    def read_counts(self, rows: torch.Tensor, every_position: bool = False) -> torch.Tensor:
+        """Positions read per row: its answer positions, or with `every_position` all its attended ones."""
+        return self.fields["attention_mask"][rows].bool().sum(-1) if every_position else self.answer_counts(rows)
+
+    def split(
+        self, logits: torch.Tensor, names: Sequence[str], every_position: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Logits of the named sub-batches' rows (in order, as `rows(*names)`) -> one tensor per name."""
+        sizes = [int(self.read_counts(self.rows(name), every_position).sum()) for name in names]
         return dict(zip(names, logits.split(sizes)))
 
     def states(self, rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, PrefixState, torch.Tensor]]:
@@ -111,15 +117,19 @@ class StepInputs:
         backbone: Backbone,
         rows: torch.Tensor,
         around: Callable[[torch.Tensor], AbstractContextManager[None]] = lambda positions: nullcontext(),
+        every_position: bool = False,
     ) -> torch.Tensor:
         """[P, V] logits at the answer positions of `rows` (row-major) from their prefix states; `around(positions)`
-        wraps each bucket's pass (an edited model's hooks for the rows at those positions of `rows`)."""
+        wraps each bucket's pass (an edited model's hooks for the rows at those positions of `rows`). With
+        `every_position`, at every attended position instead (the reference toolkits' locality reads them)."""
         parts, order = [], []
         for positions, state, labels in self.states(rows):
+            width = labels.shape[1]
+            attended = self.fields["attention_mask"][rows[positions], :width].bool()
             with around(positions):
-                parts.append(backbone.resume(state, answer_read_mask(labels)))
+                parts.append(backbone.resume(state, attended if every_position else answer_read_mask(labels)))
             order.append(positions)
-        return _in_row_order(backbone.head(torch.cat(parts)), torch.cat(order), self.answer_counts(rows))
+        return _in_row_order(backbone.head(torch.cat(parts)), torch.cat(order), self.read_counts(rows, every_position))
 
 
 def _in_row_order(answers: torch.Tensor, positions: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -164,8 +174,11 @@ class EditedModel(Protocol):
 
     def new_groups(self, parents: Sequence[int] | torch.Tensor) -> torch.Tensor: ...
 
-    def answer_logits(self, inputs: StepInputs, rows: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
-        """[P, V] logits at the answer positions of `rows`, each row under its group (None: unedited)."""
+    def answer_logits(
+        self, inputs: StepInputs, rows: torch.Tensor, groups: torch.Tensor | None = None, every_position: bool = False
+    ) -> torch.Tensor:
+        """[P, V] logits at the answer positions of `rows` (`every_position`: every attended one), each row
+        under its group (None: unedited)."""
 
     def fold(self) -> Any:
         """Make every group an edit in force for all rows (weights: write them into the backbone)."""
@@ -317,11 +330,16 @@ class WeightEditedModel(EditGroups):
                 handle.remove()
 
     # -- the three operations -------------------------------------------------------------------
-    def answer_logits(self, inputs: StepInputs, rows: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
-        """[P, V] logits at the answer positions of `rows` (row-major), each row under its group (None: unedited)."""
+    def answer_logits(
+        self, inputs: StepInputs, rows: torch.Tensor, groups: torch.Tensor | None = None, every_position: bool = False
+    ) -> torch.Tensor:
+        """[P, V] logits at the answer positions of `rows` (row-major; `every_position`: every attended one),
+        each row under its group (None: unedited)."""
         if groups is None:
-            return inputs.answer_logits(self.backbone, rows)
-        return inputs.answer_logits(self.backbone, rows, lambda positions: self._applied(groups[positions.cpu()]))
+            return inputs.answer_logits(self.backbone, rows, every_position=every_position)
+        return inputs.answer_logits(
+            self.backbone, rows, lambda positions: self._applied(groups[positions.cpu()]), every_position
+        )
 
     def capture(
         self, inputs: StepInputs, rows: torch.Tensor, groups: torch.Tensor | None, weights: torch.Tensor

@@ -548,6 +548,12 @@ def _trimmed(tokens: Tokens, *aligned: torch.Tensor) -> tuple[Tokens, ...]:
     return (Tokens(tokens.ids[:, :width], tokens.mask[:, :width]), *(t[:, :width] for t in aligned))
 
 
+EVERY_POSITION_REFUSED = (
+    "SERAC answers only at the answer positions (its counterfactual model reads the query in its own tokens), so "
+    "the easyedit protocol, which reads every position, does not apply: use protocol kedit or vlkeb"
+)
+
+
 class GrowingRows:
     """Named tensors of rows added over time, in storage that doubles when full, so adding n rows costs
     O(n) however many are stored. A 2-d tensor's rows are right-padded with zeros to the widest added
@@ -694,12 +700,17 @@ class MemoryEditedModel(EditGroups):
         return score >= math.log(self.serac.threshold), entry
 
     @torch.no_grad()
-    def answer_logits(self, inputs: StepInputs, rows: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    def answer_logits(
+        self, inputs: StepInputs, rows: torch.Tensor, groups: torch.Tensor | None = None, every_position: bool = False
+    ) -> torch.Tensor:
         """[P, V] logits at the answer positions of `rows` (row-major), each row under its group (None: unedited).
 
         One classifier pass for the rows with a group, one counterfactual forward for the in-scope rows,
-        one backbone resume for the rest.
+        one backbone resume for the rest. Answer positions only: the counterfactual model reads the query
+        in its own tokens, so its other positions do not line up with the backbone's (`every_position` refused).
         """
+        if every_position:
+            raise ValueError(EVERY_POSITION_REFUSED)
         labels = inputs.labels[rows]
         in_scope = torch.zeros(len(rows), dtype=torch.bool, device=labels.device)
         vocab = self.backbone.model.get_output_embeddings().weight.shape[0]

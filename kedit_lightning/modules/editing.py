@@ -25,7 +25,7 @@ from data_modules.records import DataError
 from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
 from kedit_lightning.backbones.base import backbone_class
 from kedit_lightning.editors.edited_model import StepInputs
-from kedit_lightning.evaluation import HOPS, EditMetrics, evaluate_batch, flatten_report, headline
+from kedit_lightning.evaluation import HOPS, EditMetrics, Protocol, evaluate_batch, flatten_report, headline
 from kedit_lightning.generation import greedy_answers
 from kedit_lightning.sharding import shard_editor_module
 
@@ -59,14 +59,17 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
 
 
 class EditorModule(LightningModule, ABC):
-    def __init__(self, backbone: BackboneSpec, hops: Sequence[str] = HOPS, logged_edits: int = 4) -> None:
+    def __init__(
+        self, backbone: BackboneSpec, hops: Sequence[str] = HOPS, logged_edits: int = 4, protocol: Protocol = "kedit"
+    ) -> None:
+        """`protocol`: whose metric definitions validation and test report (README, "Metric protocols")."""
         super().__init__()
         # load_from_checkpoint hands the spec back as the plain dict `save_hyperparameters` stored.
         self.backbone_spec = backbone if isinstance(backbone, BackboneSpec) else BackboneSpec(**backbone)
         self.logged_edits = logged_edits
         self.hops = tuple(hops)
-        self.val_metrics = EditMetrics(hops)
-        self.test_metrics = EditMetrics(hops)
+        self.val_metrics = EditMetrics(hops, (protocol,))
+        self.test_metrics = EditMetrics(hops, (protocol,))
         self.backbone: Backbone | None = None
         self.last_report: dict[str, dict[str, Any]] = {}
         # The frozen backbone is rebuilt from its spec, never stored in Lightning checkpoints.

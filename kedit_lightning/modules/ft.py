@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from kedit_lightning.backbones import Backbone, BackboneSpec
 from kedit_lightning.editors.ft import FineTune
-from kedit_lightning.evaluation import HOPS
+from kedit_lightning.evaluation import HOPS, Protocol
 from kedit_lightning.modules.editing import EditorModule
 
 
@@ -22,8 +22,9 @@ class FTModule(EditorModule):
         steps: int = 1,
         hops: Sequence[str] = HOPS,
         logged_edits: int = 4,
+        protocol: Protocol = "kedit",
     ) -> None:
-        super().__init__(backbone, hops, logged_edits)
+        super().__init__(backbone, hops, logged_edits, protocol)
         self.save_hyperparameters()
         self.editor = FineTune(lr=lr, steps=steps)
 

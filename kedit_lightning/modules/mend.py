@@ -48,7 +48,7 @@ from kedit_lightning.backbones import Backbone, BackboneSpec
 from kedit_lightning.editors.edited_model import StepInputs, WeightEditedModel
 from kedit_lightning.editors.losses import masked_kl, per_example_nll
 from kedit_lightning.editors.mend import MEND
-from kedit_lightning.evaluation import HOPS, NEIGHBOR
+from kedit_lightning.evaluation import HOPS, NEIGHBOR, Protocol
 from kedit_lightning.modules.editing import EditorModule
 
 POST_EDIT = ("edit_outer", "edit_outer_image", "loc", "loc_image")
@@ -178,6 +178,7 @@ class MENDModule(EditorModule):
         sequence_length: int = 1,
         backprop_window: int | None = None,
         cretain: float | None = None,
+        protocol: Protocol = "kedit",
     ) -> None:
         """`variant`: see `editors.mend`. `sequence_length`, `backprop_window`: sequence-aware training (see
         the module docstring); `cretain`: the retention term's weight (default: `cedit`)."""
@@ -187,7 +188,7 @@ class MENDModule(EditorModule):
             raise ValueError(f"model.sequence_length must be an integer >= 1; got {sequence_length!r}")
         if backprop_window is not None and (not isinstance(backprop_window, int) or backprop_window < 1):
             raise ValueError(f"model.backprop_window must be an integer >= 1 or null; got {backprop_window!r}")
-        super().__init__(backbone, hops, logged_edits)
+        super().__init__(backbone, hops, logged_edits, protocol)
         self.save_hyperparameters()
         self.editor: MEND | None = None
         # A buffer, so the count of skipped (non-finite) steps survives checkpoint and resume.

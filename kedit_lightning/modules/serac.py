@@ -33,6 +33,7 @@ from kedit_lightning.backbones import Backbone, BackboneSpec, build_backbone
 from kedit_lightning.editors.edited_model import StepInputs
 from kedit_lightning.editors.losses import masked_nll
 from kedit_lightning.editors.serac import (
+    EVERY_POSITION_REFUSED,
     RENAMED_KINDS,
     SERAC,
     ClassifierKind,
@@ -40,7 +41,7 @@ from kedit_lightning.editors.serac import (
     SERACInputs,
     log1mexp,
 )
-from kedit_lightning.evaluation import HOPS, NEIGHBOR
+from kedit_lightning.evaluation import EVERY_POSITION_PROTOCOLS, HOPS, NEIGHBOR, Protocol
 from kedit_lightning.modules.editing import EditorModule
 
 IN_SCOPE = ("edit_inner", "edit_outer", "edit_outer_image")
@@ -154,8 +155,11 @@ class SERACModule(EditorModule):
         classifier_lr: float = 1e-5,
         hops: Sequence[str] = HOPS,
         logged_edits: int = 4,
+        protocol: Protocol = "kedit",
     ) -> None:
-        super().__init__(backbone, hops, logged_edits)
+        super().__init__(backbone, hops, logged_edits, protocol)
+        if protocol in EVERY_POSITION_PROTOCOLS:
+            raise ValueError(f"protocol: {EVERY_POSITION_REFUSED}")
         if counterfactual.family != "text":
             raise ValueError(
                 "the counterfactual model must be a `text` backbone (a causal LM), got family "
