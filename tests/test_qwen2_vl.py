@@ -21,6 +21,8 @@ from kedit_lightning.evaluation import record_batches
 from kedit_lightning.modules.serac import ScopeEncoderSpec, SERACModule
 
 TINY_QWEN = {"qwen2_vl": "qwen2-vl-tiny.yaml", "qwen2_5_vl": "qwen2.5-vl-tiny.yaml"}
+# The families taking videos and views: their MEND and SERAC cells are tested here together.
+MULTI_IMAGE_TINY = [*TINY_QWEN.values(), "llava-onevision-tiny.yaml"]
 TOKENS_PER_IMAGE = 16  # 32 px in 4 px patches: 8 x 8 patches, merged 2 x 2
 
 
@@ -182,7 +184,7 @@ def test_real_size_configs_build_on_the_meta_device(name, low, high):
     assert {tuple(params[n].shape) for n in edited} == {(18944, 3584), (3584, 18944)}
 
 
-@pytest.mark.parametrize("config", list(TINY_QWEN.values()))
+@pytest.mark.parametrize("config", MULTI_IMAGE_TINY)
 def test_a_mend_step_and_an_edit(world, tmp_path, config):
     module = make_mend(world, backbone=config)
     data = make_data(world, module)
@@ -203,7 +205,7 @@ def test_a_mend_step_and_an_edit(world, tmp_path, config):
     assert any(not torch.equal(v, module.editor.state_dict()[k]) for k, v in before.items() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("config", list(TINY_QWEN.values()))
+@pytest.mark.parametrize("config", MULTI_IMAGE_TINY)
 def test_a_serac_step_and_an_edit(tmp_path, config):
     tokenizer_dir = tmp_path / "tokenizer"
     make_tokenizer().save_pretrained(tokenizer_dir)
