@@ -30,6 +30,7 @@ from data_modules.encoding import PromptFormat, Visual, visual_kind
 from kedit_lightning.backbones.base import register
 from kedit_lightning.backbones.loading import (
     as_dtype,
+    check_image_token,
     check_vocab,
     default_edit_params,
     fill_text_config,
@@ -109,13 +110,8 @@ class LlavaOnevisionBackbone(RaggedVisualBackbone):
     ) -> None:
         config, vision = model.config, model.config.vision_config
         source = config.name_or_path or "llava_onevision config"
-        vocab = tokenizer.get_vocab()
         for token, key in ((IMAGE_TOKEN, "image_token_index"), (VIDEO_TOKEN, "video_token_index")):
-            if vocab.get(token) != getattr(config, key):
-                raise ValueError(
-                    f"{source}: config.{key} is {getattr(config, key)} but the tokenizer maps {token!r} "
-                    f"to {vocab.get(token)}"
-                )
+            check_image_token(tokenizer, token, getattr(config, key), source, key)
         check_vocab(tokenizer, config.text_config.vocab_size, source)
         size = vision.image_size
         image_processor = image_processor or LlavaOnevisionImageProcessorPil()

@@ -31,6 +31,7 @@ from data_modules.encoding import PromptFormat, Visual, visual_kind
 from kedit_lightning.backbones.base import register
 from kedit_lightning.backbones.loading import (
     as_dtype,
+    check_image_token,
     check_vocab,
     default_edit_params,
     fill_text_config,
@@ -126,13 +127,8 @@ class Qwen2VLBackbone(RaggedVisualBackbone):
         factor = vision.patch_size * vision.spatial_merge_size
         if vision.image_size % factor:
             raise ValueError(f"{source}: vision_config.image_size {vision.image_size} is not a multiple of {factor}")
-        vocab = tokenizer.get_vocab()
         for token, key in ((IMAGE_PAD, "image_token_id"), (VIDEO_PAD, "video_token_id")):
-            if vocab.get(token) != getattr(config, key):
-                raise ValueError(
-                    f"{source}: config.{key} is {getattr(config, key)} but the tokenizer maps {token!r} "
-                    f"to {vocab.get(token)}"
-                )
+            check_image_token(tokenizer, token, getattr(config, key), source, key)
         check_vocab(tokenizer, config.text_config.vocab_size, source)
         image_processor = image_processor or Qwen2VLImageProcessorPil(
             patch_size=vision.patch_size,
