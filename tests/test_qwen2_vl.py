@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import TINY_BERT
 from PIL import Image
 from test_backbones import CONFIGS, PROMPTS, TARGETS, draw_images, make_tokenizer, tiny_backbone
@@ -230,3 +231,16 @@ def test_a_serac_step_and_an_edit(tmp_path, config):
         unedited = model.answer_logits(inputs, inputs.rows("edit"))
     # The edit routes its own prompt to the counterfactual model: the answer logits change.
     assert not torch.allclose(edited, unedited)
+
+
+def test_the_qwen2_vl_quick_start_bootstraps_its_own_base_and_edits_its_layers():
+    """configs/quickstart-qwen2-vl.yaml: MEND on the Qwen2-VL base its bootstrap trains from the tiny config,
+    editing the tiny config's layers, as the BLIP-2 quick start does with its own."""
+    repo = CONFIGS.parent.parent
+    quick = yaml.safe_load((repo / "configs/quickstart-qwen2-vl.yaml").read_text())
+    backbone = quick["model"]["init_args"]["backbone"]
+    bootstrap = yaml.safe_load((repo / backbone["bootstrap"]).read_text())["model"]["init_args"]
+    tiny = load_backbone_spec(CONFIGS / bootstrap["backbone"])
+    assert backbone["family"] == tiny.family == "qwen2_vl" and bootstrap["backbone"] == TINY_QWEN["qwen2_vl"]
+    assert bootstrap["export_dir"] == backbone["pretrained"]
+    assert backbone["edit_params"] == tiny.edit_params
