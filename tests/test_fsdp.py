@@ -285,7 +285,11 @@ def test_bf16_sharded_training_is_finite_and_the_ranks_agree(sharded, world):
         "mend/llava-1.5-7b-vqa",
         "mend/minigpt4-vqa",
         "serac/llava-1.5-7b-vqa",
-        *(f"{method}/{model}-7b-vqa" for method in ("mend", "serac") for model in ("qwen2-vl", "qwen2.5-vl")),
+        *(
+            f"{method}/{model}-7b-vqa"
+            for method in ("mend", "serac")
+            for model in ("qwen2-vl", "qwen2.5-vl", "llava-onevision")
+        ),
     ],
 )
 def test_the_fsdp_overlay_shards_the_7b_configs(config, capsys, monkeypatch):

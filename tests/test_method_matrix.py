@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import TINY_BERT
 from test_backbones import TINY, draw_images, make_tokenizer, tiny_backbone
+from test_llava_onevision import onevision
 from test_qwen2_vl import TINY_QWEN, qwen
 
 from data_modules.encoding import IGNORE_INDEX, SUB_BATCH_KEYS
@@ -20,6 +21,7 @@ from kedit_lightning.modules.serac import ScopeEncoderSpec
 TINY_CONFIGS = {
     **{family: (tiny_backbone, family) for family in TINY},
     **{family: (qwen, family) for family in TINY_QWEN},
+    "llava_onevision": (lambda family, tokenizer: onevision(tokenizer), "llava_onevision"),
 }
 METHODS = ["mend", "serac", "ft", "ft-l", "lora", "ike", "grace", "wise"]
 # The configured baselines with a few optimisation steps: a cell checks that the method runs and moves the answer.
@@ -103,9 +105,9 @@ def editor_for(method: str, backbone, tokenizer, tokenizer_dir: str):
 class RecordedMetrics(EditMetrics):
     """EditMetrics that keep what the evaluation loop scored: the pre-edit locality logits among it."""
 
-    def update(self, labels, post, pre, hops=(), meta=()) -> None:
+    def update(self, labels, post, pre, *args, **kwargs) -> None:
         self.pre = dict(pre)
-        super().update(labels, post, pre, hops, meta)
+        super().update(labels, post, pre, *args, **kwargs)
 
 
 @torch.no_grad()

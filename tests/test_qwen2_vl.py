@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import TINY_BERT
 from PIL import Image
 from test_backbones import CONFIGS, PROMPTS, TARGETS, draw_images, make_tokenizer, tiny_backbone
@@ -21,6 +22,8 @@ from kedit_lightning.evaluation import record_batches
 from kedit_lightning.modules.serac import ScopeEncoderSpec, SERACModule
 
 TINY_QWEN = {"qwen2_vl": "qwen2-vl-tiny.yaml", "qwen2_5_vl": "qwen2.5-vl-tiny.yaml"}
+# The families taking videos and views: their MEND and SERAC cells are tested here together.
+MULTI_IMAGE_TINY = [*TINY_QWEN.values(), "llava-onevision-tiny.yaml"]
 TOKENS_PER_IMAGE = 16  # 32 px in 4 px patches: 8 x 8 patches, merged 2 x 2
 
 
@@ -182,7 +185,7 @@ def test_real_size_configs_build_on_the_meta_device(name, low, high):
     assert {tuple(params[n].shape) for n in edited} == {(18944, 3584), (3584, 18944)}
 
 
-@pytest.mark.parametrize("config", list(TINY_QWEN.values()))
+@pytest.mark.parametrize("config", MULTI_IMAGE_TINY)
 def test_a_mend_step_and_an_edit(world, tmp_path, config):
     module = make_mend(world, backbone=config)
     data = make_data(world, module)
@@ -203,7 +206,7 @@ def test_a_mend_step_and_an_edit(world, tmp_path, config):
     assert any(not torch.equal(v, module.editor.state_dict()[k]) for k, v in before.items() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("config", list(TINY_QWEN.values()))
+@pytest.mark.parametrize("config", MULTI_IMAGE_TINY)
 def test_a_serac_step_and_an_edit(tmp_path, config):
     tokenizer_dir = tmp_path / "tokenizer"
     make_tokenizer().save_pretrained(tokenizer_dir)
@@ -228,3 +231,16 @@ def test_a_serac_step_and_an_edit(tmp_path, config):
         unedited = model.answer_logits(inputs, inputs.rows("edit"))
     # The edit routes its own prompt to the counterfactual model: the answer logits change.
     assert not torch.allclose(edited, unedited)
+
+
+def test_the_qwen2_vl_quick_start_bootstraps_its_own_base_and_edits_its_layers():
+    """configs/quickstart-qwen2-vl.yaml: MEND on the Qwen2-VL base its bootstrap trains from the tiny config,
+    editing the tiny config's layers, as the BLIP-2 quick start does with its own."""
+    repo = CONFIGS.parent.parent
+    quick = yaml.safe_load((repo / "configs/quickstart-qwen2-vl.yaml").read_text())
+    backbone = quick["model"]["init_args"]["backbone"]
+    bootstrap = yaml.safe_load((repo / backbone["bootstrap"]).read_text())["model"]["init_args"]
+    tiny = load_backbone_spec(CONFIGS / bootstrap["backbone"])
+    assert backbone["family"] == tiny.family == "qwen2_vl" and bootstrap["backbone"] == TINY_QWEN["qwen2_vl"]
+    assert bootstrap["export_dir"] == backbone["pretrained"]
+    assert backbone["edit_params"] == tiny.edit_params

@@ -10,6 +10,7 @@ import yaml
 from kedit_lightning.backbones.base import Backbone, BackboneSpec, build_backbone, expand_braces, register
 from kedit_lightning.backbones.blip2 import Blip2Backbone
 from kedit_lightning.backbones.llava import LlavaBackbone
+from kedit_lightning.backbones.llava_onevision import LlavaOnevisionBackbone
 from kedit_lightning.backbones.minigpt4 import (
     MiniGPT4Backbone,
     MiniGPT4Config,
@@ -20,7 +21,8 @@ from kedit_lightning.backbones.qwen2_vl import Qwen2VLBackbone
 from kedit_lightning.backbones.text_lm import TextLMBackbone
 
 FAMILIES: dict[str, type[Backbone]] = {
-    cls.family: cls for cls in (Blip2Backbone, LlavaBackbone, MiniGPT4Backbone, Qwen2VLBackbone, TextLMBackbone)
+    cls.family: cls
+    for cls in (Blip2Backbone, LlavaBackbone, LlavaOnevisionBackbone, MiniGPT4Backbone, Qwen2VLBackbone, TextLMBackbone)
 }
 
 
@@ -45,6 +47,7 @@ __all__ = [
     "BackboneSpec",
     "Blip2Backbone",
     "LlavaBackbone",
+    "LlavaOnevisionBackbone",
     "MiniGPT4Backbone",
     "MiniGPT4Config",
     "MiniGPT4ForConditionalGeneration",

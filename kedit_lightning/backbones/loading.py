@@ -219,14 +219,15 @@ def check_vocab(tokenizer: Any, vocab_size: int, source: str, outside: Collectio
         )
 
 
-def check_image_token(tokenizer: Any, token: str, config_id: int | None, source: str) -> int:
+def check_image_token(
+    tokenizer: Any, token: str, config_id: int | None, source: str, key: str = "image_token_index"
+) -> int:
+    """The id of placeholder `token`, which must be the config's `key`."""
     token_id = tokenizer.get_vocab().get(token)
     if token_id is None:
         raise ValueError(f"{source}: the tokenizer has no {token!r} token for image placeholders")
     if config_id != token_id:
-        raise ValueError(
-            f"{source}: config.image_token_index is {config_id} but the tokenizer maps {token!r} to {token_id}"
-        )
+        raise ValueError(f"{source}: config.{key} is {config_id} but the tokenizer maps {token!r} to {token_id}")
     return token_id
 
 

@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from transformers import (
     PreTrainedModel,
@@ -28,11 +27,12 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from data_modules.encoding import PromptFormat, SubBatchEncoder
+from data_modules.encoding import PromptFormat
 from data_modules.visual import LoadedVisual, visual_kind
-from kedit_lightning.backbones.base import Backbone, register
+from kedit_lightning.backbones.base import register
 from kedit_lightning.backbones.loading import (
     as_dtype,
+    check_image_token,
     check_vocab,
     default_edit_params,
     fill_text_config,
@@ -42,6 +42,7 @@ from kedit_lightning.backbones.loading import (
     resolve_processor,
     with_special_token,
 )
+from kedit_lightning.backbones.ragged import RaggedVisualBackbone, RaggedVisualEncoder, pad_rows
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
 SPECIAL_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
@@ -56,7 +57,7 @@ PROMPT_FORMAT = PromptFormat(
 )
 
 
-class Qwen2VLEncoder(SubBatchEncoder):
+class Qwen2VLEncoder(RaggedVisualEncoder):
     """SubBatchEncoder for Qwen2-VL: per-row placeholders and patches for images, videos and views."""
 
     def __init__(
@@ -72,20 +73,9 @@ class Qwen2VLEncoder(SubBatchEncoder):
         self.tokens_per_image = self.patches_per_image // vision.spatial_merge_size**2
 
     def frames(self, frames: Sequence[Image.Image]) -> list[Image.Image]:
-        """At most `max_frames` frames spread evenly over the video, repeated at the end to whole temporal patches."""
-        if not frames:
-            raise ValueError(f"{self.family}: a video with no frames")
-        if len(frames) > self.max_frames:
-            step = len(frames) / self.max_frames
-            frames = [frames[int(i * step)] for i in range(self.max_frames)]
-        return list(frames) + [frames[-1]] * (-len(frames) % self.temporal)
-
-    def images(self, visual: LoadedVisual) -> list[Image.Image]:
-        """The images of a row's visual input in placeholder order (a video's frames, views by name)."""
-        kind = visual_kind(visual)
-        if kind == "video":
-            return self.frames(visual)
-        return [visual[name] for name in sorted(visual)] if kind == "views" else [visual]
+        """At most `max_frames` frames spread evenly, the last repeated to whole temporal patches."""
+        frames = super().frames(frames)
+        return frames + [frames[-1]] * (-len(frames) % self.temporal)
 
     def placeholders(self, visual: LoadedVisual | bool) -> str | None:
         if visual is False or visual is None:
@@ -114,19 +104,9 @@ class Qwen2VLEncoder(SubBatchEncoder):
         grouped = frames.unflatten(0, (-1, self.temporal)).permute(0, 2, 3, 1, 4)  # [F / T, n, C, T, P*P]
         return grouped.flatten(2).flatten(0, 1)
 
-    def pixel_values(self, visuals: Sequence[LoadedVisual]) -> torch.Tensor:
-        return pad_rows([self.row_pixels(v) for v in visuals])
-
-
-def pad_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[N, P, D] from rows [P_i, D] (or [n_i, P_i, D] blocks), NaN past each row's own patches."""
-    rows = [r.unsqueeze(0) if r.dim() == 2 else r for r in rows]
-    width = max(r.shape[1] for r in rows)
-    return torch.cat([F.pad(r, (0, 0, 0, width - r.shape[1]), value=float("nan")) for r in rows])
-
 
 @register
-class Qwen2VLBackbone(Backbone):
+class Qwen2VLBackbone(RaggedVisualBackbone):
     family: ClassVar[str] = "qwen2_vl"
     language_model_prefix = "model.language_model."
     causal_lm_wrapper = False
@@ -148,13 +128,8 @@ class Qwen2VLBackbone(Backbone):
         factor = vision.patch_size * vision.spatial_merge_size
         if vision.image_size % factor:
             raise ValueError(f"{source}: vision_config.image_size {vision.image_size} is not a multiple of {factor}")
-        vocab = tokenizer.get_vocab()
         for token, key in ((IMAGE_PAD, "image_token_id"), (VIDEO_PAD, "video_token_id")):
-            if vocab.get(token) != getattr(config, key):
-                raise ValueError(
-                    f"{source}: config.{key} is {getattr(config, key)} but the tokenizer maps {token!r} "
-                    f"to {vocab.get(token)}"
-                )
+            check_image_token(tokenizer, token, getattr(config, key), source, key)
         check_vocab(tokenizer, config.text_config.vocab_size, source)
         image_processor = image_processor or Qwen2VLImageProcessorPil(
             patch_size=vision.patch_size,
@@ -262,31 +237,6 @@ class Qwen2VLBackbone(Backbone):
         units = list(features.pooler_output)
         rows = [torch.cat(units[start : start + n]) for start, n in zip(itertools.accumulate([0, *counts]), counts)]
         return pad_rows(rows).nan_to_num(0.0)
-
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # NaN never equals itself, so padding is compared as +inf (no pixel value is infinite either).
-        flat = pixel_values.nan_to_num(torch.inf).flatten(1)
-        unique, inverse = torch.unique(flat, dim=0, return_inverse=True)
-        unique = unique.masked_fill(unique.isinf(), float("nan")).view(-1, *pixel_values.shape[1:])
-        return self.image_features(unique)[inverse]
-
-    def encode_visual(self, pixel_values: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.encode_images(pad_rows(pixel_values))
-
-    def input_embeddings(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
-        placeholders = (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
-        if image_features is None or not bool(placeholders.any()):
-            return super().input_embeddings(input_ids, image_features)
-        counts = placeholders.sum(1)
-        counts = counts[counts > 0]
-        if len(counts) != len(image_features) or int(counts.max()) > image_features.shape[1]:
-            raise ValueError(
-                f"{self.family}: rows with {counts.tolist()} visual placeholders for image features "
-                f"{tuple(image_features.shape[:2])}"
-            )
-        kept = torch.arange(image_features.shape[1], device=counts.device) < counts.unsqueeze(1)
-        embeds = self.model.get_input_embeddings()(input_ids)
-        return embeds.masked_scatter(placeholders.unsqueeze(-1), image_features[kept].to(embeds.dtype))
 
     def model_logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None
