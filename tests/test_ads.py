@@ -9,6 +9,9 @@ import pytest
 import torch
 from lightning import Trainer
 from PIL import Image
+from test_backbones import make_tokenizer
+from test_llava_onevision import onevision
+from test_qwen2_vl import qwen
 
 from data_modules.ads import ADSEditDataModule
 from data_modules.ads_records import ADSRecord, parse_ads_record, scan_ads_records
@@ -21,6 +24,8 @@ from data_modules.visual import image_file
 from kedit_lightning.backbones import Blip2Backbone, LlavaBackbone, load_backbone_spec
 from kedit_lightning.backbones.minigpt4 import MiniGPT4Backbone
 from kedit_lightning.cli import main
+from kedit_lightning.editor import evaluate
+from kedit_lightning.editors.ft import FineTune
 from kedit_lightning.evaluation import EditMetrics, flatten_report
 from kedit_lightning.modules import MENDModule
 
@@ -209,3 +214,25 @@ def test_metrics_are_also_reported_per_group():
     assert flat["image_type/video/reliability"] == 0.5 and flat["image_type/video/n_edits"] == 2
     assert flat["exact_match/data_type/A/reliability"] == 1.0
     assert not any(key.startswith("data_type/C") for key in flat)  # a group with no edits is left out
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_an_ads_set_is_edited_and_scored_end_to_end_per_group_on_a_video_family(ads, family):
+    # Every kind of visual input (frames, camera views, one image) through a family that encodes them all,
+    # the one evaluation loop, and the per-data_type / per-image_type report.
+    tokenizer = make_tokenizer()
+    backbone = (qwen("qwen2_vl", tokenizer) if family == "qwen2_vl" else onevision(tokenizer)).eval()
+    data = ADSEditDataModule(str(ads), val_file="ads/test.json", batch_size=3, processor=backbone.processor)
+    data.setup("validate")
+    assert data.visual_problems(backbone.visual_inputs, backbone.family) == []
+    report = evaluate(
+        FineTune(lr=1e-2), backbone, data.val_dataloader(), progress=False, groups=data.metric_groups("val")
+    )
+    records = raw_records(ads, "test")
+    assert report["n_edits"] == len(records)
+    for image_type in ("video", "multi-image", "single-image"):
+        group = report["image_type"][image_type]
+        assert group["n_edits"] == sum(r["image_type"] == image_type for r in records)
+        assert all(0.0 <= group[key] <= 1.0 for key in ("reliability", "t_generality", "i_generality", "t_locality"))
+    assert sum(group["n_edits"] for group in report["data_type"].values()) == len(records)
+    assert report["pre_t_locality"] == 1.0  # the unedited model agrees with itself, frames and views included
