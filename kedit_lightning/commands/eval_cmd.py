@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,15 +154,23 @@ def write_curve(folder: Path, run: str, curve: Mapping[str, list]) -> Path:
     return out
 
 
-def chosen_protocols(args: argparse.Namespace, edits_weights: bool) -> tuple[str, ...]:
-    """The protocols `--protocol` names; for a memory editor (SERAC) `all` leaves out those it cannot score."""
+def chosen_protocols(args: argparse.Namespace, answer_only: Sequence[str]) -> tuple[str, ...]:
+    """The protocols `--protocol` names. `answer_only`: the scored editors that answer only at the answer
+    positions (SERAC, IKE, GRACE, WISE: not weight editors); with any, `all` leaves out the protocols that
+    read every position, and asking for one of those alone is refused."""
+    if not answer_only:
+        return PROTOCOLS if args.protocol == "all" else (args.protocol,)
+    why = (
+        EVERY_POSITION_REFUSED
+        if list(answer_only) == ["serac"]
+        else f"{', '.join(answer_only)} answer only at the answer positions, and that protocol reads every position: "
+        "use protocol kedit or vlkeb, or score them in a run of their own"
+    )
     if args.protocol != "all":
-        if args.protocol in EVERY_POSITION_PROTOCOLS and not edits_weights:
-            raise ValueError(f"--protocol {args.protocol}: {EVERY_POSITION_REFUSED}")
+        if args.protocol in EVERY_POSITION_PROTOCOLS:
+            raise ValueError(f"--protocol {args.protocol}: {why}")
         return (args.protocol,)
-    if edits_weights:
-        return PROTOCOLS
-    print(f"--protocol all: {', '.join(EVERY_POSITION_PROTOCOLS)} left out: {EVERY_POSITION_REFUSED}")
+    print(f"--protocol all: {', '.join(EVERY_POSITION_PROTOCOLS)} left out: {why}")
     return tuple(p for p in PROTOCOLS if p not in EVERY_POSITION_PROTOCOLS)
 
 
@@ -263,8 +271,10 @@ def run(args: argparse.Namespace) -> int:
     if args.sequential is not None and args.generate:
         raise ValueError("--generate scores records edited one at a time; it does not combine with --sequential")
     # The every-position protocols need every editor scored to answer at every position: weight editors do.
-    modules = [*([editor.editor] if editor is not None else []), *baselines.values()]
-    protocols = chosen_protocols(args, all(isinstance(module, WeightEditor) for module in modules))
+    modules = {**({editor.method: editor.editor} if editor is not None else {}), **baselines}
+    protocols = chosen_protocols(
+        args, [name for name, module in modules.items() if not isinstance(module, WeightEditor)]
+    )
     if args.sequential is not None:
         available = len(datamodule.split_records("val"))
         if not 0 < args.sequential <= available:
