@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import torch
 import torch.nn.functional as F
@@ -463,7 +463,16 @@ def new_edit_groups(
     return model.new_groups(parents[:1]).expand(n_rows), torch.full((n_rows,), 1.0 / n_rows)
 
 
-class WeightEditor(nn.Module):
+class ConfiguredEditor(nn.Module):
+    """An editor rebuilt from its `config` (its constructor arguments as plain data, which artifacts and
+    configs/editors/ store): `from_config(editor.config)`."""
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Self:
+        return cls(**config)
+
+
+class WeightEditor(ConfiguredEditor):
     """An editor whose edits are low-rank weight changes (MEND, fine-tuning), on a `WeightEditedModel`."""
 
     def edited_model(self, backbone: Backbone) -> WeightEditedModel:

@@ -8,7 +8,6 @@ it is a `WeightEditedModel` group like MEND's; each step is a group on top of th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -28,10 +27,6 @@ class FineTune(WeightEditor):
     def config(self) -> dict[str, Any]:
         """Constructor arguments as plain data: `FineTune.from_config(config)` rebuilds it (for artifacts)."""
         return {"lr": self.lr, "steps": self.steps}
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> FineTune:
-        return cls(**config)
 
     def forward(
         self,

@@ -18,14 +18,13 @@ records, sequential chains, dropped trial edits) stay independent as in every ed
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from kedit_lightning.backbones.base import Backbone
-from kedit_lightning.editors.edited_model import StepInputs, new_edit_groups
+from kedit_lightning.editors.edited_model import ConfiguredEditor, StepInputs, new_edit_groups
 from kedit_lightning.editors.layer_memory import HookRows, LayerMemoryModel, key_positions
 
 _SPLIT_MARGIN = 1e-5  # the older entry's halved radius sits just inside half the distance, as in the paper
@@ -122,7 +121,7 @@ class CodebookModel(LayerMemoryModel):
         self.radii, self.entry_groups, self.answers = self.radii[:n], self.entry_groups[:n], self.answers[:n]
 
 
-class GRACE(nn.Module):
+class GRACE(ConfiguredEditor):
     """GRACE as an editor: `edited_model(backbone)` is an empty codebook at `weight` (default: the last of the
     backbone's edited weights); calling it adds each edit row's entry and trains its value (see module doc)."""
 
@@ -137,10 +136,6 @@ class GRACE(nn.Module):
     def config(self) -> dict[str, Any]:
         """Constructor arguments as plain data: `GRACE.from_config(config)` rebuilds it."""
         return {"edit_lr": self.edit_lr, "n_iter": self.n_iter, "eps": self.eps, "weight": self.weight}
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> GRACE:
-        return cls(**config)
 
     def edited_model(self, backbone: Backbone) -> CodebookModel:
         return CodebookModel(backbone, self.weight)

@@ -13,17 +13,16 @@ backbone's positions beside the widest row of the step. Image placeholders stay 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from data_modules.encoding import IGNORE_INDEX
 from kedit_lightning.backbones.base import Backbone, answer_read_mask
-from kedit_lightning.editors.edited_model import EditGroups, StepInputs
+from kedit_lightning.editors.edited_model import ConfiguredEditor, EditGroups, StepInputs
 
 FACT = "New Fact: {fact}\nPrompt: "
 
@@ -115,7 +114,7 @@ def backbone_ids(backbone: Backbone, texts: Sequence[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device=backbone.model.get_input_embeddings().weight.device)
 
 
-class IKE(nn.Module):
+class IKE(ConfiguredEditor):
     """In-context editing with the `k` most similar demonstration sentences (`demonstrate` sets them)."""
 
     def __init__(self, k: int = 16) -> None:
@@ -127,10 +126,6 @@ class IKE(nn.Module):
     @property
     def config(self) -> dict[str, Any]:
         return {"k": self.k}
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> IKE:
-        return cls(**config)
 
     def demonstrate(self, records: Sequence[Any]) -> IKE:
         """Demonstrations from these records (the training edits); returns the editor."""

@@ -304,11 +304,6 @@ class MEND(WeightEditor):
         self.edit_lrs = nn.Parameter(torch.full((len(self.param_names),), float(edit_lr)))
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> MEND:
-        """The editor `config` (a `MEND.config`) describes, with fresh weights."""
-        return cls(**config)
-
-    @classmethod
     def for_backbone(cls, backbone: Backbone, **hparams: Any) -> MEND:
         """An editor for `backbone.edit_param_names`, with shapes and layouts read from the model."""
         weights = backbone.editable_parameters()

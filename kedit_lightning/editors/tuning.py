@@ -76,10 +76,6 @@ class OptimizedEdit(WeightEditor, ABC):
         """Constructor arguments as plain data: `from_config(config)` rebuilds the editor."""
         return {name: getattr(self, name) for name in self.CONFIG}
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> OptimizedEdit:
-        return cls(**config)
-
     def _open(
         self,
         model: WeightEditedModel,

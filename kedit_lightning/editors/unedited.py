@@ -4,7 +4,6 @@ gave the new answer, Locality is 1)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -16,10 +15,6 @@ class Unedited(WeightEditor):
     @property
     def config(self) -> dict[str, Any]:
         return {}
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> Unedited:
-        return cls(**config)
 
     def forward(
         self,

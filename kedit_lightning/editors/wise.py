@@ -22,7 +22,6 @@ are kept per edit group (a delta on top of the group's parent) until `fold`, whi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ from torch import nn
 
 from data_modules.encoding import IGNORE_INDEX
 from kedit_lightning.backbones.base import Backbone
-from kedit_lightning.editors.edited_model import StepInputs, new_edit_groups
+from kedit_lightning.editors.edited_model import ConfiguredEditor, StepInputs, new_edit_groups
 from kedit_lightning.editors.layer_memory import HookRows, LayerMemoryModel
 
 
@@ -148,7 +147,7 @@ class SideMemoryModel(LayerMemoryModel):
         self.folded_edits, self.folded_score = 0, float("inf")
 
 
-class WISE(nn.Module):
+class WISE(ConfiguredEditor):
     """WISE as an editor: `edited_model(backbone)` is an empty side memory at `weight` (default: the last of
     the backbone's edited weights); calling it trains each edit's side-memory change (see module doc)."""
 
@@ -192,10 +191,6 @@ class WISE(nn.Module):
             "seed": self.seed,
             "weight": self.weight,
         }
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> WISE:
-        return cls(**config)
 
     def edited_model(self, backbone: Backbone) -> SideMemoryModel:
         return SideMemoryModel(backbone, self.weight, self)
