@@ -93,9 +93,11 @@ class CompareWithFineTuning(Callback):
         self.steps = steps
         self.baselines = dict(load_baseline(spec) for spec in baselines)
 
-    def _score(self, editor: nn.Module, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    def _score(
+        self, editor: nn.Module, trainer: Trainer, pl_module: LightningModule, unedited: bool = False
+    ) -> dict[str, Any]:
         protocol = pl_module.hparams.get("protocol", "kedit")
-        metrics = EditMetrics(pl_module.hparams.hops, (protocol,), unedited=True).to(pl_module.device)
+        metrics = EditMetrics(pl_module.hparams.hops, (protocol,), unedited=unedited).to(pl_module.device)
         # The same validation batches the editor was scored on (`limit_val_batches` included).
         limit = trainer.num_val_batches[0] if trainer.num_val_batches else float("inf")
         batches = itertools.islice(trainer.datamodule.val_dataloader(), None if math.isinf(limit) else int(limit))
@@ -115,7 +117,7 @@ class CompareWithFineTuning(Callback):
             for name, editor in self.baselines.items()
             if name != "unedited"
         }
-        baseline_report = self._score(FineTune(self.lr, self.steps), trainer, pl_module)
+        baseline_report = self._score(FineTune(self.lr, self.steps), trainer, pl_module, unedited=True)
         method = type(pl_module).__name__.removesuffix("Module")
         # The editor a run keeps is its best checkpoint's, so that is the one to report.
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")

@@ -442,12 +442,13 @@ def evaluate(
     groups: Sequence[str] = (),
     generate: bool = False,
     protocols: Sequence[Protocol] = ("kedit",),
+    unedited: bool = True,
 ) -> dict[str, Any]:
     """Edit each record on its own, from the unedited model, and score it: what validation reports, under
-    each of `protocols`, with the unedited model's scores (`pre_` keys), also per metric group
+    each of `protocols`, with `unedited` the unedited model's scores (`pre_` keys), also per metric group
     (`EditMetrics`); with `generate` also the `gen_*` exact match of greedily generated answers
     (generation.py). `editor` is an exported one or a plain editor module (a baseline)."""
-    metrics = EditMetrics(hops, protocols, unedited=True, groups=groups).to(device_of(backbone))
+    metrics = EditMetrics(hops, protocols, unedited=unedited, groups=groups).to(device_of(backbone))
     generation = GenerationMetrics().to(device_of(backbone)) if generate else None
     plain = editor_module(editor, backbone)
     total = len(loader.dataset) if hasattr(loader, "dataset") else None

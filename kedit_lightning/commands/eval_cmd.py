@@ -280,15 +280,18 @@ def run(args: argparse.Namespace) -> int:
         if not 0 < args.sequential <= available:
             raise ValueError(f"--sequential {args.sequential}: {data} has {available} records")
 
-    def score(scored_editor: Any) -> dict[str, Any]:
+    def score(scored_editor: Any, unedited: bool) -> dict[str, Any]:
         if args.sequential is not None:
             return evaluate_sequential(
                 scored_editor, backbone, loader, args.sequential, HOPS, args.probe, progress, groups, protocols
             )
-        return evaluate(scored_editor, backbone, loader, HOPS, progress, groups, args.generate, protocols)
+        return evaluate(scored_editor, backbone, loader, HOPS, progress, groups, args.generate, protocols, unedited)
 
-    report = score(editor) if editor is not None else {}
-    scored = {name: score(baseline) for name, baseline in baselines.items()}
+    # The unedited model is the same for every column: scored once, beside the first editor.
+    report = score(editor, unedited=True) if editor is not None else {}
+    scored = {
+        name: score(baseline, unedited=not i and editor is None) for i, (name, baseline) in enumerate(baselines.items())
+    }
     columns = ({editor.method: report} if editor is not None else {}) | scored
     print(printed_table(report, protocols) if not scored else compared_table(columns))
     for name, scored_report in columns.items():
