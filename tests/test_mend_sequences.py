@@ -64,43 +64,89 @@ def check_single_edit_step(tokenizer, family: str) -> None:
     )
 
 
-@pytest.mark.parametrize("family", ["blip2", "text"])
-def test_chains_of_two_match_the_dense_oracle(tokenizer, family):
-    """Three records, K = 2: chains (0, 2) and (1,); 1 and 2 are the newest edits, 0 is retained."""
+def chain_of_two(family: str, tokenizer):
+    """Three records, K = 2: chains (0, 2) and (1,). The dense oracle's weights after each edit: `first[c]` after
+    chain c's first edit, `final[i]` record i's chain's weights at its end."""
     torch.manual_seed(0)
     backbone = tiny_backbone(family, tokenizer).eval()
     batch = make_batch(backbone)
     editor = trained_like(MEND.for_backbone(backbone, rank=8, edit_lr=1e-2)).train()
-    fast = outer_losses(editor, backbone, batch, sequence_length=2)
-
     records = list(record_batches(batch))
     first = {c: mend_weights(editor, backbone, records[c]["edit_inner"]) for c in (0, 1)}
-    final = {0: mend_weights(editor, backbone, records[2]["edit_inner"], first[0]), 1: first[1], 2: None}
-    final[2] = final[0]
+    last = mend_weights(editor, backbone, records[2]["edit_inner"], first[0])
+    return backbone, batch, editor, records, first, {0: last, 1: first[1], 2: last}
+
+
+def oracle_parts(backbone, records, weights, newest, retained) -> dict[str, torch.Tensor]:
+    """The outer loss's parts computed record by record, each record's inputs run with `weights[i]`."""
+
+    def run(i: int, key: str) -> torch.Tensor:
+        record = records[i]
+        return answers(run_with(backbone, record[key], weights[i]), record[key]["labels"])
 
     def nll(i: int, key: str) -> torch.Tensor:
-        record = records[i]
-        return masked_nll(
-            answers(run_with(backbone, record[key], final[i]), record[key]["labels"]), record[key]["labels"]
-        )
+        return masked_nll(run(i, key), records[i][key]["labels"])
 
     def kl(i: int, key: str) -> torch.Tensor:
-        record = records[i]
         with torch.no_grad():
-            pre = answers(backbone(record[key]), record[key]["labels"])
-        post = answers(run_with(backbone, record[key], final[i]), record[key]["labels"])
-        return masked_kl(pre, post, record[key]["labels"])
+            pre = answers(backbone(records[i][key]), records[i][key]["labels"])
+        return masked_kl(pre, run(i, key), records[i][key]["labels"])
 
-    expected = {
-        "edit": (nll(1, "edit_outer") + nll(2, "edit_outer")) / 2,
-        "image_edit": (nll(1, "edit_outer_image") + nll(2, "edit_outer_image")) / 2,
-        "retain": nll(0, "edit_outer") + nll(0, "edit_outer_image"),
-        "loc": sum(kl(i, "loc") + kl(i, "loc_image") for i in range(3)) / 3,
+    scored = [*newest, *retained]
+    parts = {
+        "edit": sum(nll(i, "edit_outer") for i in newest) / len(newest),
+        "image_edit": sum(nll(i, "edit_outer_image") for i in newest) / len(newest),
+        "loc": sum(kl(i, "loc") + kl(i, "loc_image") for i in scored) / len(scored),
     }
+    if retained:
+        parts["retain"] = sum(nll(i, k) for i in retained for k in ("edit_outer", "edit_outer_image")) / len(retained)
+    return parts
+
+
+@pytest.mark.parametrize("family", ["blip2", "text"])
+def test_chains_of_two_match_the_dense_oracle(tokenizer, family):
+    """1 and 2 are the newest edits, 0 is retained."""
+    backbone, batch, editor, records, _, final = chain_of_two(family, tokenizer)
+    fast = outer_losses(editor, backbone, batch, sequence_length=2)
+    expected = oracle_parts(backbone, records, final, newest=[1, 2], retained=[0])
     assert set(fast) == set(expected)
     for key, value in expected.items():
         torch.testing.assert_close(fast[key], value, rtol=1e-4, atol=1e-6)
     assert expected["retain"] > 0
+
+
+@pytest.mark.parametrize("family", ["blip2", "text"])
+def test_discounted_losses_after_each_edit_match_the_dense_oracle(tokenizer, family):
+    """With discount 0.5 the point after the first edits (records 0 and 1, each the newest of its chain)
+    joins the end's losses at weight 0.5."""
+    backbone, batch, editor, records, first, final = chain_of_two(family, tokenizer)
+    fast = outer_losses(editor, backbone, batch, sequence_length=2, discount=0.5)
+    end = oracle_parts(backbone, records, final, newest=[1, 2], retained=[0])
+    after_first = oracle_parts(backbone, records, first, newest=[0, 1], retained=[])
+    expected = {key: value + 0.5 * after_first.get(key, 0.0) for key, value in end.items()}
+    assert set(fast) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(fast[key], value, rtol=1e-4, atol=1e-6)
+    assert after_first["edit"] > 0 and after_first["loc"] > 0
+
+
+def test_the_norm_penalty_is_each_edits_dense_squared_norm(tokenizer):
+    """The mean over the three edits of ||Delta W||_F^2 summed over the edited weights, Delta W the dense
+    difference of the oracle's weights before and after each edit (record 2's on top of record 0's)."""
+    backbone, batch, editor, _, first, final = chain_of_two("blip2", tokenizer)
+    fast = outer_losses(editor, backbone, batch, sequence_length=2, norm=True)
+    unedited = {name: w.detach() for name, w in backbone.editable_parameters().items()}
+
+    def squared_norm(after, before) -> torch.Tensor:
+        return sum((after[name] - before[name]).double().square().sum() for name in editor.param_names)
+
+    expected = (
+        squared_norm(first[0], unedited) + squared_norm(first[1], unedited) + squared_norm(final[2], first[0])
+    ) / 3
+    torch.testing.assert_close(fast["norm"].double(), expected, rtol=1e-3, atol=0)
+    assert expected > 0
+    fast["norm"].backward()
+    assert editor.edit_lrs.grad.abs().sum() > 0
 
 
 def train(editor: MEND, backbone, batch, sequence_length: int, steps: int = 30) -> None:
@@ -135,11 +181,15 @@ def test_training_on_chains_lowers_the_chain_loss_and_retains_earlier_edits_bett
 
 
 def test_the_module_trains_on_chains_and_refuses_bad_lengths(world, tmp_path):
-    module = make_module(world, sequence_length=2, backprop_window=1, cretain=0.5)
+    module = make_module(world, sequence_length=2, backprop_window=1, cretain=0.5, discount=0.9, cnorm=0.1)
     fit = trainer(tmp_path, 2)
     fit.fit(module, datamodule=make_data(world, module, batch_size=4))
-    assert fit.global_step == 2 and "train/loss_retain" in fit.callback_metrics
+    assert fit.global_step == 2 and {"train/loss_retain", "train/loss_norm"} <= set(fit.callback_metrics)
     with pytest.raises(ValueError, match="model.sequence_length must be an integer >= 1; got 0"):
         MENDModule({"family": "text"}, sequence_length=0)
     with pytest.raises(ValueError, match="model.backprop_window must be an integer >= 1 or null; got 0"):
         MENDModule({"family": "text"}, backprop_window=0)
+    with pytest.raises(ValueError, match=r"model.discount must be a number in \[0, 1\]; got 1.5"):
+        MENDModule({"family": "text"}, discount=1.5)
+    with pytest.raises(ValueError, match="model.cnorm must be a number >= 0; got -1"):
+        MENDModule({"family": "text"}, cnorm=-1)

@@ -379,6 +379,16 @@ class WeightEditedModel(EditGroups):
             factors[name], row_of[name] = (x[order], delta[order]), row[order].cpu()
         return factors, row_of
 
+    def squared_norms(self, groups: torch.Tensor) -> torch.Tensor:
+        """[N]: each group's own update ||sum_r u_r v_r^T||_F^2 (not its parents'), summed over the edited
+        weights, from its factors: sum_ij (u_i . u_j)(v_i . v_j), never the dense [out, in] matrix."""
+        total = torch.zeros(len(groups))
+        for name in self.names:
+            if self.terms[name]:
+                u, v = (t[groups.to(t.device)].float() for t in self._padded_terms(name))
+                total = total.to(u.device) + (u @ u.transpose(1, 2) * (v @ v.transpose(1, 2))).sum((1, 2))
+        return total
+
     def weights(self) -> dict[str, torch.Tensor]:
         """Every group folded into dense weights, W - sum_r u_r v_r^T (all groups: a chain of edits in force)."""
         params = self.backbone.editable_parameters()

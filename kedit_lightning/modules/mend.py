@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch.utilities import grad_norm
@@ -84,15 +84,29 @@ class LocalityTargets:
                 self.bytes += size
 
 
+class ChainPoint(NamedTuple):
+    """The chains after their k-th edit: each record's chain's group there [B], the records scored there [B]
+    (those edited so far), each scored chain's newest edit [B] (a chain shorter than K, when K does not divide
+    the batch, ends one edit early), and whether the editor is trained through this point's edits."""
+
+    groups: torch.Tensor
+    scored: torch.Tensor
+    newest: torch.Tensor
+    trained: bool
+
+
 def chain_edits(
     editor: MEND, model: WeightEditedModel, inputs: StepInputs, sequence_length: int, window: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Edit the `edit_inner` records as chains (see the module docstring): (each record's chain's last
-    group [B], whether the record is its chain's newest edit [B])."""
+) -> list[ChainPoint]:
+    """Edit the `edit_inner` records as chains (see the module docstring); the chains after each edit."""
     rows = inputs.rows("edit_inner")
     n_chains = -(-len(rows) // sequence_length)
     steps = -(-len(rows) // n_chains)
+    records = torch.arange(len(rows))
+    chain, position = records % n_chains, records // n_chains
+    end = (len(rows) - 1 - chain) // n_chains  # the position of each record's chain's last edit
     last: torch.Tensor | None = None
+    points = []
     for step in range(steps):
         step_rows = rows[step * n_chains : (step + 1) * n_chains]
         on_top_of = None if last is None else last[: len(step_rows)]
@@ -100,8 +114,56 @@ def chain_edits(
         with nullcontext() if trained else torch.no_grad():
             groups = editor(model, inputs, step_rows, on_top_of)
         last = groups if last is None else torch.cat([groups, last[len(groups) :]])
-    records = torch.arange(len(rows))
-    return last[records % n_chains], records + n_chains >= len(rows)
+        scored = position <= step  # only the last step can leave chains out, and it scores every record
+        newest = scored & (position == end.clamp(max=step))
+        points.append(ChainPoint(last[chain], scored, newest, trained))
+    return points
+
+
+def point_losses(
+    model: WeightEditedModel,
+    inputs: StepInputs,
+    batch: Mapping[str, Any],
+    names: Sequence[str],
+    pre: Mapping[str, torch.Tensor],
+    point: ChainPoint,
+) -> dict[str, torch.Tensor]:
+    """The outer loss's parts at one point of the chains: one post-edit forward over the scored records'
+    `names` rows, each under its chain's group there."""
+    records = torch.arange(len(point.groups))
+    record_of = {name: batch["neighbor_record"].cpu() if name == NEIGHBOR else records for name in names}
+    keep = {name: point.scored[record_of[name]] for name in names}
+    names = [name for name in names if bool(keep[name].any())]  # a record may have no neighbours
+    device = inputs.labels.device
+    rows = {name: inputs.rows(name)[keep[name].to(device)] for name in names}
+    groups = torch.cat([point.groups[record_of[name][keep[name]]] for name in names])
+    logits = model.answer_logits(inputs, torch.cat([rows[name] for name in names]), groups)
+    post = dict(zip(names, logits.split([int(inputs.answer_counts(rows[name]).sum()) for name in names])))
+    labels = {name: batch[name]["labels"][keep[name].to(device)] for name in names}
+    rephrased = [name for name in ("edit_outer", "edit_outer_image") if name in post]
+    nll = {name: per_example_nll(post[name], labels[name]) for name in rephrased}
+    newest = point.newest[point.scored].to(device)
+    parts = {
+        "edit": nll["edit_outer"][newest].mean(),
+        "loc": sum(
+            masked_kl(scored_rows(inputs, name, pre[name], keep[name]), post[name], labels[name])
+            for name in names
+            if name in (*LOCALITY, NEIGHBOR)
+        ),
+    }
+    if "edit_outer_image" in post:
+        parts["image_edit"] = nll["edit_outer_image"][newest].mean()
+    if not bool(newest.all()):
+        parts["retain"] = sum(nll[name][~newest].mean() for name in rephrased)
+    return parts
+
+
+def scored_rows(inputs: StepInputs, name: str, logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The answer logits of sub-batch `name`'s kept rows, from those of all its rows."""
+    if bool(keep.all()):
+        return logits
+    counts = inputs.answer_counts(inputs.rows(name)).tolist()
+    return torch.cat([part for part, kept in zip(logits.split(counts), keep.tolist()) if kept])
 
 
 def outer_losses(
@@ -113,25 +175,24 @@ def outer_losses(
     neighbors: bool = False,
     sequence_length: int = 1,
     window: int | None = None,
+    discount: float = 0.0,
+    norm: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The outer loss's parts for a batch: the records edited in chains of `sequence_length` (1: each
-    on its own), one post-edit forward under each chain's last edit.
+    on its own), scored after the chains' last edit and, with `discount` gamma > 0, after each earlier
+    edit k too, weighted gamma^(K - k) (the module docstring says what is scored where).
 
     `pre`: the unedited answer logits on the locality inputs when known (else computed, and stored in
     `cache`). Text-only batches have no image sub-batches, and so no `image_edit` part; chains of one
     edit have no `retain` part. With `neighbors`, the batch's near neighbours (`neighbor` rows, each under
-    its record's edit) join the locality KL."""
+    its record's edit) join the locality KL. With `norm`, `norm` is the mean over the step's edits of
+    each edit's squared Frobenius norm ||Delta W||^2 (summed over the edited weights)."""
     post_edit = [key for key in POST_EDIT if key in batch]
     locality = [key for key in LOCALITY if key in batch]
     neighbor = [NEIGHBOR] if neighbors and NEIGHBOR in batch else []
     inputs = StepInputs(backbone, {key: batch[key] for key in ("edit_inner", *post_edit, *neighbor)})
     model = editor.edited_model(backbone)
-    edits, newest = chain_edits(editor, model, inputs, sequence_length, window)
-    newest = newest.to(inputs.labels.device)
-    groups = edits.repeat(len(post_edit))
-    if neighbor:
-        post_edit, groups = [*post_edit, NEIGHBOR], torch.cat([groups, edits[batch["neighbor_record"].cpu()]])
-    post = inputs.split(model.answer_logits(inputs, inputs.rows(*post_edit), groups), post_edit)
+    points = chain_edits(editor, model, inputs, sequence_length, window)
     if pre is None:
         with torch.no_grad():  # a pass of its own: in the post-edit one, backward would run through these rows too
             pre = inputs.split(model.answer_logits(inputs, inputs.rows(*locality)), locality)
@@ -141,17 +202,16 @@ def outer_losses(
     if neighbor:  # computed every step: the cache holds one row per record and sub-batch
         with torch.no_grad():
             pre = {**pre, NEIGHBOR: model.answer_logits(inputs, inputs.rows(NEIGHBOR))}
-    labels = {name: batch[name]["labels"] for name in post_edit}
-    rephrased = [name for name in ("edit_outer", "edit_outer_image") if name in post]
-    nll = {name: per_example_nll(post[name], labels[name]) for name in rephrased}
-    parts = {
-        "edit": nll["edit_outer"][newest].mean(),
-        "loc": sum(masked_kl(pre[name], post[name], labels[name]) for name in [*locality, *neighbor]),
-    }
-    if "edit_outer_image" in post:
-        parts["image_edit"] = nll["edit_outer_image"][newest].mean()
-    if not bool(newest.all()):
-        parts["retain"] = sum(nll[name][~newest].mean() for name in rephrased)
+    parts: dict[str, torch.Tensor] = {}
+    for k, point in enumerate(points):
+        weight = discount ** (len(points) - 1 - k)  # 0 ** 0 = 1: the last point alone when discount is 0
+        if weight == 0 or not point.trained:  # edits outside the window give no gradient
+            continue
+        for name, value in point_losses(model, inputs, batch, [*post_edit, *neighbor], pre, point).items():
+            value = value if weight == 1 else weight * value
+            parts[name] = value if name not in parts else parts[name] + value
+    if norm:
+        parts["norm"] = model.squared_norms(torch.arange(model.mark())).mean()
     return parts
 
 
@@ -178,16 +238,24 @@ class MENDModule(EditorModule):
         sequence_length: int = 1,
         backprop_window: int | None = None,
         cretain: float | None = None,
+        discount: float = 0.0,
+        cnorm: float = 0.0,
         protocol: Protocol = "kedit",
     ) -> None:
         """`variant`: see `editors.mend`. `sequence_length`, `backprop_window`: sequence-aware training (see
-        the module docstring); `cretain`: the retention term's weight (default: `cedit`)."""
+        the module docstring); `cretain`: the retention term's weight (default: `cedit`); `discount`: the weight
+        gamma of the losses after each earlier edit of a chain (0: the chain's end alone); `cnorm`: the weight of
+        the penalty on each edit's squared norm ||Delta W||_F^2."""
         if variant not in MEND.VARIANTS:
             raise ValueError(f"model.variant must be one of {', '.join(MEND.VARIANTS)}; got {variant!r}")
         if not isinstance(sequence_length, int) or sequence_length < 1:
             raise ValueError(f"model.sequence_length must be an integer >= 1; got {sequence_length!r}")
         if backprop_window is not None and (not isinstance(backprop_window, int) or backprop_window < 1):
             raise ValueError(f"model.backprop_window must be an integer >= 1 or null; got {backprop_window!r}")
+        if not isinstance(discount, int | float) or not 0 <= discount <= 1:
+            raise ValueError(f"model.discount must be a number in [0, 1]; got {discount!r}")
+        if not isinstance(cnorm, int | float) or not cnorm >= 0:
+            raise ValueError(f"model.cnorm must be a number >= 0; got {cnorm!r}")
         super().__init__(backbone, hops, logged_edits, protocol)
         self.save_hyperparameters()
         self.editor: MEND | None = None
@@ -229,6 +297,8 @@ class MENDModule(EditorModule):
             hp.neighbor_locality,
             hp.sequence_length,
             hp.backprop_window,
+            hp.discount,
+            hp.cnorm > 0,
         )
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
@@ -237,6 +307,8 @@ class MENDModule(EditorModule):
         loss = hp.cedit * parts["edit"] + hp.iedit * parts.get("image_edit", 0.0) + hp.cloc * parts["loc"]
         if "retain" in parts:
             loss = loss + (hp.cedit if hp.cretain is None else hp.cretain) * parts["retain"]
+        if "norm" in parts:
+            loss = loss + hp.cnorm * parts["norm"]
         pending = self.editor.take_pending_statistics()
         # Every rank must agree, or DDP would wait forever for the gradients of a skipped rank.
         finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
