@@ -8,26 +8,38 @@ are cached per record across epochs), and with `neighbor_locality` on the record
 (their unedited answers computed each step). Only the editor learns: the transform at `lr`, the per-layer
 step sizes at `lr_lr`.
 
-Sequence-aware training (`sequence_length` K > 1, ours, after RLEdit: Li et al. 2025, arXiv
-2502.05759). MEND is meta-trained on single edits of the unedited weights, and a sequence of edits at
-test time meets weights it never saw (issue 16 measures the collapse). RLEdit trains the hypernetwork
-over whole edit sequences: each edit is made on the weights the previous ones produced, and the loss
-rewards the newest edit, the retention of earlier ones ("memory backtracking") and locality. Here a
-step's B records form ceil(B / K) chains of up to K edits (record i: chain i mod C, position i div C);
-edit k of every chain is computed in one batched call on top of edit k-1's group (`on_top_of`:
-capture sees the earlier edits), which is MEND's own per-group batching reused along the chain. One
-post-edit forward under each chain's last group then gives the outer loss: cedit * NLL on the newest
-edit's rephrases (iedit for its image rephrase), `cretain` * NLL on the earlier edits' rephrases (text
-and image), and cloc * KL against the unedited model on every record's locality inputs. What is
-RLEdit's: training on chains, the retention term, locality against the unedited model. What is ours:
-no discounted per-step rewards (one loss at the chain's end), no norm penalty, chains built from the
-batch. The gradient reaches every edit of the chain through its terms in the post-edit forward; the
-inputs each edit sees (x, delta) are detached, as in MEND. `backprop_window` W makes the edits more than
-W positions before a chain's end under `no_grad` (they shape the weights, but are not trained by the
-step). Memory grows linearly with K, at a fixed batch size: the stored terms (one rank-one term per
-gradient row, i.e. per token, per edit), the transform's activations kept for backward (min(K, W)
-edits), and the post-edit forward, which applies up to K groups per row (K low-rank corrections per
-edited layer). K = 1 is the single-edit step, bit for bit.
+Sequence-aware training (`sequence_length` K > 1, after RLEdit: Li et al. 2025, "Reinforced Lifelong
+Editing for Language Models", arXiv 2502.05759). MEND is meta-trained on single edits of the unedited
+weights, and a sequence of edits at test time meets weights it never saw (issue 16 measures the collapse).
+RLEdit trains the hypernetwork over whole edit sequences: each edit is made on the weights the previous
+ones produced; the losses after every edit are its (negative) rewards, discounted; they score the newest
+edit, the retention of earlier ones ("memory backtracking") and locality against the unedited model; and
+an L2 penalty on each edit's parameter shift keeps the weights from drifting.
+Here a step's B records form ceil(B / K) chains of up to K edits (record i: chain i mod C, position
+i div C); edit k of every chain is computed in one batched call on top of edit k-1's group (`on_top_of`:
+capture sees the earlier edits), which is MEND's own per-group batching reused along the chain. After
+edit k, one post-edit forward over the records edited so far, each under its chain's group there, gives
+loss_k = cedit * NLL on the newest edit's rephrases (iedit for its image rephrase) + `cretain` * NLL on
+the earlier edits' rephrases (text and image, their mean) + cloc * KL against the unedited model on
+those records' locality inputs. The step's loss is sum_k `discount`^(K - k) * loss_k: with discount 0
+(the default) the chain's end alone, one forward; with gamma > 0 up to K forwards. `cnorm` adds
+cnorm * the mean over the step's edits of ||Delta W||_F^2 (each edit's own update summed over the
+edited weights), computed from the low-rank factors as sum_ij (u_i . u_j)(x_i . x_j), never densely.
+What is RLEdit's: training on sequences, a loss after every edit, a discount, retention of earlier
+edits, locality against the unedited model, the update-norm penalty. What is ours: chains built from
+the batch (RLEdit walks one long sequence of batches through training); the discount weighting the
+points of a chain, while all earlier edits of the chain are retained with equal weight (RLEdit's code
+weights, after each edit, an older edit's losses by the discount to the power of its age and stops at a
+depth); one editor for every position (RLEdit's code trains one hypernetwork per editing iteration);
+MEND's transform and learned step sizes.
+The gradient reaches every edit of the chain through its terms in the post-edit forwards; the inputs
+each edit sees (x, delta) are detached, as in MEND. `backprop_window` W makes the edits more than W
+positions before a chain's end under `no_grad` (they shape the weights, but are not trained by the step,
+and the points after them are not scored). Memory grows linearly with K, at a fixed batch size: the
+stored terms (one rank-one term per gradient row, i.e. per token, per edit), the transform's activations
+kept for backward (min(K, W) edits), and the post-edit forwards (with `discount` > 0 about K(K+1)/2
+record-forwards per chain instead of K), each applying up to K groups per row. K = 1, discount 0,
+cnorm 0 is the single-edit step, bit for bit.
 
 The editor's normalisation statistics are committed once per step, merged across processes, and not
 at all for a skipped step; a step whose loss is not finite on any process is skipped on all of them
