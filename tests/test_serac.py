@@ -460,3 +460,48 @@ def test_positives_are_the_rephrases_unless_asked(tokenizer_dir, edit_prompt_pos
     # By hand: the mean -log p of the positives plus the mean -log(1 - p) of the negatives.
     expected = -positives.mean() - torch.log(1 - negatives.exp()).mean()
     assert float(loss) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_a_later_edit_of_the_same_fact_wins_for_its_prompt_rephrase_and_other_picture(module):
+    """Edit A -> x, then A -> y on top: A's prompt, rephrase and other picture answer as with A -> y alone."""
+    serac, backbone = module.editor, module.backbone
+    red, blue = draw_images()
+    encoder = module.input_processor()
+    prompt, rephrase = "Where is this object located?", "Which city is this object in?"
+    edits = encoder([prompt, prompt], ["Velor", "Marun"], [red, red])
+    queries = encoder([prompt, rephrase, prompt], ["Marun"] * 3, [red, red, blue])
+    inputs = StepInputs(backbone, {"edits": edits, "queries": queries})
+    rows = inputs.rows("queries")
+    model = serac.edited_model(backbone)
+    head = serac(model, inputs, inputs.rows("edits")[:1])
+    head = serac(model, inputs, inputs.rows("edits")[1:], on_top_of=head)
+    _, entry = model.route(serac.read(inputs, rows).query, head.expand(3))
+    assert entry.tolist() == [1, 1, 1]
+    alone = serac.edited_model(backbone)
+    group = serac(alone, inputs, inputs.rows("edits")[1:])
+    torch.testing.assert_close(
+        model.answer_logits(inputs, rows, head.expand(3)), alone.answer_logits(inputs, rows, group.expand(3))
+    )
+
+
+@pytest.mark.parametrize("gap, newest", [(0.5, True), (2.0, False)])
+def test_an_older_entry_wins_only_when_it_scores_past_the_margin(tokenizer_dir, gap, newest):
+    """The query is the older entry's own prompt (distance 0); the newer entry's distance is scaled to
+    `gap` times the margin: within it the newer entry wins, past it the older one."""
+    module = make_module(tokenizer_dir)
+    serac, backbone = module.editor, module.backbone
+    red, _ = draw_images()
+    edits = module.input_processor()(
+        ["Where is this object located?", "What colour is the object?"], ["Velor"] * 2, [red, red]
+    )
+    inputs = StepInputs(backbone, {"edits": edits})
+    model = serac.edited_model(backbone)
+    head = serac(model, inputs, torch.tensor([0]))
+    head = serac(model, inputs, torch.tensor([1]), on_top_of=head)
+    query = serac.read(inputs, torch.tensor([0])).query
+    with torch.no_grad():
+        distance = -serac.classifier.score_all(model.scope, query, model.keys)[0]
+        assert distance[0] < 1e-4 < distance[1]
+        serac.classifier.scale.fill_(gap * serac.recency_margin / float(distance[1]))
+    _, entry = model.route(query, head)
+    assert entry.tolist() == ([1] if newest else [0])
