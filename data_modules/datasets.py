@@ -147,6 +147,8 @@ def edit_example(
             "pred": record.pred,
             "alt": record.alt,
             "image": record.image,
+            "image_rephrase": record.image_rephrase,
+            "subject": record.subject,
             "origin": f"{file}:{index}",
             "file": file,
             "index": index,
@@ -223,7 +225,8 @@ class EditCollator:
         port_hops         list[str], the hop of each `port` row ("1-hop".."4-hop")
         port_record       LongTensor [P], the batch row of the record each `port` row belongs to
         meta              one dict per record, plain values for showing examples: prompt (templated src),
-                          rephrase, pred, alt, image (path as in the file), origin ("FILE:INDEX"), file, index (int),
+                          rephrase, pred, alt, image and image_rephrase (as in the file), subject (or None),
+                          origin ("FILE:INDEX"), file, index (int),
                           groups (ADS-Edit records only: their metric groups)
 
     A row longer than the backbone allows raises a `DataError` naming its record and field.

@@ -7,7 +7,9 @@ and, in VLKEB (Huang et al. 2024), an optional `port_new` list of portability qu
     {"port_q": q, "port_a": a, "port_edit_q": eq, "port_edit_a": ea}       eval_edit_onehop.json
 
 Reading collects every problem of a file (record index and field) into one `DataError`, so a file is fixed
-in one pass and training never meets bad data in a worker. Unknown fields are ignored; records with an
+in one pass and training never meets bad data in a worker. An optional `subject` string (ours; `kedit synth`
+writes the entity's name) says what the edited fact is about: `kedit eval --sequential` reads it to tell
+which edits a later edit of the same fact supersedes. Unknown fields are ignored; records with an
 empty `alt` are skipped with one counted warning, as the public loaders skip them.
 """
 
@@ -161,6 +163,7 @@ class EditRecord(Located):
     m_loc_q: str
     m_loc_a: str
     port: tuple[PortQuestion, ...] = ()
+    subject: str | None = None  # optional: what the edited fact is about (sequential scoring's key, editor.py)
     origin: Origin | None = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -176,6 +179,8 @@ class EditRecord(Located):
         out: dict[str, Any] = {name: visual_json(getattr(self, name)) for name in RECORD_FIELDS}
         if self.port:
             out["port_new"] = [q.to_dict() for q in self.port]
+        if self.subject is not None:
+            out["subject"] = self.subject
         return out
 
 
@@ -311,6 +316,9 @@ def parse_record(raw: Any, file: str, index: int) -> tuple[EditRecord | None, li
     for name in TARGET_FIELDS:
         if name not in bad and not raw[name].strip():
             problems.append(Problem(file, index, name, "empty target"))
+    subject = raw.get("subject")
+    if subject is not None and (not isinstance(subject, str) or not subject.strip()):
+        problems.append(Problem(file, index, "subject", f"expected a non-empty string, got {subject!r}"))
     for name in IMAGE_FIELDS:
         if name not in bad and name not in VISUAL_FIELDS and not raw[name].strip():
             problems.append(Problem(file, index, name, "empty image path"))
@@ -326,7 +334,7 @@ def parse_record(raw: Any, file: str, index: int) -> tuple[EditRecord | None, li
     if problems:
         return None, problems
     fields = {name: raw[name] for name in RECORD_FIELDS} | visuals
-    return EditRecord(**fields, port=tuple(port), origin=Origin(file, index)), []
+    return EditRecord(**fields, port=tuple(port), subject=subject, origin=Origin(file, index)), []
 
 
 def parse_visuals(raw: Mapping[str, Any], file: str, index: int) -> tuple[dict[str, Visual], list[Problem]]:

@@ -568,6 +568,7 @@ def _records(
             "m_loc": rng.choice(other.views).path,
             "m_loc_q": rng.choice(question) if isinstance(question, tuple) else question,
             "m_loc_a": other.answer(kind),
+            "subject": edit.entity.name,
         }
         if multihop:
             chain = world.geography.chain(edit.alt)

@@ -249,6 +249,7 @@ _SANE_CONFIG: dict[str, dict[str, tuple[Any, str]]] = {
     "serac": {
         "threshold": (lambda v: _is_number(v) and 0 < v < 1, "a number strictly between 0 and 1"),
         "image_tokens": (lambda v: _is_count(v, 1), "an integer >= 1"),
+        "recency_margin": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
     },
     "grace": {
         "edit_lr": (_is_lr, f"a finite number in (0, {MAX_LR:g}]"),

@@ -23,7 +23,7 @@ The editor is rebuilt from the artifact alone (`artifact.py`); nothing here impo
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -468,6 +468,48 @@ def curve_points(n_edits: int) -> list[int]:
     return points + [n_edits]
 
 
+class Links:
+    """Union-find: things linked directly or through others share one root."""
+
+    def __init__(self) -> None:
+        self.parent: dict[Hashable, Hashable] = {}
+
+    def root(self, thing: Hashable) -> Hashable:
+        self.parent.setdefault(thing, thing)
+        while self.parent[thing] != thing:
+            self.parent[thing] = self.parent[self.parent[thing]]
+            thing = self.parent[thing]
+        return thing
+
+    def link(self, a: Hashable, b: Hashable) -> None:
+        self.parent[self.root(a)] = self.root(b)
+
+
+def in_force(metas: Sequence[Mapping[str, Any] | None]) -> list[bool]:
+    """Whether each edit of a sequence (its record's `meta`; None: a fact of its own) is still in force at
+    the end: False when a later edit is of the same fact. A fact is a question about a subject: questions
+    are the edit prompts linked by the records' own prompt/rephrase pairs; the subject is the record's
+    `subject` when it gives one, else its images linked by their image/image_rephrase pairs (text records: none).
+    """
+    questions, subjects = Links(), Links()
+    for meta in filter(None, metas):
+        questions.link(meta["prompt"], meta["rephrase"])
+        if meta.get("subject") is None and meta.get("image") is not None:
+            subjects.link(str(meta["image"]), str(meta.get("image_rephrase", meta["image"])))
+
+    def fact(position: int, meta: Mapping[str, Any] | None) -> Hashable:
+        if meta is None:
+            return position
+        subject = meta.get("subject")
+        if subject is None and meta.get("image") is not None:
+            subject = ("images", subjects.root(str(meta["image"])))
+        return questions.root(meta["prompt"]), subject
+
+    keys = [fact(position, meta) for position, meta in enumerate(metas)]
+    latest = {key: position for position, key in enumerate(keys)}
+    return [latest[key] == position for position, key in enumerate(keys)]
+
+
 def evaluate_sequential(
     editor: Editor | nn.Module,
     backbone: Backbone,
@@ -481,19 +523,25 @@ def evaluate_sequential(
 ) -> dict[str, Any]:
     """Edit the first `n_edits` records one after another, each on top of the previous edits.
 
-    At 1, 2, 5, 10, ... edits the first `probe` records edited so far (None: all of them) are scored (how Reliability
-    of the earliest edits and Locality hold up as edits accumulate: `sequential.curve`, one array per
-    headline metric against `n_edits`). The report itself scores all `n_edits` records on the final
-    post-edit model, under each of `protocols`, beside the unedited model. `loader` is iterated twice.
+    At 1, 2, 5, 10, ... edits the first `probe` records edited so far (None: all of them) are scored against
+    their own targets (how Reliability of the earliest edits and Locality hold up as edits accumulate:
+    `sequential.curve`, one array per headline metric against `n_edits`). The report itself scores, on the
+    final post-edit model under each of `protocols` and beside the unedited model, the edits in force: an
+    edit superseded by a later edit of the same fact (`in_force`) is left out, since the model should now
+    answer the later target. `sequential.all_edits` is the same report over all `n_edits` records, each
+    against its own target; `sequential.edits_in_force` counts the scored ones. `loader` is iterated
+    twice, or three times when some edit was superseded.
     """
     device = device_of(backbone)
     marks = set(curve_points(n_edits))
     session, earliest, curve, done = EditSession(editor_module(editor, backbone), backbone), [], {"n_edits": []}, 0
+    metas = []
     try:
         with tqdm(total=n_edits, desc="sequential edits", disable=not progress) as bar:
             for record in _records(loader, device, n_edits):
                 what = f"sequential edit {done + 1} ({_origin(record, done)})"
                 session.add(record["edit_inner"], what, "stopped")
+                metas.append(record["meta"][0] if "meta" in record else None)
                 done += 1
                 if probe is None or len(earliest) < probe:
                     earliest.append(record)
@@ -505,9 +553,22 @@ def evaluate_sequential(
                 bar.update()
         if done < n_edits:
             raise ValueError(f"{n_edits} sequential edits asked for, but the data has only {done} records")
-        final = score(
-            session, _batches(loader, device, n_edits), EditMetrics(hops, protocols, unedited=True, groups=groups)
+
+        def final_metrics() -> EditMetrics:
+            return EditMetrics(hops, protocols, unedited=True, groups=groups)
+
+        all_edits = score(session, _batches(loader, device, n_edits), final_metrics())
+        force = in_force(metas)
+        final = (
+            all_edits
+            if all(force)
+            else score(
+                session,
+                (record for record, kept in zip(_records(loader, device, n_edits), force) if kept),
+                final_metrics(),
+            )
         )
     finally:
         session.restore()
-    return {**final, "sequential": {"probe_edits": len(earliest), "curve": curve}}
+    sequential = {"probe_edits": len(earliest), "curve": curve, "edits_in_force": sum(force), "all_edits": all_edits}
+    return {**final, "sequential": sequential}

@@ -104,6 +104,8 @@ def test_edit_batch_supervises_only_the_answers_of_each_sub_batch(vqa_dir, encod
         "pred": records[1].pred,
         "alt": records[1].alt,
         "image": "img/1.png",
+        "image_rephrase": "img/1_view.png",
+        "subject": None,
         "origin": "<dict>:0",
         "file": "<dict>",
         "index": 0,

@@ -26,6 +26,7 @@ from kedit_lightning.editor import (
     curve_points,
     evaluate,
     evaluate_sequential,
+    in_force,
 )
 from kedit_lightning.editors.edited_model import StepInputs
 from kedit_lightning.evaluation import HEADLINE
@@ -290,7 +291,10 @@ def test_kedit_eval_sequential_reports_the_earliest_edits_as_edits_accumulate(fi
     ]
     assert main(args) == 0
     report = json.loads(out.read_text())
-    assert report["n_edits"] == 6 and report["sequential"]["probe_edits"] == 2
+    # All of one question (the city) in the world's eval records: the last edit of each subject is in force.
+    subjects = {record["subject"] for record in json.loads((world / "vqa" / "vqa_eval.json").read_text())[:6]}
+    assert report["n_edits"] == report["sequential"]["edits_in_force"] == len(subjects) < 6
+    assert report["sequential"]["all_edits"]["n_edits"] == 6 and report["sequential"]["probe_edits"] == 2
     curve = report["sequential"]["curve"]
     assert curve["n_edits"] == curve_points(6) == [1, 2, 5, 6]
     for key in HEADLINE:
@@ -451,3 +455,54 @@ def test_kedit_eval_refuses_the_every_position_protocol_for_serac(serac_fitted, 
     report = json.loads(out.read_text())
     assert "vlkeb/t_locality" in report and "kedit/t_locality" in report
     assert not any(key.startswith("easyedit/") for key in report)
+
+
+def test_an_edit_is_superseded_by_a_later_edit_of_the_same_fact():
+    def meta(prompt, rephrase, image=None, image_rephrase=None, subject=None):
+        return {
+            "prompt": prompt,
+            "rephrase": rephrase,
+            "image": image,
+            "image_rephrase": image_rephrase,
+            "subject": subject,
+        }
+
+    where, city, colour = "Where is it?", "Which city is it in?", "What colour is it?"
+    # Subjects given: the first edit of Kepo's city is superseded, the colour edit is another fact.
+    given = [
+        meta(where, city, "kepo/0.png", "kepo/1.png", "Kepo"),
+        meta(colour, colour, "kepo/2.png", "kepo/3.png", "Kepo"),
+        meta(city, where, "kepo/4.png", "kepo/5.png", "Kepo"),
+    ]
+    assert in_force(given) == [False, True, True]
+    # No subjects: pictures linked through the records' image/image_rephrase pairs (0-1, 1-2), another subject apart.
+    linked = [
+        meta(where, city, "a/0.png", "a/1.png"),
+        meta(where, city, "b/0.png", "b/1.png"),
+        meta(city, where, "a/1.png", "a/2.png"),
+        None,
+    ]
+    assert in_force(linked) == [False, True, True, True]
+    # Text edits: the question alone (prompt/rephrase linked) is the fact.
+    text = [
+        {"prompt": "The capital of Zandia is", "rephrase": "Zandia's capital is"},
+        {"prompt": "Zandia's capital is", "rephrase": "Zandia has its capital in"},
+    ]
+    assert in_force(text) == [False, True]
+
+
+def test_sequential_evaluation_scores_the_edits_in_force_and_keeps_all_edits(editor, backbone, world, tmp_path):
+    records = json.loads((world / "vqa" / "vqa_eval.json").read_text())
+    first = records[0]
+    later = next(r for r in records[1:] if r["subject"] == first["subject"] and r["alt"] != first["alt"])
+    other = next(r for r in records if r["subject"] != first["subject"])
+    (tmp_path / "vqa").mkdir()
+    (tmp_path / "vqa" / "seq.json").write_text(json.dumps([first, other, later]))
+    shutil.copytree(world / "images", tmp_path / "images")
+    data = VQADataModule(
+        str(tmp_path), train_file="vqa/seq.json", val_file="vqa/seq.json", batch_size=2, processor=backbone.processor
+    )
+    data.setup("validate")
+    report = evaluate_sequential(editor, backbone, data.val_dataloader(), 3, progress=False)
+    assert report["n_edits"] == 2 and report["sequential"]["edits_in_force"] == 2
+    assert report["sequential"]["all_edits"]["n_edits"] == 3

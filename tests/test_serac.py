@@ -159,13 +159,16 @@ def test_in_scope_goes_to_the_counterfactual_and_the_rest_to_the_base(tokenizer_
     assert not torch.equal(logits[positions], base[positions])
 
 
-def test_memory_with_many_edits_returns_the_right_entry(module):
+def test_memory_with_many_edits_returns_the_right_entry(module, monkeypatch):
     torch.manual_seed(1)
     words = ["Velor", "Marun", "red", "blue", "green", "Zandia", "object", "colour", "city", "capital"]
     prompts = [f"{a} {b} {c} ?" for a in words[:6] for b in words[4:] for c in words[:3]][:40]
     encoder, red, blue = module.input_processor(), *draw_images()
     edits = encoder(prompts, ["Velor"] * len(prompts), [red if i % 3 else blue for i in range(len(prompts))])
     serac = module.editor
+    monkeypatch.setattr(
+        serac, "recency_margin", 0.0
+    )  # the best entry, even where random weights put others close to it
     model = serac.edited_model(module.backbone)
     inputs = StepInputs(module.backbone, {"edits": edits}, prefix=False)
     group = serac(model, inputs, torch.arange(16), batched=True)
@@ -365,7 +368,7 @@ def test_rows_route_only_to_their_own_groups_entries(tokenizer_dir):
 def test_deep_chains_route_as_a_plain_walk_over_every_entry(module):
     """A memory of sequential edits (each group on top of the last) and a side branch, routed in one
     matrix op, against a plain oracle: each (input, entry) pair scored on its own, entries filtered by
-    walking the input's chain; again after dropping the newest groups."""
+    walking the input's chain, the newest within the margin of the best; again after dropping the newest groups."""
     words = ["Velor", "Marun", "red", "blue", "green", "Zandia", "object", "colour", "city", "capital"]
     prompts = [f"{a} {b} {c} ?" for a in words[:5] for b in words[5:] for c in words[2:5]][:48]
     encoder, red, blue = module.input_processor(), *draw_images()
@@ -393,7 +396,7 @@ def test_deep_chains_route_as_a_plain_walk_over_every_entry(module):
                     ]
                 )
             best.append(float(scores.max()))
-            best_entry.append(allowed[int(scores.argmax())])
+            best_entry.append(max(e for e, s in zip(allowed, scores) if s >= scores.max() - serac.recency_margin))
         return torch.tensor(best), torch.tensor(best_entry)
 
     queries = torch.randperm(48, generator=torch.Generator().manual_seed(0))[:12]
@@ -457,3 +460,48 @@ def test_positives_are_the_rephrases_unless_asked(tokenizer_dir, edit_prompt_pos
     # By hand: the mean -log p of the positives plus the mean -log(1 - p) of the negatives.
     expected = -positives.mean() - torch.log(1 - negatives.exp()).mean()
     assert float(loss) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_a_later_edit_of_the_same_fact_wins_for_its_prompt_rephrase_and_other_picture(module):
+    """Edit A -> x, then A -> y on top: A's prompt, rephrase and other picture answer as with A -> y alone."""
+    serac, backbone = module.editor, module.backbone
+    red, blue = draw_images()
+    encoder = module.input_processor()
+    prompt, rephrase = "Where is this object located?", "Which city is this object in?"
+    edits = encoder([prompt, prompt], ["Velor", "Marun"], [red, red])
+    queries = encoder([prompt, rephrase, prompt], ["Marun"] * 3, [red, red, blue])
+    inputs = StepInputs(backbone, {"edits": edits, "queries": queries})
+    rows = inputs.rows("queries")
+    model = serac.edited_model(backbone)
+    head = serac(model, inputs, inputs.rows("edits")[:1])
+    head = serac(model, inputs, inputs.rows("edits")[1:], on_top_of=head)
+    _, entry = model.route(serac.read(inputs, rows).query, head.expand(3))
+    assert entry.tolist() == [1, 1, 1]
+    alone = serac.edited_model(backbone)
+    group = serac(alone, inputs, inputs.rows("edits")[1:])
+    torch.testing.assert_close(
+        model.answer_logits(inputs, rows, head.expand(3)), alone.answer_logits(inputs, rows, group.expand(3))
+    )
+
+
+@pytest.mark.parametrize("gap, newest", [(0.5, True), (2.0, False)])
+def test_an_older_entry_wins_only_when_it_scores_past_the_margin(tokenizer_dir, gap, newest):
+    """The query is the older entry's own prompt (distance 0); the newer entry's distance is scaled to
+    `gap` times the margin: within it the newer entry wins, past it the older one."""
+    module = make_module(tokenizer_dir)
+    serac, backbone = module.editor, module.backbone
+    red, _ = draw_images()
+    edits = module.input_processor()(
+        ["Where is this object located?", "What colour is the object?"], ["Velor"] * 2, [red, red]
+    )
+    inputs = StepInputs(backbone, {"edits": edits})
+    model = serac.edited_model(backbone)
+    head = serac(model, inputs, torch.tensor([0]))
+    head = serac(model, inputs, torch.tensor([1]), on_top_of=head)
+    query = serac.read(inputs, torch.tensor([0])).query
+    with torch.no_grad():
+        distance = -serac.classifier.score_all(model.scope, query, model.keys)[0]
+        assert distance[0] < 1e-4 < distance[1]
+        serac.classifier.scale.fill_(gap * serac.recency_margin / float(distance[1]))
+    _, entry = model.route(query, head)
+    assert entry.tolist() == ([1] if newest else [0])

@@ -303,6 +303,16 @@ def run(args: argparse.Namespace) -> int:
                 else f"the first {scored_report['sequential']['probe_edits']} edits"
             )
             print(f"\n{name}: {tracked} as more edits accumulate:\n" + sequential_table(curve))
+            in_force, all_edits = (
+                scored_report["sequential"]["edits_in_force"],
+                scored_report["sequential"]["all_edits"],
+            )
+            if in_force < args.sequential:
+                print(
+                    f"\n{name}: the table scores the {in_force} edits in force ({args.sequential - in_force} "
+                    f"superseded by a later edit of the same fact); all {args.sequential} edits, each against its own "
+                    "target:\n" + printed_table(all_edits, protocols)
+                )
             if args.curve:
                 print(f"curve written to {write_curve(Path(args.curve), name, curve)}")
     if scored:

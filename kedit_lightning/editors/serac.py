@@ -22,8 +22,11 @@ Mitchell, Lin, Bosselut, Manning and Finn, "Memory-Based Model Editing at Scale"
    image's base-model features mapped into its embedding space by a trained projection, and the
    input, and answers as if the edit were true.
 4. Routing. In-scope inputs get the counterfactual model's logits, the rest the base model's,
-   unchanged. `MemoryEditedModel` is SERAC's edited model: memory entries in edit groups (as
-   `WeightEditedModel`'s), each input routed among the entries of its own group and their ancestors.
+   unchanged. Ours, for lifelong editing: among entries scoring within `recency_margin` (log-probability)
+   of the best, the newest wins, so a later edit of the same fact supersedes an earlier one (a repeated
+   edit ties exactly; another picture of the same subject scores close to every entry about it).
+   `MemoryEditedModel` is SERAC's edited model: memory entries in edit groups (as `WeightEditedModel`'s),
+   each input routed among the entries of its own group and their ancestors.
 
 The classifier and the counterfactual model read their own tokens. `SERACEncoder` adds them to
 every sub-batch in the data pipeline, next to the backbone's, so no forward re-tokenizes text;
@@ -52,6 +55,9 @@ from kedit_lightning.editors.edited_model import EditGroups, StepInputs, new_edi
 
 ClassifierKind = Literal["distance", "cosine", "cross"]
 CLASSIFIER_KINDS = get_args(ClassifierKind)
+# Measured on sequences of 96 to 1,000 synthetic edits (BENCHMARKS.md): wider margins let image rephrases reach
+# the newest entry of their subject, but in larger memories also let other subjects' newer entries win.
+RECENCY_MARGIN = 0.25
 # Artifacts written before `distance` existed call today's `cosine` classifier `embedding`.
 RENAMED_KINDS = {"embedding": "cosine"}
 # Sub-batch keys that SERACEncoder adds: classifier tokens of the prompt alone (an input) and of
@@ -422,10 +428,14 @@ class SERAC(nn.Module):
         image_dim: int | None,
         threshold: float = 0.5,
         scope_target: bool = False,
+        recency_margin: float = RECENCY_MARGIN,
     ) -> None:
         super().__init__()
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be a probability strictly between 0 and 1, got {threshold}")
+        if not recency_margin >= 0.0:
+            raise ValueError(f"recency_margin must be a log-probability margin >= 0, got {recency_margin}")
+        self.recency_margin = recency_margin
         self.scope_target = scope_target
         self.classifier = classifier
         self.counterfactual = counterfactual
@@ -444,6 +454,7 @@ class SERAC(nn.Module):
         image_tokens: int = 32,
         threshold: float = 0.5,
         scope_target: bool = False,
+        recency_margin: float = RECENCY_MARGIN,
     ) -> SERAC:
         """SERAC around a transformers encoder (the classifier's) and causal LM (the counterfactual model's).
 
@@ -451,6 +462,8 @@ class SERAC(nn.Module):
         placeholder embeddings); `image_scope` / `counterfactual_image` say which part reads images.
         `scope_target`: the classifier reads an entry as its prompt and new answer (ours before), not
         its prompt alone (the reference code's entry for decoder LMs, which answer after the prompt).
+        `recency_margin`: entries within this log-probability of an input's best go to the newest (artifacts
+        from before the option get the default: it changes nothing for an edit alone).
         """
         return cls(
             ScopeClassifier(scope_encoder, kind, image_dim if image_scope else None),
@@ -458,6 +471,7 @@ class SERAC(nn.Module):
             image_dim,
             threshold,
             scope_target,
+            recency_margin,
         )
 
     @property
@@ -473,6 +487,7 @@ class SERAC(nn.Module):
             "image_tokens": self.counterfactual.image_tokens,
             "threshold": self.threshold,
             "scope_target": self.scope_target,
+            "recency_margin": self.recency_margin,
         }
 
     @classmethod
@@ -693,11 +708,15 @@ class MemoryEditedModel(EditGroups):
 
     @torch.no_grad()
     def route(self, query: ScopeInput, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(in scope [X] bool, memory entry [X]) of each input, among the entries of its group's chain."""
+        """(in scope [X] bool, memory entry [X]) of each input, among the entries of its group's chain: the
+        newest (entries are stored in the order added) of those within `recency_margin` of the best score."""
         scores = self.serac.classifier.score_all(self.scope, query, self.keys)  # [X, E] log-probabilities
-        allowed = self.in_chains(groups).to(scores.device)
-        score, entry = scores.masked_fill(~allowed, float("-inf")).max(dim=1)
-        return score >= math.log(self.serac.threshold), entry
+        scores = scores.masked_fill(~self.in_chains(groups).to(scores.device), float("-inf"))
+        best = scores.max(dim=1).values
+        near = (scores >= (best - self.serac.recency_margin).unsqueeze(1)) & (scores > float("-inf"))
+        position = torch.arange(scores.shape[1], device=scores.device)
+        entry = torch.where(near, position, -1).max(dim=1).values.clamp(min=0)
+        return best >= math.log(self.serac.threshold), entry
 
     @torch.no_grad()
     def answer_logits(

@@ -34,6 +34,7 @@ from kedit_lightning.editors.edited_model import StepInputs
 from kedit_lightning.editors.losses import masked_nll
 from kedit_lightning.editors.serac import (
     EVERY_POSITION_REFUSED,
+    RECENCY_MARGIN,
     RENAMED_KINDS,
     SERAC,
     ClassifierKind,
@@ -121,6 +122,8 @@ class SERACModule(EditorModule):
         counterfactual_image: the counterfactual model reads the input image (projected).
         image_tokens: at most this many image tokens for the counterfactual model (average-pooled).
         threshold: an input is in scope when sigmoid(score) >= threshold.
+        recency_margin: in a memory of sequential edits, entries within this log-probability of an input's best
+            go to the newest (a later edit of a fact supersedes an earlier one); no effect on an edit alone.
         scope_target: the classifier reads a memory entry as the edit prompt and its new answer (ours
             before), not the edit prompt alone (the reference code's entry for decoder LMs).
         edit_prompt_positive: also count the edit prompt itself as a positive (the reference counts
@@ -145,6 +148,7 @@ class SERACModule(EditorModule):
         counterfactual_image: bool = True,
         image_tokens: int = 32,
         threshold: float = 0.5,
+        recency_margin: float = RECENCY_MARGIN,
         scope_target: bool = False,
         edit_prompt_positive: bool = False,
         classifier_weight: float = 1.0,
@@ -193,6 +197,7 @@ class SERACModule(EditorModule):
             image_tokens=hp.image_tokens,
             threshold=hp.threshold,
             scope_target=hp.scope_target,
+            recency_margin=hp.recency_margin,
         )
         self.encoder = SERACEncoder(backbone.processor, scope_tokenizer, counterfactual.processor)
 
