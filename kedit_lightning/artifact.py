@@ -54,7 +54,10 @@ from kedit_lightning.editors.unedited import Unedited
 from kedit_lightning.editors.wise import WISE
 
 FORMAT = "kedit-editor"
-FORMAT_VERSION = 2  # 2: the `editor` section, and SERAC's tokenizers inside the artifact
+# 2: the `editor` section, and SERAC's tokenizers inside the artifact. 3: editor.json keeps the edited weights
+# in the backbone's order (2 sorted them by name, so MEND's per-weight step sizes, stored in the backbone's
+# order, could be read onto the wrong weights).
+FORMAT_VERSION = 3
 WEIGHTS_FILE = "editor.safetensors"
 CARD_FILE = "editor.json"
 SCOPE_TOKENIZER = "scope_tokenizer"
@@ -173,12 +176,17 @@ def read_card(path: str | Path) -> dict[str, Any]:
             f"{card_path}: format version {version!r}; this kedit-lightning ({kedit_lightning.__version__}) reads up "
             f"to {FORMAT_VERSION}"
         )
-    if version < FORMAT_VERSION:
+    if version < 2:
         raise ArtifactError(
             f"{card_path}: format version {version} does not record the editor's own config; "
             "re-export the training checkpoint with `kedit export CKPT --out DIR`"
         )
     method = card["method"]
+    if version < 3 and method == "mend" and len(card["backbone_fingerprint"].get("edit_params", {})) > 1:
+        raise ArtifactError(
+            f"{card_path}: format version {version} lists the edited weights sorted by name, not in the order of "
+            "MEND's per-weight step sizes; re-export the training checkpoint with `kedit export CKPT --out DIR`"
+        )
     if method not in EDITORS:
         raise ArtifactError(f"{card_path}: unknown method {method!r}; known: {sorted(EDITORS)}")
     editor = card.get("editor")

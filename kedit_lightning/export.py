@@ -136,8 +136,9 @@ def save_editor(
         "source": jsonable(source or {}),
         "weights": {"file": WEIGHTS_FILE, "sha256": sha256_of(weights), "bytes": weights.stat().st_size},
     }
-    # Written last: an artifact folder with editor.json in it is complete.
-    (out / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    # Written last: an artifact folder with editor.json in it is complete. Keys stay in their order: the
+    # edited weights' order is the order of MEND's per-weight step sizes in the weights file.
+    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     Editor.from_pretrained(out).attach(module.backbone)
     return out
 

@@ -28,11 +28,11 @@ from kedit_lightning.artifact import (
     FingerprintMismatch,
     fingerprint_problems,
 )
-from kedit_lightning.backbones import Blip2Backbone, load_backbone_spec
+from kedit_lightning.backbones import BackboneSpec, Blip2Backbone, load_backbone_spec
 from kedit_lightning.cli import main
 from kedit_lightning.editor import Editor
 from kedit_lightning.export import ExportEditor, export_module, jsonable, method_of_checkpoint
-from kedit_lightning.modules import FTModule
+from kedit_lightning.modules import FTModule, MENDModule
 
 REPORT_KEYS = {"reliability", "t_generality", "i_generality", "t_locality", "i_locality", "n_edits", "exact_match"}
 REPO = Path(__file__).resolve().parent.parent
@@ -219,6 +219,32 @@ def test_a_version_1_artifact_is_refused_with_a_one_line_hint_to_re_export(artif
     assert main([*args, "--images", str(world / "images"), "--device", "cpu"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "kedit export" in error
+
+
+def test_each_step_size_stays_on_its_weight_when_the_weights_are_not_in_name_order(base_dir, tmp_path):
+    # Llama-style MLPs list up_proj before down_proj: name order differs from the backbone's order.
+    layers = "language_model.model.decoder.layers"
+    spec = BackboneSpec(
+        family="blip2", pretrained=str(base_dir), edit_params=[f"{layers}.3.fc2.weight", f"{layers}.1.fc1.weight"]
+    )
+    module = MENDModule(spec, rank=4)
+    module.configure_model()
+    with torch.no_grad():
+        module.editor.edit_lrs.copy_(torch.tensor([1e-3, 5e-3]))
+    artifact = export_module(module, tmp_path / "artifact")
+    editor = Editor.from_pretrained(artifact)
+    backbone = editor.load_backbone(str(base_dir))
+    assert backbone.edit_param_names == spec.edit_params
+    assert dict(zip(editor.editor.param_names, editor.editor.edit_lrs.tolist())) == pytest.approx(
+        {f"{layers}.3.fc2.weight": 1e-3, f"{layers}.1.fc1.weight": 5e-3}
+    )
+
+
+def test_a_version_2_mend_artifact_is_refused_its_weights_order_is_lost(artifact_copy):
+    card = card_of(artifact_copy)
+    (artifact_copy / CARD_FILE).write_text(json.dumps({**card, "format_version": 2}))
+    with pytest.raises(ArtifactError, match="format version 2 lists the edited weights sorted by name.*kedit export"):
+        Editor.from_pretrained(artifact_copy)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from data_modules.synthetic import FACT_QUESTIONS, TEXT_NEIGHBORS
 from data_modules.text_records import Neighbor, TextRecord, read_text_records
 from kedit_lightning.backbones import load_backbone_spec
 from kedit_lightning.cli import main
-from kedit_lightning.commands.facts_cmd import FACT_TABLE, build_records, fact_prompts, read_fact_table
+from kedit_lightning.commands.facts_cmd import FACT_TABLE, build_records, read_fact_table
 from kedit_lightning.editors.ft import FineTune
 from kedit_lightning.editors.mend import MEND
 from kedit_lightning.evaluation import EditMetrics, evaluate_batch
@@ -196,17 +196,20 @@ def test_serac_trains_with_neighbours_as_classifier_negatives(world):
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
+def prompt_of(table, fact, subject_key):
+    return table["relations"][fact["relation"]]["prompt"].format(fact[subject_key])
+
+
 def test_kedit_facts_gives_each_fact_its_neighbour_with_the_models_answer():
     tokenizer = make_tokenizer()
     torch.manual_seed(8)
     backbone = tiny_backbone("text", tokenizer).eval()
     table = read_fact_table(FACT_TABLE)
-    records = build_records(table, backbone, limit=4)
+    splits = build_records(table, backbone, eval_fraction=0.5, seed=0, limit=6)
+    records = splits["train"] + splits["eval"]
     assert records
     for record in records:
-        index = next(i for i in range(4) if fact_prompts(table, i)["src"] == record["src"])
-        fact = table["facts"][index]
+        (fact,) = [fact for fact in table["facts"][:6] if record["src"] == prompt_of(table, fact, "subject")]
         (neighbor,) = record["neighbors"]
-        assert neighbor["prompt"] == table["relations"][fact["relation"]]["prompt"].format(fact["neighbour"])
-        if index % 2 == 0:  # there `loc` is the same neighbour prompt: the same answer of the model
-            assert record["loc"] == neighbor["prompt"] and neighbor["answer"] == record["loc_ans"]
+        assert neighbor["prompt"] == prompt_of(table, fact, "neighbour")
+        assert record["loc"] in table["unrelated"]  # locality prompts are about nothing edited

@@ -14,7 +14,6 @@ from kedit_lightning.cli import main
 from kedit_lightning.commands.facts_cmd import (
     FACT_TABLE,
     FILES,
-    fact_prompts,
     first_answer,
     generation_success,
     greedy_answers,
@@ -63,10 +62,13 @@ def test_kedit_facts_takes_answers_from_the_model_and_splits_by_subject(facts):
     assert train and held_out and len(train) + len(held_out) <= N_FACTS
     france = next(record for record in train + held_out if record.src == "The capital of France is")
     assert (france.pred, france.alt) == ("Paris", "Madrid")
-    assert france.loc == "The capital of Germany is" and france.loc_ans == "Berlin"  # a near neighbour
+    assert france.neighbors[0].prompt == "The capital of Germany is" and france.neighbors[0].answer == "Berlin"
     table = read_fact_table(FACT_TABLE)
-    subject = {fact_prompts(table, i)["src"]: fact["subject"] for i, fact in enumerate(table["facts"])}
+    subject = {table["relations"][f["relation"]]["prompt"].format(f["subject"]): f["subject"] for f in table["facts"]}
     assert not {subject[record.src] for record in train} & {subject[record.src] for record in held_out}
+    # The unrelated locality prompts are split too: no eval locality prompt is seen in training.
+    assert {record.loc for record in train} <= set(table["unrelated"])
+    assert not {record.loc for record in train} & {record.loc for record in held_out}
 
 
 @needs_smollm2

@@ -1,11 +1,13 @@
 """`kedit facts`: the real-facts data set (zsRE layout) from the fact table kept in the repo.
 
 Each fact of data_modules/facts/real_facts.json becomes one record: `src` (the relation's prompt about
-the subject), `rephrase` (one of its paraphrases), `alt` (the counterfactual), and `loc` alternately a
-near-neighbour prompt (same relation, another subject) and an unrelated one, and `neighbors` the
-near-neighbour prompt with its answer (scored as `n_locality`). `pred`, `loc_ans` and the neighbour's answer
-are what the model itself answers (greedy generation): locality is about keeping the model's answer, right
-or wrong. Facts are split into train / eval by subject, so no eval subject is seen in training.
+the subject), `rephrase` (one of its paraphrases), `alt` (the counterfactual), `loc` an unrelated prompt
+(zsRE's T-Locality: a question about nothing edited), and `neighbors` the near-neighbour prompt (same
+relation, another subject) with its answer, scored apart as `n_locality` (CounterFact's neighbourhood
+prompts). `pred`, `loc_ans` and the neighbour's answer are what the model itself answers (greedy
+generation): locality is about keeping the model's answer, right or wrong. Facts are split into train /
+eval by subject, and the unrelated prompts the same way, so no eval subject or eval locality prompt is seen
+in training.
 """
 
 from __future__ import annotations
@@ -95,44 +97,54 @@ def generation_success(editor: Editor, backbone: Backbone, records: Sequence[Tex
     return {kind: count / len(records) for kind, count in hits.items()}
 
 
-def fact_prompts(table: dict[str, Any], index: int) -> dict[str, str]:
-    """A fact's src, rephrase, locality prompt (neighbour for even indices, unrelated for odd) and its
-    near-neighbour prompt (`neighbor`)."""
+def fact_prompts(table: dict[str, Any], index: int, unrelated: Sequence[str]) -> dict[str, str]:
+    """A fact's src, rephrase, locality prompt (one of `unrelated`, its split's share) and near-neighbour
+    prompt (`neighbor`)."""
     fact = table["facts"][index]
     relation = table["relations"][fact["relation"]]
     paraphrases = relation["paraphrases"]
-    neighbor = relation["prompt"].format(fact["neighbour"])
-    loc = neighbor if index % 2 == 0 else table["unrelated"][(index // 2) % len(table["unrelated"])]
     return {
         "src": relation["prompt"].format(fact["subject"]),
         "rephrase": paraphrases[index % len(paraphrases)].format(fact["subject"]),
-        "loc": loc,
-        "neighbor": neighbor,
+        "loc": unrelated[index % len(unrelated)],
+        "neighbor": relation["prompt"].format(fact["neighbour"]),
     }
 
 
-def split_subjects(facts: Sequence[dict[str, Any]], eval_fraction: float, seed: int) -> set[str]:
-    """The held-out subjects: a seeded share of the distinct subjects."""
-    subjects = sorted({fact["subject"] for fact in facts})
-    random.Random(seed).shuffle(subjects)
-    return set(subjects[: max(1, round(eval_fraction * len(subjects)))])
+def held_out_share(items: Sequence[str], eval_fraction: float, seed: int) -> set[str]:
+    """A seeded share of the distinct `items` (at least one): the held-out subjects or locality prompts."""
+    distinct = sorted(set(items))
+    random.Random(seed).shuffle(distinct)
+    return set(distinct[: max(1, round(eval_fraction * len(distinct)))])
 
 
-def build_records(table: dict[str, Any], backbone: Backbone, limit: int | None = None) -> list[dict[str, str]]:
-    """One zsRE record per fact, `pred` / `loc_ans` / the neighbour's answer from the model; facts the model
-    gives no answer for (or already answers with the counterfactual) are dropped, and a neighbour it gives no
-    answer for is left out."""
-    count = len(table["facts"]) if limit is None else min(limit, len(table["facts"]))
-    prompts = [fact_prompts(table, index) for index in range(count)]
+def build_records(
+    table: dict[str, Any], backbone: Backbone, eval_fraction: float, seed: int, limit: int | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """One zsRE record per fact, split by subject (`FILES`' keys), `pred` / `loc_ans` / the neighbour's answer
+    from the model; facts the model gives no answer for (or already answers with the counterfactual) are
+    dropped, and a neighbour it gives no answer for is left out."""
+    facts = table["facts"][: limit or None]
+    held_out = held_out_share([fact["subject"] for fact in facts], eval_fraction, seed)
+    held_out_unrelated = held_out_share(table["unrelated"], eval_fraction, seed)
+    unrelated = {
+        "train": [prompt for prompt in table["unrelated"] if prompt not in held_out_unrelated],
+        "eval": [prompt for prompt in table["unrelated"] if prompt in held_out_unrelated],
+    }
+    splits = ["eval" if fact["subject"] in held_out else "train" for fact in facts]
+    prompts = [fact_prompts(table, index, unrelated[split]) for index, split in enumerate(splits)]
+    count = len(prompts)
     answers = greedy_answers(backbone, [p[key] for key in ("src", "loc", "neighbor") for p in prompts])
-    records = []
+    records: dict[str, list[dict[str, Any]]] = {split: [] for split in FILES}
     for index, prompt in enumerate(prompts):
         pred, loc_ans, neighbor = answers[index], answers[count + index], answers[2 * count + index]
-        alt = table["facts"][index]["counterfactual"]
+        alt = facts[index]["counterfactual"]
         if pred and loc_ans and pred != alt:
             neighbors = [{"prompt": prompt["neighbor"], "answer": neighbor}] if neighbor else []
             fields = {key: value for key, value in prompt.items() if key != "neighbor"}
-            records.append({**fields, "pred": pred, "alt": alt, "loc_ans": loc_ans, "neighbors": neighbors})
+            records[splits[index]].append(
+                {**fields, "pred": pred, "alt": alt, "loc_ans": loc_ans, "neighbors": neighbors}
+            )
     return records
 
 
@@ -145,13 +157,7 @@ def write_real_facts(
     seed: int = 0,
 ) -> dict[str, int]:
     """Write facts_train.json and facts_eval.json under `out`; the number of records in each."""
-    table = read_fact_table(table_path)
-    records = build_records(table, backbone, limit)
-    held_out = split_subjects(table["facts"][: limit or None], eval_fraction, seed)
-    subject_of = {fact_prompts(table, i)["src"]: fact["subject"] for i, fact in enumerate(table["facts"])}
-    splits = {"train": [], "eval": []}
-    for record in records:
-        splits["eval" if subject_of[record["src"]] in held_out else "train"].append(record)
+    splits = build_records(read_fact_table(table_path), backbone, eval_fraction, seed, limit)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for split, name in FILES.items():
