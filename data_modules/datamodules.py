@@ -169,11 +169,14 @@ class EditDataModule(LightningDataModule):
         self.shards: dict[str, list[Shard]] = {}
 
     def prepare_data(self) -> None:
-        """With `synthesize`, write the synthetic world (and its word tokenizer) if `data_dir` has none."""
-        if not self.synthesize or (self.data_dir / WORLD_FILE).is_file():
+        """With `synthesize`, write the synthetic world if `data_dir` has none, and its word tokenizer if that is
+        missing (`kedit synth` writes no tokenizer: it never imports the tokenizer libraries)."""
+        if not self.synthesize:
             return
-        write_synthetic_world(self.data_dir)
-        save_world_tokenizer(self.data_dir)
+        if not (self.data_dir / WORLD_FILE).is_file():
+            write_synthetic_world(self.data_dir)
+        if not (self.data_dir / "tokenizer").is_dir():
+            save_world_tokenizer(self.data_dir)
 
     def read_split(self, split: str) -> list[EditRecord]:
         """The checked records of one split; one `DataError` for bad JSON, fields or missing images."""

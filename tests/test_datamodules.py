@@ -345,3 +345,14 @@ def test_datamodules_refuse_empty_files_outside_paths_and_huge_images(tmp_path, 
         f"{tmp_path / 'vqa_eval.json'}: record 0: field 'image': image {tmp_path / 'images/../nuscenes/cam.png'} "
         "is 48x48 = 2304 pixels, more than the limit of 100"
     )
+
+
+def test_a_world_written_by_kedit_synth_gets_its_tokenizer_when_a_fit_prepares_data(tmp_path):
+    from data_modules.synthetic import write_synthetic_world
+
+    write_synthetic_world(tmp_path, entities=4)  # what `kedit synth --out DIR` writes: no tokenizer
+    assert not (tmp_path / "tokenizer").exists()
+    VQADataModule(str(tmp_path), synthesize=True).prepare_data()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path / "tokenizer")
+    record = read_records(tmp_path / "vqa" / "vqa_train.json")[0]
+    assert tokenizer.unk_token_id not in tokenizer(f"{record.src} {record.alt}")["input_ids"]
