@@ -1,8 +1,8 @@
 """Lifelong editors (GRACE, WISE) in sequence on the quick-start backbone: `evaluate_sequential`'s report.
 
-    PYTHONPATH=. python benchmarks/lifelong_editors.py --editor configs/editors/grace.yaml --edits 100
-    PYTHONPATH=. python benchmarks/lifelong_editors.py --editor configs/editors/wise.yaml --edits 100 --json wise.json
-    PYTHONPATH=. python benchmarks/lifelong_editors.py --editor configs/editors/wise.yaml --set act_ratio=0.88
+    PYTHONPATH=. python benchmarks/lifelong_editors.py --editor grace --edits 100
+    PYTHONPATH=. python benchmarks/lifelong_editors.py --editor wise --edits 100 --json wise.json
+    PYTHONPATH=. python benchmarks/lifelong_editors.py --editor wise --set act_ratio=0.88
 
 The editor comes from its config (class_path + init_args of a class in `artifact.EDITORS`), not from an
 artifact: these editors are not meta-trained. The backbone is the quick start's (`configs/quickstart.yaml`,
@@ -27,14 +27,15 @@ import yaml
 from data_modules.datamodules import VQADataModule
 from kedit_lightning.artifact import EDITORS
 from kedit_lightning.backbones import BackboneSpec, build_backbone
+from kedit_lightning.baselines import baseline_path
 from kedit_lightning.editor import Editor, evaluate_sequential
 from kedit_lightning.evaluation import headline
 
 
 def editor_from_config(path: str, overrides: list[str]) -> tuple[str, torch.nn.Module]:
-    """(method name, editor) of a `class_path` + `init_args` YAML naming a class in `EDITORS`, with
-    `key=value` overrides of its init_args (values read as YAML)."""
-    config = yaml.safe_load(Path(path).read_text())
+    """(method name, editor) of a `class_path` + `init_args` YAML (a named baseline or a file) naming a class
+    in `EDITORS`, with `key=value` overrides of its init_args (values read as YAML)."""
+    config = yaml.safe_load(baseline_path(path).read_text())
     for override in overrides:
         key, _, value = override.partition("=")
         config.setdefault("init_args", {})[key] = yaml.safe_load(value)
@@ -47,7 +48,11 @@ def editor_from_config(path: str, overrides: list[str]) -> tuple[str, torch.nn.M
 
 def main() -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--editor", required=True, help="editor config YAML (configs/editors/*.yaml)")
+    parser.add_argument(
+        "--editor",
+        required=True,
+        help="a named baseline (grace, wise: kedit_lightning/configs/editors) or an editor config YAML",
+    )
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE: override one of its init_args")
     parser.add_argument("--edits", type=int, default=100)
     parser.add_argument("--config", default="configs/quickstart.yaml", help="fit config whose backbone is used")

@@ -79,7 +79,7 @@ EDITORS: dict[str, type[nn.Module]] = {
 the edited model it makes (`editor.edited_model(backbone)`) when called: MEND, FT, FT-L and LoRA with
 low-rank weight changes, SERAC with memory entries, IKE with in-context demonstrations, GRACE and WISE at
 one layer (a codebook, a side memory). The untrained ones are baselines (`baselines.py`: a registry entry
-plus configs/editors/<name>.yaml)."""
+plus kedit_lightning/configs/editors/<name>.yaml)."""
 
 
 class ArtifactError(ValueError):

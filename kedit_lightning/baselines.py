@@ -1,4 +1,5 @@
-"""Baseline editors by name: `configs/editors/<name>.yaml` (class_path + init_args) or any such YAML file.
+"""Baseline editors by name: the package's `configs/editors/<name>.yaml` (class_path + init_args) or any such
+YAML file. The named configs are package data (read through importlib.resources), so they come with the wheel.
 
 A baseline is an editor class registered in `artifact.EDITORS` plus a config file; `kedit eval
 --baseline NAME` and the end-of-fit table (`callbacks.CompareWithFineTuning(baselines=...)`) build it
@@ -8,22 +9,27 @@ IKE also needs demonstration records (`demonstrate`).
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from torch import nn
 
 from kedit_lightning.artifact import EDITORS
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "editors"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+CONFIG_DIR = files("kedit_lightning") / "configs" / "editors"
 
 
 def known_baselines() -> list[str]:
-    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+    return sorted(entry.name.removesuffix(".yaml") for entry in CONFIG_DIR.iterdir() if entry.name.endswith(".yaml"))
 
 
-def baseline_path(spec: str) -> Path:
-    """The YAML file of `spec`: a name under configs/editors, or a path."""
+def baseline_path(spec: str) -> Path | Traversable:
+    """The YAML file of `spec`: a name of the package's configs/editors, or a path."""
     if spec.endswith((".yaml", ".yml")):
         if not Path(spec).is_file():
             raise ValueError(f"--baseline {spec}: no such file")
@@ -51,6 +57,6 @@ def load_baseline(spec: str) -> tuple[str, nn.Module]:
         )
     init_args = config.get("init_args") or {}
     try:
-        return path.stem, editor_class.from_config(init_args)
+        return path.name.rsplit(".", 1)[0], editor_class.from_config(init_args)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: init_args do not build a {editor_class.__name__}: {err}") from None

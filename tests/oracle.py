@@ -142,11 +142,12 @@ def optimized_weights(
     the whole model, stopping when the mean loss is under `stop_loss`; FT-L clamped after every step."""
     current = _current(backbone, params)
     trainable: dict[str, list[torch.Tensor]] = {}
+    generator = torch.Generator().manual_seed(getattr(editor, "seed", 0))  # LoRA's A: drawn from its own seed
     for name, w in current.items():
         out, inp = w.T.shape if isinstance(edited_module(backbone, name), Conv1D) else w.shape
         if isinstance(editor, LoRA):
             a = torch.empty(editor.rank, inp)
-            nn.init.kaiming_uniform_(a, a=5**0.5)
+            nn.init.kaiming_uniform_(a, a=5**0.5, generator=generator)
             trainable[name] = [torch.zeros(out, editor.rank, requires_grad=True), a.requires_grad_()]
         else:
             trainable[name] = [torch.zeros(out, inp, requires_grad=True)]

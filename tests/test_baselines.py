@@ -2,9 +2,15 @@
 prompt_last loss by hand, IKE's context against the same text run through the whole model, and the
 `kedit eval --baseline` surface."""
 
+import ast
 import dataclasses
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +30,8 @@ from kedit_lightning.editors.ike import IKE
 from kedit_lightning.editors.losses import per_example_prompt_last_nll
 from kedit_lightning.editors.tuning import FTL, LoRA
 from kedit_lightning.evaluation import EditMetrics, evaluate_batch, flatten_report
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +73,8 @@ def test_batched_edit_folds_into_the_dense_adam_weights(tokenizer, editor):
     edit = make_batch(backbone)["edit_inner"]
     inputs = StepInputs(backbone, {"edit": edit})
     model = WeightEditedModel(backbone)
-    torch.manual_seed(5)  # LoRA's A: the same draws in both
     editor(model, inputs, inputs.rows("edit"), batched=True)
     got = model.weights()
-    torch.manual_seed(5)
     expected = optimized_weights(editor, backbone, edit)
     for name, w in backbone.editable_parameters().items():
         change, expected_change = got[name] - w, expected[name] - w
@@ -166,3 +172,51 @@ def test_kedit_eval_runs_baselines_on_a_backbone_yaml_without_an_editor(world, t
         assert main(["eval", "--backbone", str(backbone_yaml), *common, *extra]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_named_baselines_come_with_the_installed_wheel(tmp_path):
+    """Built and installed outside the checkout, `load_baseline("lora")` finds its config in the package."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "kedit_lightning", "data_modules"):
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run(
+        [*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel")],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--no-index", "--target", str(tmp_path / "site"), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    script = "from kedit_lightning.baselines import load_baseline; print(load_baseline('lora')[1].config)"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    loaded = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    expected = yaml.safe_load((ROOT / "kedit_lightning" / "configs" / "editors" / "lora.yaml").read_text())["init_args"]
+    assert ast.literal_eval(loaded.stdout) == expected
+
+
+def test_lora_edits_do_not_depend_on_the_global_rng(tokenizer):
+    backbone = tiny_backbone("text", tokenizer).eval()
+    batch = make_batch(backbone)
+    reports = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # anything else drawing from the global RNG between runs
+        metrics = EditMetrics()
+        evaluate_batch(LoRA(rank=4, lr=1e-2, steps=3), backbone, batch, metrics)
+        reports.append(flatten_report(metrics.compute()))
+    assert reports[0] == reports[1]
+    inputs = StepInputs(backbone, {"edit": batch["edit_inner"]})
+    changes = []
+    for seed in (0, 0, 1):
+        model = WeightEditedModel(backbone)
+        LoRA(rank=4, lr=1e-2, steps=3, seed=seed)(model, inputs, inputs.rows("edit"))
+        changes.append(torch.cat([w.flatten() for w in model.weights().values()]))
+    assert torch.equal(changes[0], changes[1]) and not torch.equal(changes[0], changes[2])  # the seed picks A

@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME",
         help="also score a baseline on the same backbone and records: ft-l, lora, ike, unedited, ft "
-        "(configs/editors/NAME.yaml) or a YAML file with class_path / init_args; repeatable. Without --editor, "
+        "(the package's configs/editors/NAME.yaml) or a YAML file with class_path / init_args; repeatable. "
+        "Without --editor, "
         "--backbone is a backbone YAML (configs/backbones/*.yaml)",
     )
     parser.add_argument(

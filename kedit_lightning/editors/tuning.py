@@ -178,9 +178,10 @@ class LoRA(OptimizedEdit):
     """LoRA on the edited weights: D = alpha / rank * B A, trained with Adam on the edit alone.
 
     Defaults are EasyEdit's LoRA (hparams/LoRA/llama-7b: rank 8, alpha 32, lr 5e-3, 70 steps, the answer
-    tokens' NLL, no early stop); EasyEdit adapts q_proj and v_proj, here the editor's layers."""
+    tokens' NLL, no early stop); EasyEdit adapts q_proj and v_proj, here the editor's layers. Every edit
+    draws its A from a generator seeded with `seed`, so a run's scores do not depend on the global RNG."""
 
-    CONFIG = ("rank", "alpha", "lr", "steps", "objective", "stop_loss")
+    CONFIG = ("rank", "alpha", "lr", "steps", "objective", "stop_loss", "seed")
 
     def __init__(
         self,
@@ -190,17 +191,20 @@ class LoRA(OptimizedEdit):
         steps: int = 70,
         objective: str = "target_new",
         stop_loss: float = 0.0,
+        seed: int = 0,
     ) -> None:
         super().__init__(lr, steps, objective, stop_loss)
-        self.rank, self.alpha = rank, alpha
+        self.rank, self.alpha, self.seed = rank, alpha, seed
 
     def start(self, model: WeightEditedModel, n_groups: int) -> dict[str, list[torch.Tensor]]:
         params = {}
+        generator = torch.Generator().manual_seed(self.seed)  # on the CPU: the same draws on any device
         for name, module in model.modules.items():
             out, inp = out_in(module)
-            down = module.weight.new_empty(n_groups, self.rank, inp, dtype=torch.float32)
+            down = torch.empty(n_groups, self.rank, inp)
             for row in down:  # each group's A as peft initialises one: Kaiming-uniform, a = sqrt(5)
-                nn.init.kaiming_uniform_(row, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(row, a=math.sqrt(5), generator=generator)
+            down = down.to(module.weight.device)
             up = module.weight.new_zeros(n_groups, out, self.rank, dtype=torch.float32)
             params[name] = [up.requires_grad_(), down.requires_grad_()]
         return params
