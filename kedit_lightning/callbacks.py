@@ -16,9 +16,16 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from kedit_lightning.baselines import load_baseline
+from kedit_lightning.editors.edited_model import WeightEditor
 from kedit_lightning.editors.ft import FineTune
 from kedit_lightning.editors.ike import IKE
-from kedit_lightning.evaluation import EditMetrics, evaluate_batch, flatten_report, report_column
+from kedit_lightning.evaluation import (
+    EVERY_POSITION_PROTOCOLS,
+    EditMetrics,
+    evaluate_batch,
+    flatten_report,
+    report_column,
+)
 from kedit_lightning.modules.editing import REPORT_KEY
 
 
@@ -85,13 +92,24 @@ class CompareWithFineTuning(Callback):
     Always the FT baseline: the same edited layers with `steps` gradient steps at `lr` (with one step,
     MEND's gradient budget); then each of `baselines` (`baselines.py` names or YAML files: unedited,
     ft-l, lora, ike), IKE with the training split's records as demonstrations. Columns: unedited, the
-    trained editor, FT, the rest. The table also lands in the run's folder (`run_folder`).
+    trained editor, FT, the rest. The table also lands in the run's folder (`run_folder`). Under a protocol
+    that reads every position (easyedit), baselines that answer only at the answer positions (IKE, GRACE,
+    WISE) are refused at setup, as `kedit eval` refuses them.
     """
 
     def __init__(self, lr: float = 1e-2, steps: int = 1, baselines: Sequence[str] = ()) -> None:
         self.lr = lr
         self.steps = steps
         self.baselines = dict(load_baseline(spec) for spec in baselines)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        protocol = pl_module.hparams.get("protocol", "kedit")
+        answer_only = [name for name, editor in self.baselines.items() if not isinstance(editor, WeightEditor)]
+        if protocol in EVERY_POSITION_PROTOCOLS and answer_only:
+            raise ValueError(
+                f"CompareWithFineTuning: baselines {', '.join(answer_only)} answer only at the answer positions, and "
+                f"protocol {protocol} reads every position: use protocol kedit or vlkeb, or leave them out"
+            )
 
     def _score(
         self, editor: nn.Module, trainer: Trainer, pl_module: LightningModule, unedited: bool = False

@@ -4,6 +4,7 @@ identity-initialised MEND it started from and FT-L; the end-of-fit table shows t
 import copy
 import dataclasses
 
+import pytest
 import torch
 from conftest import CONFIGS
 from lightning import Callback, Trainer, seed_everything
@@ -62,3 +63,29 @@ def test_a_briefly_trained_mend_beats_its_initialisation_and_ft_l(world, tmp_pat
     report = (tmp_path / "runs" / "unlogged" / "version_0" / "report.md").read_text()
     assert report.splitlines()[0] == "| metric | unedited | FT (1 step, lr 0.01) | ike |"
     assert "| t_locality | 1.000 |" in report  # the unedited model agrees with itself
+
+
+def test_the_end_of_fit_table_refuses_answer_only_baselines_under_an_every_position_protocol(world, tmp_path):
+    """IKE answers only at the answer positions, and protocol easyedit reads every position: the fit stops at
+    setup, as `kedit eval --protocol easyedit --baseline ike` does, before any training step."""
+    spec = dataclasses.replace(load_backbone_spec(CONFIGS / "text-tiny.yaml"), processor=str(world / "tokenizer"))
+    module = MENDModule(spec, protocol="easyedit")
+    trainer = Trainer(
+        max_steps=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        inference_mode=False,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[CompareWithFineTuning(baselines=["unedited", "lora", "ike"])],
+    )
+    with pytest.raises(
+        ValueError, match="^CompareWithFineTuning: baselines ike answer only at the answer positions"
+    ) as err:
+        trainer.fit(module, TextEditDataModule(str(world), batch_size=8))
+    assert "protocol easyedit reads every position" in str(err.value) and "\n" not in str(err.value)
+    assert trainer.global_step == 0
