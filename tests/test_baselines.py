@@ -220,3 +220,30 @@ def test_lora_edits_do_not_depend_on_the_global_rng(tokenizer):
         LoRA(rank=4, lr=1e-2, steps=3, seed=seed)(model, inputs, inputs.rows("edit"))
         changes.append(torch.cat([w.flatten() for w in model.weights().values()]))
     assert torch.equal(changes[0], changes[1]) and not torch.equal(changes[0], changes[2])  # the seed picks A
+
+
+def test_kedit_eval_protocol_all_keeps_easyedit_for_the_weight_editors(world, tmp_path, capsys):
+    spec = dataclasses.asdict(load_backbone_spec(CONFIGS / "blip2-tiny.yaml"))
+    backbone_yaml = tmp_path / "blip2.yaml"
+    backbone_yaml.write_text(yaml.safe_dump({**spec, "processor": str(world / "tokenizer")}))
+    quick = tmp_path / "ft-l-quick.yaml"
+    quick.write_text(yaml.safe_dump({"class_path": "kedit_lightning.editors.tuning.FTL", "init_args": {"steps": 2}}))
+    out = tmp_path / "eval.json"
+    args = [
+        "eval",
+        "--backbone",
+        str(backbone_yaml),
+        "--data",
+        str(world / VAL_FILE),
+        "--images",
+        str(world / "images"),
+    ]
+    baselines = ["--baseline", str(quick), "--baseline", "grace", "--protocol", "all", "--json", str(out)]
+    assert main([*args, "--no-progress", "--device", "cpu", *baselines]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("easyedit left out") == 1 and "--protocol all: easyedit left out for grace:" in printed
+    report = json.loads(out.read_text())["baselines"]
+    for protocol in ("kedit", "vlkeb"):
+        assert f"{protocol}/t_locality" in report["ft-l-quick"] and f"{protocol}/t_locality" in report["grace"]
+    assert "easyedit/t_locality" in report["ft-l-quick"] and "easyedit/i_locality" in report["ft-l-quick"]
+    assert not any(key.startswith("easyedit/") for key in report["grace"])

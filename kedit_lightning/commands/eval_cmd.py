@@ -157,22 +157,32 @@ def write_curve(folder: Path, run: str, curve: Mapping[str, list]) -> Path:
 
 def chosen_protocols(args: argparse.Namespace, answer_only: Sequence[str]) -> tuple[str, ...]:
     """The protocols `--protocol` names. `answer_only`: the scored editors that answer only at the answer
-    positions (SERAC, IKE, GRACE, WISE: not weight editors); with any, `all` leaves out the protocols that
-    read every position, and asking for one of those alone is refused."""
+    positions (SERAC, IKE, GRACE, WISE: not weight editors); with any, asking for a protocol that reads every
+    position alone is refused, and `all` keeps it for the other columns only (`column_protocols`)."""
     if not answer_only:
         return PROTOCOLS if args.protocol == "all" else (args.protocol,)
-    why = (
-        EVERY_POSITION_REFUSED
-        if list(answer_only) == ["serac"]
-        else f"{', '.join(answer_only)} answer only at the answer positions, and that protocol reads every position: "
-        "use protocol kedit or vlkeb, or score them in a run of their own"
-    )
-    if args.protocol != "all":
-        if args.protocol in EVERY_POSITION_PROTOCOLS:
-            raise ValueError(f"--protocol {args.protocol}: {why}")
-        return (args.protocol,)
-    print(f"--protocol all: {', '.join(EVERY_POSITION_PROTOCOLS)} left out: {why}")
-    return tuple(p for p in PROTOCOLS if p not in EVERY_POSITION_PROTOCOLS)
+    if args.protocol == "all":
+        print(
+            f"--protocol all: {', '.join(EVERY_POSITION_PROTOCOLS)} left out for {', '.join(answer_only)}: they "
+            "answer only at the answer positions, and that protocol reads every position"
+        )
+        return PROTOCOLS
+    if args.protocol in EVERY_POSITION_PROTOCOLS:
+        why = (
+            EVERY_POSITION_REFUSED
+            if list(answer_only) == ["serac"]
+            else f"{', '.join(answer_only)} answer only at the answer positions, and that protocol reads every "
+            "position: use protocol kedit or vlkeb, or score them in a run of their own"
+        )
+        raise ValueError(f"--protocol {args.protocol}: {why}")
+    return (args.protocol,)
+
+
+def column_protocols(protocols: tuple[str, ...], module: Any) -> tuple[str, ...]:
+    """The protocols one editor's column is scored under: those that read every position need a weight editor."""
+    if isinstance(module, WeightEditor):
+        return protocols
+    return tuple(protocol for protocol in protocols if protocol not in EVERY_POSITION_PROTOCOLS)
 
 
 def printed_table(report: Mapping[str, Any], protocols: tuple[str, ...]) -> str:
@@ -273,15 +283,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--generate scores records edited one at a time; it does not combine with --sequential")
     # The every-position protocols need every editor scored to answer at every position: weight editors do.
     modules = {**({editor.method: editor.editor} if editor is not None else {}), **baselines}
-    protocols = chosen_protocols(
-        args, [name for name, module in modules.items() if not isinstance(module, WeightEditor)]
-    )
+    chosen = chosen_protocols(args, [name for name, module in modules.items() if not isinstance(module, WeightEditor)])
     if args.sequential is not None:
         available = len(datamodule.split_records("val"))
         if not 0 < args.sequential <= available:
             raise ValueError(f"--sequential {args.sequential}: {data} has {available} records")
 
-    def score(scored_editor: Any, unedited: bool) -> dict[str, Any]:
+    def score(name: str, scored_editor: Any, unedited: bool) -> dict[str, Any]:
+        protocols = column_protocols(chosen, modules[name])
         if args.sequential is not None:
             return evaluate_sequential(
                 scored_editor, backbone, loader, args.sequential, HOPS, args.probe, progress, groups, protocols
@@ -289,12 +298,17 @@ def run(args: argparse.Namespace) -> int:
         return evaluate(scored_editor, backbone, loader, HOPS, progress, groups, args.generate, protocols, unedited)
 
     # The unedited model is the same for every column: scored once, beside the first editor.
-    report = score(editor, unedited=True) if editor is not None else {}
+    report = score(editor.method, editor, unedited=True) if editor is not None else {}
     scored = {
-        name: score(baseline, unedited=not i and editor is None) for i, (name, baseline) in enumerate(baselines.items())
+        name: score(name, baseline, unedited=not i and editor is None)
+        for i, (name, baseline) in enumerate(baselines.items())
     }
     columns = ({editor.method: report} if editor is not None else {}) | scored
-    print(printed_table(report, protocols) if not scored else compared_table(columns))
+    print(
+        printed_table(report, column_protocols(chosen, modules[editor.method]))
+        if not scored
+        else compared_table(columns)
+    )
     for name, scored_report in columns.items():
         if "sequential" in scored_report:
             curve = scored_report["sequential"]["curve"]
@@ -312,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
                 print(
                     f"\n{name}: the table scores the {in_force} edits in force ({args.sequential - in_force} "
                     f"superseded by a later edit of the same fact); all {args.sequential} edits, each against its own "
-                    "target:\n" + printed_table(all_edits, protocols)
+                    "target:\n" + printed_table(all_edits, column_protocols(chosen, modules[name]))
                 )
             if args.curve:
                 print(f"curve written to {write_curve(Path(args.curve), name, curve)}")
