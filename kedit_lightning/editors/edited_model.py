@@ -475,7 +475,7 @@ def new_edit_groups(
 
 class ConfiguredEditor(nn.Module):
     """An editor rebuilt from its `config` (its constructor arguments as plain data, which artifacts and
-    configs/editors/ store): `from_config(editor.config)`."""
+    kedit_lightning/configs/editors/ store): `from_config(editor.config)`."""
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Self:
