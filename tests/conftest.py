@@ -58,6 +58,23 @@ def base_dir(world, tmp_path_factory) -> Path:
     return out
 
 
+def quiet_trainer(**options) -> Trainer:
+    """A CPU Trainer for tests: gradients in evaluation (editing needs them), no logger, checkpoints, progress
+    bar, model summary or sanity validation; `options` add to or override these."""
+    return Trainer(
+        **{
+            "accelerator": "cpu",
+            "inference_mode": False,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            **options,
+        }
+    )
+
+
 def base_spec(base_dir: Path) -> BackboneSpec:
     return BackboneSpec(
         family="blip2",

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import CONFIGS
+from conftest import CONFIGS, quiet_trainer
 from lightning import Callback, Trainer, seed_everything
 
 from data_modules.datamodules import TextEditDataModule
@@ -37,16 +37,9 @@ def test_a_briefly_trained_mend_beats_its_initialisation_and_ft_l(world, tmp_pat
     data = TextEditDataModule(str(world), batch_size=8)  # val: the held-out entities' edits
     initial = KeepInitialEditor()
     table = CompareWithFineTuning(baselines=["unedited", "ike"])
-    trainer = Trainer(
+    trainer = quiet_trainer(
         max_steps=100,
         check_val_every_n_epoch=10**6,  # no validation during the fit: the test scores held-out edits itself
-        num_sanity_val_steps=0,
-        inference_mode=False,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=tmp_path,
         callbacks=[initial, table],
     )
@@ -70,16 +63,9 @@ def test_the_end_of_fit_table_refuses_answer_only_baselines_under_an_every_posit
     setup, as `kedit eval --protocol easyedit --baseline ike` does, before any training step."""
     spec = dataclasses.replace(load_backbone_spec(CONFIGS / "text-tiny.yaml"), processor=str(world / "tokenizer"))
     module = MENDModule(spec, protocol="easyedit")
-    trainer = Trainer(
+    trainer = quiet_trainer(
         max_steps=1,
         limit_val_batches=1,
-        num_sanity_val_steps=0,
-        inference_mode=False,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=tmp_path,
         callbacks=[CompareWithFineTuning(baselines=["unedited", "lora", "ike"])],
     )

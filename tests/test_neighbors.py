@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import CONFIGS, TINY_BERT
-from lightning import Trainer
+from conftest import CONFIGS, TINY_BERT, quiet_trainer
 from oracle import dense_edit, run_with
 from test_backbones import make_tokenizer, tiny_backbone
 from test_edited_model import trained_like
@@ -177,17 +176,10 @@ def test_serac_trains_with_neighbours_as_classifier_negatives(world):
     scope = ScopeEncoderSpec(config=TINY_BERT, tokenizer=tokenizer_dir)
     module = SERACModule(spec, spec, scope, neighbor_locality=True)
     data = TextEditDataModule(str(world), batch_size=4)
-    trainer = Trainer(
+    trainer = quiet_trainer(
         max_steps=1,
         limit_train_batches=1,
         limit_val_batches=0,
-        num_sanity_val_steps=0,
-        inference_mode=False,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(module, data)
     batch = next(iter(data.train_dataloader()))

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CONFIGS, TINY_BERT
-from lightning import Trainer
+from conftest import CONFIGS, TINY_BERT, quiet_trainer
 
 from data_modules.datamodules import TextEditDataModule
 from data_modules.records import DataError
@@ -216,16 +215,9 @@ def test_serac_trains_and_validates_on_text_records(world):
     spec = dataclasses.replace(load_backbone_spec(CONFIGS / "text-tiny.yaml"), processor=tokenizer_dir)
     torch.manual_seed(0)
     module = SERACModule(spec, spec, ScopeEncoderSpec(config=TINY_BERT, tokenizer=tokenizer_dir), hard_negatives=True)
-    trainer = Trainer(
+    trainer = quiet_trainer(
         max_steps=2,
         limit_train_batches=2,
-        num_sanity_val_steps=0,
-        inference_mode=False,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(module, TextEditDataModule(str(world), batch_size=4))
     report = module.last_report["val"]
