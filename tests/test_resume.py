@@ -13,13 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import VAL_FILE
+from conftest import VAL_FILE, quiet_trainer
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from test_shards import IndexOf, dataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from data_modules.shards import ShardStream, StreamLoader, resolve_shards, write_shards
 from kedit_lightning.backbones import load_backbone_spec
 from kedit_lightning.errors import run_training_entry
-from kedit_lightning.training_cli import AtomicCheckpointIO, main
+from kedit_lightning.training_cli import LAST, AtomicCheckpointIO, main
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 16  # the JSON epoch has 12 batches of 8 records (90 records), the sharded one 11: both cross a boundary
@@ -229,3 +232,53 @@ def test_a_stream_resumed_mid_pass_yields_the_rest_of_the_pass(tmp_path, stop_af
     resumed = loader()
     resumed.load_state_dict(first.state_dict())
     assert seen + list(resumed) == whole
+
+
+class ScoreFallsEachEpoch(LightningModule):
+    """A one-weight module whose `val/score` is best after the first epoch and worse after each later one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight - batch[0]).pow(2).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/score", 1.0 - 0.1 * self.current_epoch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def shipped_checkpoint_callbacks() -> dict[str, list[dict]]:
+    """Each distinct ModelCheckpoint list of the shipped training configs, with the first config that has it."""
+    distinct = {}
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        config = yaml.safe_load(path.read_text()) or {}
+        trainer = config.get("trainer") if isinstance(config, dict) else None
+        callbacks = [
+            callback
+            for callback in ((trainer or {}).get("callbacks") or [])
+            if callback.get("class_path", "").endswith("ModelCheckpoint")
+        ]
+        if callbacks:
+            distinct.setdefault(yaml.safe_dump(callbacks), (path.relative_to(REPO).as_posix(), callbacks))
+    return dict(distinct.values())
+
+
+@pytest.mark.parametrize("config", sorted(shipped_checkpoint_callbacks()))
+def test_every_shipped_config_keeps_last_ckpt_at_the_latest_epoch_and_the_best_apart(config, tmp_path):
+    """Since Lightning 2.6 `save_last` copies only a checkpoint that was saved, so beside a best-only ModelCheckpoint
+    `last.ckpt` stayed at the best epoch and `--ckpt_path last` went back to it, dropping the epochs after."""
+    callbacks = [
+        ModelCheckpoint(**callback.get("init_args", {})) for callback in shipped_checkpoint_callbacks()[config]
+    ]
+    data = DataLoader(TensorDataset(torch.ones(4, 1)), batch_size=2)
+    trainer = quiet_trainer(
+        max_epochs=3, enable_checkpointing=True, callbacks=callbacks, default_root_dir=tmp_path, log_every_n_steps=1
+    )
+    trainer.fit(ScoreFallsEachEpoch(), data, data)
+    assert torch.load(tmp_path / "checkpoints" / LAST, weights_only=False)["epoch"] == 2, config
+    # What ExportEditor exports: the first ModelCheckpoint's best, the first epoch here.
+    assert torch.load(trainer.checkpoint_callback.best_model_path, weights_only=False)["epoch"] == 0, config
