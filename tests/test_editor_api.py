@@ -457,6 +457,31 @@ def test_kedit_eval_refuses_the_every_position_protocol_for_serac(serac_fitted, 
     assert not any(key.startswith("easyedit/") for key in report)
 
 
+def test_kedit_eval_routes_serac_with_the_threshold_and_margin_it_is_given(
+    serac_fitted, fitted, world, base_dir, tmp_path, capsys
+):
+    out = tmp_path / "serac.json"
+    data = ("--data", str(world / VAL_FILE), "--images", str(world / "images"), "--no-progress", "--json", str(out))
+    args = [*("eval", "--editor", str(serac_fitted.artifact), "--backbone", str(base_dir), "--device", "cpu"), *data]
+    assert main(args) == 0
+    default = json.loads(out.read_text())
+    assert default["routing"] == {"threshold": 0.5, "recency_margin": 0.25}
+    assert default["scope"]["fp_rate"] < 1.0
+    # A threshold of almost 0 routes every input, the unrelated ones too; the margin is only reported.
+    assert main([*args, "--threshold", "1e-300", "--recency-margin", "1"]) == 0
+    everything = json.loads(out.read_text())
+    assert everything["routing"] == {"threshold": 1e-300, "recency_margin": 1.0}
+    assert everything["scope"]["fp_rate"] == 1.0 and everything["scope"]["recall"] == 1.0
+    capsys.readouterr()
+    assert main([*args, "--threshold", "1.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--threshold: threshold must be a probability strictly between 0 and 1" in err
+    mend = [*("eval", "--editor", str(fitted.artifact), "--backbone", str(base_dir), "--device", "cpu"), *data]
+    assert main([*mend, "--recency-margin", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--recency-margin: only a SERAC editor routes inputs" in err
+
+
 def test_an_edit_is_superseded_by_a_later_edit_of_the_same_fact():
     def meta(prompt, rephrase, image=None, image_rephrase=None, subject=None):
         return {

@@ -49,7 +49,7 @@ from kedit_lightning.commands.shared import (
 from kedit_lightning.editor import evaluate, evaluate_sequential
 from kedit_lightning.editors.edited_model import WeightEditor
 from kedit_lightning.editors.ike import IKE
-from kedit_lightning.editors.serac import EVERY_POSITION_REFUSED
+from kedit_lightning.editors.serac import EVERY_POSITION_REFUSED, SERAC
 from kedit_lightning.evaluation import EVERY_POSITION_PROTOCOLS, HOPS, PROTOCOLS, report_column
 
 
@@ -109,6 +109,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="DIR",
         help="with --sequential: the curve as TensorBoard scalars in DIR/<editor method> (tensorboard --logdir DIR)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        metavar="P",
+        help="SERAC: route an input to an edit when the scope probability is >= P (default: the artifact's)",
+    )
+    parser.add_argument(
+        "--recency-margin",
+        type=float,
+        default=None,
+        metavar="M",
+        help="SERAC: the newest of the entries within M (log-probability) of an input's best wins "
+        "(default: the artifact's)",
     )
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -260,11 +275,32 @@ def load_backbone(args: argparse.Namespace) -> tuple[Any, Backbone]:
     return None, build_backbone(spec).to(args.device).eval()
 
 
+def set_routing(args: argparse.Namespace, editor: Any) -> dict[str, float] | None:
+    """Apply `--threshold` / `--recency-margin` to a SERAC editor; the routing it then uses (None: not SERAC)."""
+    flags = [
+        flag
+        for flag, value in (("--threshold", args.threshold), ("--recency-margin", args.recency_margin))
+        if value is not None
+    ]
+    serac = editor.editor if editor is not None and isinstance(editor.editor, SERAC) else None
+    if serac is None:
+        if flags:
+            held = f"a {editor.method} editor" if editor is not None else "no --editor"
+            raise ValueError(f"{' and '.join(flags)}: only a SERAC editor routes inputs, and {args.editor} is {held}")
+        return None
+    try:
+        serac.set_routing(args.threshold, args.recency_margin)
+    except ValueError as err:
+        raise ValueError(f"{' and '.join(flags)}: {err}") from None
+    return {"threshold": serac.threshold, "recency_margin": serac.recency_margin}
+
+
 def run(args: argparse.Namespace) -> int:
     if args.curve and args.sequential is None:
         raise ValueError("--curve: the curve comes from a sequential run; add --sequential N")
     baselines = load_baselines(args)
     editor, backbone = load_backbone(args)
+    routing = set_routing(args, editor)
     processor = backbone.processor if editor is None else editor.processor(backbone)
     data = Path(args.data)
     datamodule = (
@@ -332,6 +368,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"curve written to {write_curve(Path(args.curve), name, curve)}")
     if scored:
         report["baselines"] = scored
+    if routing is not None:
+        report["routing"] = routing
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -431,16 +431,23 @@ class SERAC(nn.Module):
         recency_margin: float = RECENCY_MARGIN,
     ) -> None:
         super().__init__()
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must be a probability strictly between 0 and 1, got {threshold}")
-        if not recency_margin >= 0.0:
-            raise ValueError(f"recency_margin must be a log-probability margin >= 0, got {recency_margin}")
-        self.recency_margin = recency_margin
+        self.set_routing(threshold, recency_margin)
         self.scope_target = scope_target
         self.classifier = classifier
         self.counterfactual = counterfactual
         self.image_dim = image_dim
-        self.threshold = threshold
+
+    def set_routing(self, threshold: float | None = None, recency_margin: float | None = None) -> None:
+        """How inputs are routed: the scope threshold (a probability) and the recency margin (a log-probability);
+        None keeps the current value. Neither is trained, so an artifact's can be changed when it is applied."""
+        if threshold is not None:
+            if not 0.0 < threshold < 1.0:
+                raise ValueError(f"threshold must be a probability strictly between 0 and 1, got {threshold}")
+            self.threshold = threshold
+        if recency_margin is not None:
+            if not recency_margin >= 0.0:
+                raise ValueError(f"recency_margin must be a log-probability margin >= 0, got {recency_margin}")
+            self.recency_margin = recency_margin
 
     @classmethod
     def build(
