@@ -523,9 +523,10 @@ def evaluate_sequential(
 ) -> dict[str, Any]:
     """Edit the first `n_edits` records one after another, each on top of the previous edits.
 
-    At 1, 2, 5, 10, ... edits the first `probe` records edited so far (None: all of them) are scored against
-    their own targets (how Reliability of the earliest edits and Locality hold up as edits accumulate:
-    `sequential.curve`, one array per headline metric against `n_edits`). The report itself scores, on the
+    At 1, 2, 5, 10, ... edits, those of the first `probe` records edited so far (None: all of them) that are still
+    in force are scored against their own targets (how Reliability of the earliest edits and Locality hold up as
+    edits accumulate: `sequential.curve`, one array per headline metric against `n_edits`; a point where every
+    tracked edit is superseded is left out). The report itself scores, on the
     final post-edit model under each of `protocols` and beside the unedited model, the edits in force: an
     edit superseded by a later edit of the same fact (`in_force`) is left out, since the model should now
     answer the later target. `sequential.all_edits` is the same report over all `n_edits` records, each
@@ -545,8 +546,9 @@ def evaluate_sequential(
                 done += 1
                 if probe is None or len(earliest) < probe:
                     earliest.append(record)
-                if done in marks:
-                    report = score(session, earliest, EditMetrics(hops, protocols[:1]))
+                tracked = [record for record, kept in zip(earliest, in_force(metas)) if kept] if done in marks else []
+                if tracked:
+                    report = score(session, tracked, EditMetrics(hops, protocols[:1]))
                     curve["n_edits"].append(done)
                     for key in headline(report):
                         curve.setdefault(key, []).append(report[key])
