@@ -9,8 +9,8 @@ artifact: these editors are not meta-trained. The backbone is the quick start's 
 its base model built first by `python train.py fit --config configs/quickstart.yaml` or the bootstrap
 config); the first `--edits` records of `--data` are edited one after another, each on top of the
 previous ones, and the edits in force (and, apart, all of them) are scored on the final model (the
-curve scores the first 10 as edits accumulate). Neither editor learns from data, so the train split's
-records are as unseen as the eval split's.
+curve scores those of the first 10 still in force as edits accumulate). Neither editor learns from data,
+so the train split's records are as unseen as the eval split's.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def main() -> dict[str, Any]:
     )
     curve = sequential["curve"]
     for i, n in enumerate(curve["n_edits"]):
-        print(f"  first 10 after {n:>4} edits: " + ", ".join(f"{k} {curve[k][i]:.3f}" for k in keys))
+        print(f"  first 10, those in force, after {n:>4} edits: " + ", ".join(f"{k} {curve[k][i]:.3f}" for k in keys))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return report
