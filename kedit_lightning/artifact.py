@@ -249,6 +249,7 @@ _SANE_CONFIG: dict[str, dict[str, tuple[Any, str]]] = {
         "rank": (lambda v: _is_count(v, 1), "an integer >= 1"),
         "n_hidden": (lambda v: _is_count(v, 0), "an integer >= 0"),
         "param_shapes": (_are_shapes, "a map of names to lists of positive integers"),
+        "max_edit_ratio": (lambda v: v is None or (_is_number(v) and v > 0), "null or a finite number > 0"),
     },
     "ft": {
         "lr": (_is_lr, f"a finite number in (0, {MAX_LR:g}]"),

@@ -459,6 +459,18 @@ def evaluate(
     return {**metrics.compute(), **(generation.compute() if generate else {})}
 
 
+def weight_change(model: WeightEditedModel) -> float:
+    """||W - W_0||_F / ||W_0||_F over all edited weights together: how far the folded edits moved them."""
+    if model.original is None:
+        return 0.0
+    change = total = 0.0
+    for name, weight in model.backbone.editable_parameters().items():
+        original = model.original[name].float()
+        change += float((weight.detach().float() - original).pow(2).sum())
+        total += float(original.pow(2).sum())
+    return (change / total) ** 0.5
+
+
 def curve_points(n_edits: int) -> list[int]:
     """1, 2, 5, 10, 20, 50, ... below `n_edits`, then `n_edits`."""
     points, scale = [], 1
@@ -525,8 +537,9 @@ def evaluate_sequential(
 
     At 1, 2, 5, 10, ... edits, those of the first `probe` records edited so far (None: all of them) that are still
     in force are scored against their own targets (how Reliability of the earliest edits and Locality hold up as
-    edits accumulate: `sequential.curve`, one array per headline metric against `n_edits`; a point where every
-    tracked edit is superseded is left out). The report itself scores, on the
+    edits accumulate: `sequential.curve`, one array per headline metric against `n_edits`, and for weight editors
+    `weight_change`, how far the edits moved the edited weights; a point where every tracked edit is superseded
+    is left out). The report itself scores, on the
     final post-edit model under each of `protocols` and beside the unedited model, the edits in force: an
     edit superseded by a later edit of the same fact (`in_force`) is left out, since the model should now
     answer the later target. `sequential.all_edits` is the same report over all `n_edits` records, each
@@ -552,6 +565,8 @@ def evaluate_sequential(
                     curve["n_edits"].append(done)
                     for key in headline(report):
                         curve.setdefault(key, []).append(report[key])
+                    if isinstance(session.model, WeightEditedModel):
+                        curve.setdefault("weight_change", []).append(weight_change(session.model))
                 bar.update()
         if done < n_edits:
             raise ValueError(f"{n_edits} sequential edits asked for, but the data has only {done} records")

@@ -23,6 +23,7 @@ from kedit_lightning.editor import (
     Editor,
     EditRequest,
     NonFiniteEdit,
+    _records,
     curve_points,
     evaluate,
     evaluate_sequential,
@@ -387,6 +388,26 @@ def test_sequential_evaluation_stops_at_a_non_finite_edit(editor, backbone, worl
         evaluate_sequential(editor, backbone, data.val_dataloader(), 3, progress=False)
 
 
+def test_the_sequential_curve_says_how_far_the_edits_moved_the_weights(editor, backbone, world):
+    data = VQADataModule(str(world), train_file=VAL_FILE, val_file=VAL_FILE, batch_size=2, processor=backbone.processor)
+    data.setup("validate")
+    report = evaluate_sequential(editor, backbone, data.val_dataloader(), 2, probe=None, progress=False)
+    original = {name: w.detach().clone() for name, w in backbone.editable_parameters().items()}  # restored
+    mend = editor.attach(backbone)
+    first, second = list(_records(data.val_dataloader(), torch.device("cpu"), 2))
+    after_one = dense_edit(mend, backbone, first["edit_inner"])
+    after_two = dense_edit(mend, backbone, second["edit_inner"], after_one)
+
+    def moved(weights):
+        change = sum(float((weights[name] - w).double().pow(2).sum()) for name, w in original.items())
+        return (change / sum(float(w.double().pow(2).sum()) for w in original.values())) ** 0.5
+
+    curve = report["sequential"]["curve"]
+    assert curve["n_edits"] == [1, 2] and curve["weight_change"] == pytest.approx(
+        [moved(after_one), moved(after_two)], rel=1e-3
+    )
+
+
 def test_serac_artifact_edits_through_its_memory_and_reproduces_validation_from_another_directory(
     serac_fitted, world, base_dir, records, tmp_path, capsys, monkeypatch
 ):
@@ -464,7 +485,7 @@ def test_kedit_eval_refuses_the_every_position_protocol_for_serac(serac_fitted, 
     assert not any(key.startswith("easyedit/") for key in report)
 
 
-def test_kedit_eval_routes_serac_with_the_threshold_and_margin_it_is_given(
+def test_kedit_eval_applies_serac_routing_and_mend_edit_limits_it_is_given(
     serac_fitted, fitted, world, base_dir, tmp_path, capsys
 ):
     out = tmp_path / "serac.json"
@@ -487,6 +508,13 @@ def test_kedit_eval_routes_serac_with_the_threshold_and_margin_it_is_given(
     assert main([*mend, "--recency-margin", "0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--recency-margin: only a SERAC editor routes inputs" in err
+    # MEND's counterpart, the edit norm limit, is refused for SERAC and reported for MEND.
+    assert main([*args, "--max-edit-ratio", "0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--max-edit-ratio: only MEND edits are limited" in err
+    assert main([*mend, "--max-edit-ratio", "1e-9"]) == 0
+    limited = json.loads(out.read_text())
+    assert limited["max_edit_ratio"] == 1e-9 and limited["reliability"] == limited["pre_reliability"]
 
 
 def test_an_edit_is_superseded_by_a_later_edit_of_the_same_fact():

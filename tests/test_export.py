@@ -240,6 +240,24 @@ def test_each_step_size_stays_on_its_weight_when_the_weights_are_not_in_name_ord
     )
 
 
+def test_an_editor_trained_under_an_edit_limit_keeps_it_in_its_artifact(base_dir, tmp_path, artifact_copy):
+    spec = BackboneSpec(
+        family="blip2", pretrained=str(base_dir), edit_params=["language_model.model.decoder.layers.3.fc2.weight"]
+    )
+    module = MENDModule(spec, rank=4, max_edit_ratio=0.05)
+    module.configure_model()
+    assert module.editor.max_edit_ratio == 0.05
+    assert Editor.from_pretrained(export_module(module, tmp_path / "limited")).editor.max_edit_ratio == 0.05
+    assert Editor.from_pretrained(artifact_copy).editor.max_edit_ratio is None  # trained without one
+    card = card_of(artifact_copy)
+    card["editor"]["config"]["max_edit_ratio"] = -1.0
+    (artifact_copy / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(
+        ArtifactError, match="editor.config.max_edit_ratio is -1.0; it must be null or a finite number > 0"
+    ):
+        Editor.from_pretrained(artifact_copy)
+
+
 def test_a_version_2_mend_artifact_is_refused_its_weights_order_is_lost(artifact_copy):
     card = card_of(artifact_copy)
     (artifact_copy / CARD_FILE).write_text(json.dumps({**card, "format_version": 2}))

@@ -310,6 +310,39 @@ def test_sequential_edits_compose(opt):
     assert (lr_grad != 0).all()
 
 
+def squared_norm(tensors) -> float:
+    return sum(float(t.detach().double().pow(2).sum()) for t in tensors)
+
+
+def test_a_limited_edit_is_the_free_edit_scaled_to_the_ratio_of_the_weights_norm(opt):
+    editor = MEND.for_backbone(opt, rank=8, edit_lr=1.0).eval()
+    weights = squared_norm(opt.editable_parameters().values()) ** 0.5
+    free = updates(editor, opt, encode(opt, EDIT[:1]))
+    free_norm = squared_norm(free.values()) ** 0.5
+    editor.limit_edits(10 * free_norm / weights)  # far above this edit: no change, bit for bit
+    assert all(torch.equal(update, free[name]) for name, update in updates(editor, opt, encode(opt, EDIT[:1])).items())
+    ratio = 0.25 * free_norm / weights
+    editor.limit_edits(ratio)
+    limited = updates(editor, opt, encode(opt, EDIT[:1]))
+    assert squared_norm(limited.values()) ** 0.5 == pytest.approx(ratio * weights, rel=1e-4)
+    for name, update in limited.items():  # every weight's share as the editor made it
+        torch.testing.assert_close(update, 0.25 * free[name], rtol=1e-4, atol=1e-4 * free[name].abs().max().item())
+    with pytest.raises(ValueError, match="must be a number > 0, got 0.0"):
+        editor.limit_edits(0.0)
+
+
+def test_edits_made_together_are_each_limited_on_their_own(opt):
+    editor = MEND.for_backbone(opt, rank=8, edit_lr=1.0).eval()
+    inputs = StepInputs(opt, {"edit": encode(opt, EDIT)})
+    free_model = WeightEditedModel(opt)
+    free = free_model.squared_norms(editor(free_model, inputs, inputs.rows("edit")))
+    limit = float(free.min() + free.max()) / 2  # between the two edits' squared norms
+    editor.limit_edits((limit / squared_norm(opt.editable_parameters().values())) ** 0.5)
+    model = WeightEditedModel(opt)
+    limited = model.squared_norms(editor(model, inputs, inputs.rows("edit")))
+    torch.testing.assert_close(limited, torch.minimum(free, torch.tensor(limit, dtype=free.dtype)), rtol=1e-4, atol=0.0)
+
+
 def test_editor_rejects_a_backbone_it_was_not_built_for(opt):
     editor = MEND({"model.decoder.layers.0.fc1.weight": (16, 32)}, rank=4)
     with pytest.raises(ValueError, match="fc1.weight"):

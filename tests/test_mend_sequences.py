@@ -181,7 +181,9 @@ def test_training_on_chains_lowers_the_chain_loss_and_retains_earlier_edits_bett
 
 
 def test_the_module_trains_on_chains_and_refuses_bad_lengths(world, tmp_path):
-    module = make_module(world, sequence_length=2, backprop_window=1, cretain=0.5, discount=0.9, cnorm=0.1)
+    module = make_module(
+        world, sequence_length=2, backprop_window=1, cretain=0.5, discount=0.9, cnorm=0.1, max_edit_ratio=0.1
+    )
     fit = trainer(tmp_path, 2)
     fit.fit(module, datamodule=make_data(world, module, batch_size=4))
     assert fit.global_step == 2 and {"train/loss_retain", "train/loss_norm"} <= set(fit.callback_metrics)
@@ -193,3 +195,5 @@ def test_the_module_trains_on_chains_and_refuses_bad_lengths(world, tmp_path):
         MENDModule({"family": "text"}, discount=1.5)
     with pytest.raises(ValueError, match="model.cnorm must be a number >= 0; got -1"):
         MENDModule({"family": "text"}, cnorm=-1)
+    with pytest.raises(ValueError, match="model.max_edit_ratio must be a number > 0 or null; got 0"):
+        MENDModule({"family": "text"}, max_edit_ratio=0)

@@ -265,6 +265,8 @@ def load_backbone(args: argparse.Namespace) -> tuple[Any, Backbone]:
         return load_editor_and_backbone(args)
     if not args.baseline:
         raise ValueError("--editor: required (or --baseline NAME with a backbone YAML as --backbone)")
+    if args.max_edit_ratio is not None:
+        raise ValueError("--max-edit-ratio: limits a MEND editor's edits; give it with --editor")
     if not args.backbone.endswith((".yaml", ".yml")):
         raise ValueError(f"--backbone {args.backbone}: without --editor, give a backbone YAML (configs/backbones/)")
     check_device_and_dtype(args.device, args.dtype)
@@ -370,6 +372,8 @@ def run(args: argparse.Namespace) -> int:
         report["baselines"] = scored
     if routing is not None:
         report["routing"] = routing
+    if args.max_edit_ratio is not None:
+        report["max_edit_ratio"] = args.max_edit_ratio
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

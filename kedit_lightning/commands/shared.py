@@ -11,6 +11,7 @@ from data_modules.datasets import KINDS, VQA_TEMPLATE
 from data_modules.text_records import file_is_text
 from kedit_lightning.backbones import Backbone
 from kedit_lightning.editor import Editor
+from kedit_lightning.editors.mend import MEND
 
 TEXT_KIND = "text"
 
@@ -31,6 +32,14 @@ def add_editor_arguments(parser: argparse.ArgumentParser, editor_required: bool 
     )
     parser.add_argument(
         "--dtype", default=None, help="backbone dtype, e.g. bfloat16 (default: the one used in training)"
+    )
+    parser.add_argument(
+        "--max-edit-ratio",
+        type=float,
+        default=None,
+        metavar="R",
+        help="MEND: scale each edit's update down to at most R times the norm of the weights it edits, for long "
+        "sequences of edits (default: the limit the editor was trained under, if any)",
     )
     parser.add_argument(
         "--allow-other-weights",
@@ -99,6 +108,15 @@ def load_editor_and_backbone(args: argparse.Namespace) -> tuple[Editor, Backbone
     except KeyError as err:
         raise ValueError(f"{args.editor}/editor.json: missing field {err}") from None
     check_family(editor, kind, args.data)
+    if args.max_edit_ratio is not None:
+        if not isinstance(editor.editor, MEND):
+            raise ValueError(
+                f"--max-edit-ratio: only MEND edits are limited, and {args.editor} holds a {editor.method} editor"
+            )
+        try:
+            editor.editor.limit_edits(args.max_edit_ratio)
+        except ValueError as err:
+            raise ValueError(f"--max-edit-ratio: {err}") from None
     return editor, editor.load_backbone(
         args.backbone, dtype=args.dtype, device=args.device, allow_other_weights=args.allow_other_weights
     )

@@ -28,6 +28,7 @@ statistics as of its start, so a step is a function of its global batch alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -249,6 +250,7 @@ class MEND(WeightEditor):
         norm: bool = True,
         transposed: Collection[str] = (),
         variant: str = "paper",
+        max_edit_ratio: float | None = None,
     ) -> None:
         super().__init__()
         if init not in ("id", "xavier"):
@@ -278,6 +280,7 @@ class MEND(WeightEditor):
         }
         # The reference code adds the transformed update; edit terms are subtracted (W - u v^T), so u flips.
         self.adds_update = variant == "reference-code"
+        self.limit_edits(max_edit_ratio)
 
         # Group by (out, in): layers of one shape share a transform; their index in the group is their mode.
         groups: dict[str, list[str]] = {}
@@ -337,6 +340,39 @@ class MEND(WeightEditor):
         for m, part in zip(moments, pending.split([m.packed_size() for m in moments], dim=1)):
             m.commit(part)
 
+    def limit_edits(self, ratio: float | None) -> None:
+        """Scale each edit's update down, when larger, to `ratio` times the norm of the unedited weights it edits
+        (Frobenius norms over all edited weights together; None: no limit); each weight's share of the
+        update stays as the editor made it. Ours, for sequential editing: an editor meta-trained on the
+        unedited weights meets weights its earlier edits moved, where its updates grow edit after edit
+        (BENCHMARKS.md, sequence-aware MEND). Meta-trained under the limit (`MENDModule.max_edit_ratio`),
+        the editor learns edits that take within it; the scaling is differentiable."""
+        if ratio is not None and not (isinstance(ratio, int | float) and 0 < ratio < math.inf):
+            raise ValueError(f"the edit norm ratio must be a number > 0, got {ratio!r}")
+        self.max_edit_ratio = ratio
+        self.config["max_edit_ratio"] = ratio  # an artifact keeps the limit its editor was trained under
+
+    def _limited(
+        self,
+        terms: list[tuple[str, torch.Tensor, torch.Tensor]],
+        row_of: Mapping[str, torch.Tensor],
+        n_groups: int,
+        model: WeightEditedModel,
+    ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """`terms` (name, u, x) with each group's rows scaled so that its ||sum u x^T||_F is at most
+        `max_edit_ratio` * ||W||_F, the norms from the factors (sum_ij (u_i . u_j)(x_i . x_j) within a group)."""
+        # The weights before any edit was folded in: a limit relative to the weights as they are would let
+        # each edit grow it, compounding over a sequence.
+        weights = model.original if model.original is not None else model.backbone.editable_parameters()
+        limit = self.max_edit_ratio**2 * sum(float(w.detach().float().pow(2).sum()) for w in weights.values())
+        squared = torch.zeros(n_groups, dtype=torch.float64)
+        for name, u, x in terms:
+            rows = row_of[name].to(u.device)
+            same_group = (rows.unsqueeze(0) == rows.unsqueeze(1)).float()
+            squared.index_add_(0, row_of[name], ((u @ u.T) * (x @ x.T) * same_group).sum(1).double().cpu())
+        scale = (limit / squared.clamp(min=torch.finfo(torch.float64).tiny)).sqrt().clamp(max=1.0).float()
+        return [(name, u * scale[row_of[name]].to(u.device).unsqueeze(1), x) for name, u, x in terms]
+
     def check(self, model: WeightEditedModel) -> None:
         """Refuse a backbone whose edited weights differ from those this editor was built for."""
         params = model.backbone.editable_parameters()
@@ -369,6 +405,7 @@ class MEND(WeightEditor):
         groups, weights = new_edit_groups(model, len(rows), on_top_of, batched)
         factors, row_of = model.capture(inputs, rows, on_top_of, weights)
         step = dict(zip(self.param_names, self.edit_lrs))
+        terms = []
         for key, transform in self.transforms.items():
             # The layers sharing a transform go through it together (their modes row by row): one
             # matmul per weight of the transform, and one gradient for it, instead of one per layer.
@@ -384,6 +421,9 @@ class MEND(WeightEditor):
                 for name, x_part, delta_part in zip(names, x.split(sizes), delta.split(sizes)):
                     # Float32 even under bf16 autocast: the terms are summed over every token of the edit.
                     with torch.autocast(x_part.device.type, enabled=False):
-                        u = step[name] * delta_part.float()
-                        model.add({name: (-u if self.adds_update else u, x_part.float())}, groups[row_of[name]])
+                        terms.append((name, step[name] * delta_part.float(), x_part.float()))
+        if self.max_edit_ratio is not None:
+            terms = self._limited(terms, row_of, len(groups), model)
+        for name, u, x in terms:
+            model.add({name: (-u if self.adds_update else u, x)}, groups[row_of[name]])
         return groups

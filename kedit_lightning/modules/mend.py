@@ -39,7 +39,9 @@ and the points after them are not scored). Memory grows linearly with K, at a fi
 stored terms (one rank-one term per gradient row, i.e. per token, per edit), the transform's activations
 kept for backward (min(K, W) edits), and the post-edit forwards (with `discount` > 0 about K(K+1)/2
 record-forwards per chain instead of K), each applying up to K groups per row. K = 1, discount 0,
-cnorm 0 is the single-edit step, bit for bit.
+cnorm 0 is the single-edit step, bit for bit. `max_edit_ratio` (ours; `MEND.limit_edits`) scales every edit
+of a chain, the differentiable way, to at most that fraction of the edited weights' norm: a hard budget where
+`cnorm` is a soft one.
 
 The editor's normalisation statistics are committed once per step, merged across processes, and not
 at all for a skipped step; a step whose loss is not finite on any process is skipped on all of them
@@ -252,12 +254,14 @@ class MENDModule(EditorModule):
         cretain: float | None = None,
         discount: float = 0.0,
         cnorm: float = 0.0,
+        max_edit_ratio: float | None = None,
         protocol: Protocol = "kedit",
     ) -> None:
         """`variant`: see `editors.mend`. `sequence_length`, `backprop_window`: sequence-aware training (see
         the module docstring); `cretain`: the retention term's weight (default: `cedit`); `discount`: the weight
         gamma of the losses after each earlier edit of a chain (0: the chain's end alone); `cnorm`: the weight of
-        the penalty on each edit's squared norm ||Delta W||_F^2."""
+        the penalty on each edit's squared norm ||Delta W||_F^2; `max_edit_ratio`: each edit scaled down to at
+        most this times the edited weights' norm (`MEND.limit_edits`), in training and in the exported editor."""
         if variant not in MEND.VARIANTS:
             raise ValueError(f"model.variant must be one of {', '.join(MEND.VARIANTS)}; got {variant!r}")
         if not isinstance(sequence_length, int) or sequence_length < 1:
@@ -268,6 +272,8 @@ class MENDModule(EditorModule):
             raise ValueError(f"model.discount must be a number in [0, 1]; got {discount!r}")
         if not isinstance(cnorm, int | float) or not cnorm >= 0:
             raise ValueError(f"model.cnorm must be a number >= 0; got {cnorm!r}")
+        if max_edit_ratio is not None and not (isinstance(max_edit_ratio, int | float) and max_edit_ratio > 0):
+            raise ValueError(f"model.max_edit_ratio must be a number > 0 or null; got {max_edit_ratio!r}")
         super().__init__(backbone, hops, logged_edits, protocol)
         self.save_hyperparameters()
         self.editor: MEND | None = None
@@ -286,6 +292,7 @@ class MENDModule(EditorModule):
             norm=hp.norm,
             edit_lr=hp.edit_lr,
             variant=hp.variant,
+            max_edit_ratio=hp.max_edit_ratio,
         )
 
     def _cached_targets(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
