@@ -247,3 +247,11 @@ def test_kedit_eval_protocol_all_keeps_easyedit_for_the_weight_editors(world, tm
         assert f"{protocol}/t_locality" in report["ft-l-quick"] and f"{protocol}/t_locality" in report["grace"]
     assert "easyedit/t_locality" in report["ft-l-quick"] and "easyedit/i_locality" in report["ft-l-quick"]
     assert not any(key.startswith("easyedit/") for key in report["grace"])
+    unedited = {key: value for key, value in report["ft-l-quick"].items() if "/pre_" in key}
+    assert {key.split("/")[0] for key in unedited} == {"kedit", "easyedit", "vlkeb"}
+    # GRACE first: the unedited model is scored beside it, under easyedit too, by a pass of its own.
+    reordered = ["--baseline", "grace", "--baseline", str(quick), "--protocol", "all", "--json", str(out)]
+    assert main([*args, "--no-progress", "--device", "cpu", *reordered]) == 0
+    report = json.loads(out.read_text())["baselines"]
+    assert {key: value for key, value in report["grace"].items() if "/pre_" in key} == pytest.approx(unedited)
+    assert not any(key.startswith("easyedit/") and "/pre_" not in key for key in report["grace"])

@@ -50,6 +50,7 @@ from kedit_lightning.editor import evaluate, evaluate_sequential
 from kedit_lightning.editors.edited_model import WeightEditor
 from kedit_lightning.editors.ike import IKE
 from kedit_lightning.editors.serac import EVERY_POSITION_REFUSED, SERAC
+from kedit_lightning.editors.unedited import Unedited
 from kedit_lightning.evaluation import EVERY_POSITION_PROTOCOLS, HOPS, PROTOCOLS, report_column
 
 
@@ -327,8 +328,7 @@ def run(args: argparse.Namespace) -> int:
         if not 0 < args.sequential <= available:
             raise ValueError(f"--sequential {args.sequential}: {data} has {available} records")
 
-    def score(name: str, scored_editor: Any, unedited: bool) -> dict[str, Any]:
-        protocols = column_protocols(chosen, modules[name])
+    def score(scored_editor: Any, protocols: tuple[str, ...], unedited: bool) -> dict[str, Any]:
         if args.sequential is not None:
             return evaluate_sequential(
                 scored_editor, backbone, loader, args.sequential, HOPS, args.probe, progress, groups, protocols
@@ -336,12 +336,20 @@ def run(args: argparse.Namespace) -> int:
         return evaluate(scored_editor, backbone, loader, HOPS, progress, groups, args.generate, protocols, unedited)
 
     # The unedited model is the same for every column: scored once, beside the first editor.
-    report = score(editor.method, editor, unedited=True) if editor is not None else {}
+    report = score(editor, column_protocols(chosen, editor.editor), unedited=True) if editor is not None else {}
     scored = {
-        name: score(name, baseline, unedited=not i and editor is None)
+        name: score(baseline, column_protocols(chosen, baseline), unedited=not i and editor is None)
         for i, (name, baseline) in enumerate(baselines.items())
     }
     columns = ({editor.method: report} if editor is not None else {}) | scored
+    first, *others = modules
+    first_protocols = column_protocols(chosen, modules[first])
+    missing = tuple(p for p in chosen if p not in first_protocols)
+    if missing and any(set(missing) & set(column_protocols(chosen, modules[name])) for name in others):
+        # The first column answers at the answer positions only; the unedited model under the protocols that read
+        # every position comes from a pass of its own (a no-op weight editor), for the columns scored under them.
+        before = score(Unedited(), (first_protocols[0], *missing), unedited=True)
+        columns[first].update({key: value for key, value in before.items() if key.split("/pre_")[0] in missing})
     print(
         printed_table(report, column_protocols(chosen, modules[editor.method]))
         if not scored
