@@ -79,6 +79,11 @@ def catalogue(bad: Path, fitted, world: Path, base_dir: Path) -> dict[str, list[
         "eval: --curve without --sequential": [*evaluate, "--curve", str(bad / "curves")],
         "eval: unknown --protocol": [*evaluate, "--protocol", "mend"],
         "eval: --probe 0": [*evaluate, "--sequential", "2", "--probe", "0"],
+        "eval: --max-edit-ratio 0": [*evaluate, "--max-edit-ratio", "0"],
+        "eval: --threshold without --editor": [
+            *("eval", "--baseline", "unedited", "--backbone", "configs/backbones/blip2-tiny.yaml"),
+            *("--data", data, "--images", images, "--threshold", "0.3"),
+        ],
         "edit: data file of the wrong layout": [*edit, "--data", str(bad / "object.json")],
         "edit: malformed data file": [*edit, "--data", str(bad / "broken.json")],
         "edit: --batch-size 0": [*edit, "--sequential", "--batch-size", "0"],

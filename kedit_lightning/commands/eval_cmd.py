@@ -266,8 +266,13 @@ def load_backbone(args: argparse.Namespace) -> tuple[Any, Backbone]:
         return load_editor_and_backbone(args)
     if not args.baseline:
         raise ValueError("--editor: required (or --baseline NAME with a backbone YAML as --backbone)")
-    if args.max_edit_ratio is not None:
-        raise ValueError("--max-edit-ratio: limits a MEND editor's edits; give it with --editor")
+    for flag, value in (
+        ("--max-edit-ratio", args.max_edit_ratio),
+        ("--threshold", args.threshold),
+        ("--recency-margin", args.recency_margin),
+    ):
+        if value is not None:
+            raise ValueError(f"{flag}: applies to an exported editor (MEND's limit, SERAC's routing); give --editor")
     if not args.backbone.endswith((".yaml", ".yml")):
         raise ValueError(f"--backbone {args.backbone}: without --editor, give a backbone YAML (configs/backbones/)")
     check_device_and_dtype(args.device, args.dtype)
@@ -279,7 +284,8 @@ def load_backbone(args: argparse.Namespace) -> tuple[Any, Backbone]:
 
 
 def set_routing(args: argparse.Namespace, editor: Any) -> dict[str, float] | None:
-    """Apply `--threshold` / `--recency-margin` to a SERAC editor; the routing it then uses (None: not SERAC)."""
+    """Apply `--threshold` / `--recency-margin` to an exported SERAC editor; the routing it then uses (None: none
+    given to another editor)."""
     flags = [
         flag
         for flag, value in (("--threshold", args.threshold), ("--recency-margin", args.recency_margin))
@@ -288,8 +294,8 @@ def set_routing(args: argparse.Namespace, editor: Any) -> dict[str, float] | Non
     serac = editor.editor if editor is not None and isinstance(editor.editor, SERAC) else None
     if serac is None:
         if flags:
-            held = f"a {editor.method} editor" if editor is not None else "no --editor"
-            raise ValueError(f"{' and '.join(flags)}: only a SERAC editor routes inputs, and {args.editor} is {held}")
+            held = f"{args.editor} is a {editor.method} editor"
+            raise ValueError(f"{' and '.join(flags)}: only a SERAC editor routes inputs, and {held}")
         return None
     try:
         serac.set_routing(args.threshold, args.recency_margin)
