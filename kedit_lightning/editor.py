@@ -463,12 +463,9 @@ def weight_change(model: WeightEditedModel) -> float:
     """||W - W_0||_F / ||W_0||_F over all edited weights together: how far the folded edits moved them."""
     if model.original is None:
         return 0.0
-    change = total = 0.0
-    for name, weight in model.backbone.editable_parameters().items():
-        original = model.original[name].float()
-        change += float((weight.detach().float() - original).pow(2).sum())
-        total += float(original.pow(2).sum())
-    return (change / total) ** 0.5
+    weights = model.backbone.editable_parameters()
+    change = sum(float((weights[name].detach().float() - w.float()).pow(2).sum()) for name, w in model.original.items())
+    return (change / model.unedited_squared_norm) ** 0.5
 
 
 def curve_points(n_edits: int) -> list[int]:

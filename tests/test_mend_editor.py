@@ -335,7 +335,7 @@ def test_edits_made_together_are_each_limited_on_their_own(opt):
     editor = MEND.for_backbone(opt, rank=8, edit_lr=1.0).eval()
     inputs = StepInputs(opt, {"edit": encode(opt, EDIT)})
     free_model = WeightEditedModel(opt)
-    free = free_model.squared_norms(editor(free_model, inputs, inputs.rows("edit")))
+    free = free_model.squared_norms(editor(free_model, inputs, inputs.rows("edit"))).detach()
     limit = float(free.min() + free.max()) / 2  # between the two edits' squared norms
     editor.limit_edits((limit / squared_norm(opt.editable_parameters().values())) ** 0.5)
     model = WeightEditedModel(opt)

@@ -49,6 +49,7 @@ from kedit_lightning.commands.shared import (
 from kedit_lightning.editor import evaluate, evaluate_sequential
 from kedit_lightning.editors.edited_model import WeightEditor
 from kedit_lightning.editors.ike import IKE
+from kedit_lightning.editors.mend import MEND
 from kedit_lightning.editors.serac import EVERY_POSITION_REFUSED, SERAC
 from kedit_lightning.editors.unedited import Unedited
 from kedit_lightning.evaluation import EVERY_POSITION_PROTOCOLS, HOPS, PROTOCOLS, report_column
@@ -386,8 +387,8 @@ def run(args: argparse.Namespace) -> int:
         report["baselines"] = scored
     if routing is not None:
         report["routing"] = routing
-    if args.max_edit_ratio is not None:
-        report["max_edit_ratio"] = args.max_edit_ratio
+    if editor is not None and isinstance(editor.editor, MEND) and editor.editor.max_edit_ratio is not None:
+        report["max_edit_ratio"] = editor.editor.max_edit_ratio  # from --max-edit-ratio or the artifact
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

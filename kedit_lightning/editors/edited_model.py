@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import cached_property
 from typing import Any, Protocol, Self
 
 import torch
@@ -378,6 +379,13 @@ class WeightEditedModel(EditGroups):
             order = torch.argsort(row, stable=True)  # the rows' order, as one forward over them would give
             factors[name], row_of[name] = (x[order], delta[order]), row[order].cpu()
         return factors, row_of
+
+    @cached_property
+    def unedited_squared_norm(self) -> float:
+        """||W_0||_F^2 over the edited weights before any edit (which `fold` never changes: it keeps them in
+        `original`, and `restore` writes them back), computed once: what edit sizes are measured against."""
+        weights = self.original if self.original is not None else self.backbone.editable_parameters()
+        return sum(float(w.detach().float().pow(2).sum()) for w in weights.values())
 
     def squared_norms(self, groups: torch.Tensor) -> torch.Tensor:
         """[N]: each group's own update ||sum_r u_r v_r^T||_F^2 (not its parents'), summed over the edited

@@ -363,8 +363,7 @@ class MEND(WeightEditor):
         `max_edit_ratio` * ||W||_F, the norms from the factors (sum_ij (u_i . u_j)(x_i . x_j) within a group)."""
         # The weights before any edit was folded in: a limit relative to the weights as they are would let
         # each edit grow it, compounding over a sequence.
-        weights = model.original if model.original is not None else model.backbone.editable_parameters()
-        limit = self.max_edit_ratio**2 * sum(float(w.detach().float().pow(2).sum()) for w in weights.values())
+        limit = self.max_edit_ratio**2 * model.unedited_squared_norm
         squared = torch.zeros(n_groups, dtype=torch.float64)
         for name, u, x in terms:
             rows = row_of[name].to(u.device)
