@@ -494,12 +494,11 @@ class Links:
         self.parent[self.root(a)] = self.root(b)
 
 
-def in_force(metas: Sequence[Mapping[str, Any] | None]) -> list[bool]:
-    """Whether each edit of a sequence (its record's `meta`; None: a fact of its own) is still in force at
-    the end: False when a later edit is of the same fact. A fact is a question about a subject: questions
-    are the edit prompts linked by the records' own prompt/rephrase pairs; the subject is the record's
-    `subject` when it gives one, else its images linked by their image/image_rephrase pairs (text records: none).
-    """
+def facts(metas: Sequence[Mapping[str, Any] | None]) -> list[Hashable]:
+    """The fact each record (its `meta`; None: a fact of its own) edits. A fact is a question about a subject:
+    questions are the edit prompts linked by the records' own prompt/rephrase pairs; the subject is the
+    record's `subject` when it gives one, else its images linked by their image/image_rephrase pairs (text
+    records: none)."""
     questions, subjects = Links(), Links()
     for meta in filter(None, metas):
         questions.link(meta["prompt"], meta["rephrase"])
@@ -514,7 +513,13 @@ def in_force(metas: Sequence[Mapping[str, Any] | None]) -> list[bool]:
             subject = ("images", subjects.root(str(meta["image"])))
         return questions.root(meta["prompt"]), subject
 
-    keys = [fact(position, meta) for position, meta in enumerate(metas)]
+    return [fact(position, meta) for position, meta in enumerate(metas)]
+
+
+def in_force(metas: Sequence[Mapping[str, Any] | None]) -> list[bool]:
+    """Whether each edit of a sequence (its record's `meta`) is still in force at the end: False when a later
+    edit is of the same fact (`facts`)."""
+    keys = facts(metas)
     latest = {key: position for position, key in enumerate(keys)}
     return [latest[key] == position for position, key in enumerate(keys)]
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_BERT
+from conftest import TINY_BERT, quiet_trainer
 from lightning import Trainer
 from test_backbones import CONFIGS, TINY, draw_images, make_tokenizer
 from torch.utils.data import DataLoader
@@ -15,7 +15,7 @@ from data_modules.encoding import IGNORE_INDEX
 from data_modules.word_tokenizer import PROMPT_TEXTS, build_word_tokenizer
 from kedit_lightning.backbones import load_backbone_spec
 from kedit_lightning.editors.edited_model import StepInputs
-from kedit_lightning.editors.serac import SERAC, SERACEncoder
+from kedit_lightning.editors.serac import SERAC, SERACEncoder, with_answer_end
 from kedit_lightning.evaluation import SUB_BATCH_OF, EditMetrics, evaluate_batch, record_batches
 from kedit_lightning.modules.serac import ScopeEncoderSpec, SERACModule, balanced_bce
 
@@ -251,6 +251,33 @@ def test_classifier_loss_falls_and_the_base_stays_untouched(tokenizer_dir, tmp_p
     assert any(k.startswith("editor.classifier.") for k in saved) and any(
         k.startswith("editor.counterfactual.") for k in saved
     )
+
+
+def test_the_counterfactual_model_learns_to_end_its_answers(tokenizer_dir, tmp_path):
+    """Trained on answers followed by the end-of-sequence token, the counterfactual model's greedy continuation
+    of a rephrase, given its edit, is the answer and then the end: generation stops there instead of running on."""
+    module = make_module(tokenizer_dir)
+    batch = edit_batch(module)
+    end = module.backbone.processor.tokenizer.eos_token_id
+    assert module.answer_end_id() == end is not None
+
+    def predicted_ends() -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher-forced argmax and the labels at each rephrase's answer positions and the one after them."""
+        inputs = module.read_step(batch)
+        query = inputs["edit_outer"]
+        tokens, labels = with_answer_end(query.counterfactual, query.counterfactual_labels, end)
+        assert ((labels == end).sum(1) == 1).all() and (labels[:, -1] != IGNORE_INDEX).any()
+        with torch.no_grad():
+            logits, labels = module.editor.counterfactual(inputs["edit_inner"].counterfactual, tokens, labels)
+        answer = labels != IGNORE_INDEX
+        return logits[answer].argmax(-1), labels[answer]
+
+    before, labels = predicted_ends()
+    assert not torch.equal(before[labels == end], labels[labels == end])  # a random model does not end them already
+    trainer = quiet_trainer(max_steps=60, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=DataLoader([batch] * 60, batch_size=None, collate_fn=lambda item: item))
+    after, labels = predicted_ends()
+    assert torch.equal(after, labels)  # every answer token, then the end
 
 
 def test_balanced_bce_is_the_mean_loss_of_each_side_summed():

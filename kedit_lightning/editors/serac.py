@@ -93,6 +93,22 @@ class Tokens:
         return Tokens(ids, mask)
 
 
+def with_answer_end(tokens: Tokens, labels: torch.Tensor, end_id: int) -> tuple[Tokens, torch.Tensor]:
+    """Right-padded prompt + answer rows with `end_id` (the end-of-sequence token greedy decoding stops at) after
+    each row's answer, labelled like the answer; rows whose last token is not an answer token stay as they are.
+    The counterfactual model trained on these learns where its answer ends: on answer tokens alone, its greedy
+    continuation runs on into the next words without a break ("HelsinkiThe"), as a seq2seq counterfactual
+    model's target (the paper's T5) would not, since it ends with the end token."""
+    length = tokens.mask.sum(1)
+    rows = torch.arange(len(length), device=length.device)
+    ends = (length > 0) & (labels[rows, (length - 1).clamp(min=0)] != IGNORE_INDEX)
+    ids, mask = F.pad(tokens.ids, (0, 1)), F.pad(tokens.mask, (0, 1))
+    labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)
+    rows, length = rows[ends], length[ends]
+    ids[rows, length], mask[rows, length], labels[rows, length] = end_id, 1, end_id
+    return Tokens(ids, mask), labels
+
+
 @dataclass
 class ScopeInput:
     """What the scope classifier reads of an edit or an input: text, and pooled image features or None."""

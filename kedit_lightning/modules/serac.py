@@ -8,7 +8,8 @@ prompt itself, which the classifier matches trivially), and not the unrelated te
 image (`loc_image`) inputs; with `hard_negatives`, also not the in-scope inputs of the batch's other
 edits; with `neighbor_locality`, also not each edit's near neighbours (its relation about other
 subjects, the `neighbor` rows). The counterfactual model learns, by NLL, to give the new answer to the
-in-scope inputs given the edit. The loss is `classifier_weight * classifier loss +
+in-scope inputs given the edit, followed by the end-of-sequence token (`with_answer_end`), so that its
+generated answers end where the answer does. The loss is `classifier_weight * classifier loss +
 counterfactual_weight * counterfactual loss`, by default the reference's cloc 1 and cedit 0.1. The base
 model stays frozen and unchanged.
 
@@ -41,6 +42,7 @@ from kedit_lightning.editors.serac import (
     SERACEncoder,
     SERACInputs,
     log1mexp,
+    with_answer_end,
 )
 from kedit_lightning.evaluation import EVERY_POSITION_PROTOCOLS, HOPS, NEIGHBOR, Protocol
 from kedit_lightning.modules.editing import EditorModule
@@ -255,14 +257,23 @@ class SERACModule(EditorModule):
         ]
         return torch.tensor(differ, device=self.device)
 
+    def answer_end_id(self) -> int | None:
+        """The token that ends a generated answer (the base tokenizer's end of sequence, where greedy decoding
+        stops), when the counterfactual model's vocabulary has it: the counterfactual model learns to give it
+        after each answer (`with_answer_end`). None: answers are trained without an end."""
+        end = self.backbone.processor.tokenizer.eos_token_id
+        return end if end is not None and end < self.editor.counterfactual.vocab_size else None
+
     def _counterfactual_loss(self, inputs: dict[str, SERACInputs]) -> torch.Tensor:
         edits = inputs["edit_inner"].counterfactual
+        end = self.answer_end_id()
         losses = []
         for key in (key for key in IN_SCOPE if key in inputs):
             query = inputs[key]
-            logits, labels = self.editor.counterfactual(
-                edits, query.counterfactual, query.counterfactual_labels, query.image_tokens, query.has_image
-            )
+            tokens, labels = query.counterfactual, query.counterfactual_labels
+            if end is not None:
+                tokens, labels = with_answer_end(tokens, labels, end)
+            logits, labels = self.editor.counterfactual(edits, tokens, labels, query.image_tokens, query.has_image)
             losses.append(masked_nll(logits[labels != IGNORE_INDEX], labels))
         return torch.stack(losses).mean()
 
