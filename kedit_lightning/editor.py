@@ -390,7 +390,9 @@ class Editor:
         return edited
 
 
-def _records(loader: Iterable[EditBatch], device: torch.device, limit: int | None = None) -> Iterator[dict[str, Any]]:
+def loader_records(
+    loader: Iterable[EditBatch], device: torch.device, limit: int | None = None
+) -> Iterator[dict[str, Any]]:
     """The one-record EditBatches of `loader` (the first `limit`), on `device`."""
     seen = 0
     for batch in loader:
@@ -554,7 +556,7 @@ def evaluate_sequential(
     metas = []
     try:
         with tqdm(total=n_edits, desc="sequential edits", disable=not progress) as bar:
-            for record in _records(loader, device, n_edits):
+            for record in loader_records(loader, device, n_edits):
                 what = f"sequential edit {done + 1} ({_origin(record, done)})"
                 session.add(record["edit_inner"], what, "stopped")
                 metas.append(record["meta"][0] if "meta" in record else None)
@@ -583,7 +585,7 @@ def evaluate_sequential(
             if all(force)
             else score(
                 session,
-                (record for record, kept in zip(_records(loader, device, n_edits), force) if kept),
+                (record for record, kept in zip(loader_records(loader, device, n_edits), force) if kept),
                 final_metrics(),
             )
         )

@@ -23,11 +23,11 @@ from kedit_lightning.editor import (
     Editor,
     EditRequest,
     NonFiniteEdit,
-    _records,
     curve_points,
     evaluate,
     evaluate_sequential,
     in_force,
+    loader_records,
 )
 from kedit_lightning.editors.edited_model import StepInputs
 from kedit_lightning.evaluation import HEADLINE
@@ -394,7 +394,7 @@ def test_the_sequential_curve_says_how_far_the_edits_moved_the_weights(editor, b
     report = evaluate_sequential(editor, backbone, data.val_dataloader(), 2, probe=None, progress=False)
     original = {name: w.detach().clone() for name, w in backbone.editable_parameters().items()}  # restored
     mend = editor.attach(backbone)
-    first, second = list(_records(data.val_dataloader(), torch.device("cpu"), 2))
+    first, second = list(loader_records(data.val_dataloader(), torch.device("cpu"), 2))
     after_one = dense_edit(mend, backbone, first["edit_inner"])
     after_two = dense_edit(mend, backbone, second["edit_inner"], after_one)
 
