@@ -36,6 +36,7 @@ from data_modules.datasets import (
     PromptBuilder,
     TextEditCollator,
     TextEditDataset,
+    TextFactDataset,
     edit_example,
     length_problems,
     text_length_problems,
@@ -476,3 +477,19 @@ class TextEditDataModule(EditDataModule):
 
     def length_problems(self, split: str) -> list[Problem]:
         return text_length_problems(self.split_records(split), self.require_processor())
+
+
+class TextFactsDataModule(TextEditDataModule):
+    """Pre-edit facts of text records (`TextFactDataset`, `FactCollator` batches) for teaching a text base model
+    the world, as `FactsDataModule` does for image records: train on the train and val records' facts together
+    (the editor is later evaluated on the val edits, so the base model must know what they change), validate on
+    the val facts."""
+
+    def build_dataset(self, split: str) -> Dataset:
+        records = (
+            self.split_records("train") + self.split_records("val") if split == "train" else self.split_records(split)
+        )
+        return TextFactDataset(records)
+
+    def build_collator(self) -> Callable[[list[Any]], Any]:
+        return FactCollator(self.require_processor())

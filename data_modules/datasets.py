@@ -409,6 +409,33 @@ class FactDataset(Dataset):
         return FactExample(prompt, target, image, (*record.where(position), text_field))
 
 
+class TextFactDataset(Dataset):
+    """The world of text records as it is before any edit, for teaching a text base model to know it: per record
+    (src, pred) and (rephrase, pred) unless `pred` is empty, (loc, loc_ans) and each neighbour's (prompt, answer),
+    all without an image (`FactDataset`'s facts, for the zsRE / CounterFact layouts)."""
+
+    def __init__(self, records: Sequence[TextRecord]) -> None:
+        self.facts: list[FactExample] = []
+        for position, r in enumerate(records):
+            file, index = r.where(position)
+            if r.pred.strip():
+                self.facts += [
+                    FactExample(r.src, r.pred, None, (file, index, "src")),
+                    FactExample(r.rephrase, r.pred, None, (file, index, "rephrase")),
+                ]
+            self.facts.append(FactExample(r.loc, r.loc_ans, None, (file, index, "loc")))
+            self.facts += [
+                FactExample(n.prompt, n.answer, None, (file, index, f"neighbors[{k}]"))
+                for k, n in enumerate(r.neighbors)
+            ]
+
+    def __len__(self) -> int:
+        return len(self.facts)
+
+    def __getitem__(self, i: int) -> FactExample:
+        return self.facts[i]
+
+
 class FactCollator:
     """List of `FactExample` -> {"with_image": sub_batch, "text_only": sub_batch}, empty kinds omitted."""
 

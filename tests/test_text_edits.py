@@ -3,6 +3,7 @@ from train.py's CLI, `kedit eval` and `kedit edit`, with no image metrics anywhe
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 import yaml
 from conftest import CONFIGS, TINY_BERT, quiet_trainer
 
-from data_modules.datamodules import TextEditDataModule
+from data_modules.datamodules import TextEditDataModule, TextFactsDataModule
+from data_modules.datasets import TextFactDataset
 from data_modules.records import DataError
 from data_modules.text_records import read_text_records
 from kedit_lightning.backbones import build_backbone, load_backbone_spec
@@ -141,12 +143,13 @@ def text_fit(world, tmp_path_factory):
     base = root / "base"
     build_backbone(spec).save_pretrained(base)
     backbone = root / "backbone.yaml"
-    # config / processor null: on the command line this spec is merged into the config file's.
-    fields = {"family": "text", "pretrained": str(base), "config": None, "processor": None}
+    # config / processor / bootstrap null: on the command line this spec is merged into the config file's.
+    fields = {"family": "text", "pretrained": str(base), "config": None, "processor": None, "bootstrap": None}
     backbone.write_text(yaml.safe_dump({**fields, "edit_params": spec.edit_params}))
     runs = root / "runs"
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)  # whatever a run writes to the working directory lands here, not in the repo
+        patch.setattr(sys, "argv", ["train.py"])  # pytest's own arguments are not the run's
         train_main(
             [
                 "fit",
@@ -244,3 +247,59 @@ def test_text_records_also_edit_an_image_backbone(world):
         "exact_match",
     }
     assert set(outer_losses(editor, backbone, batch)) == {"edit", "loc"}
+
+
+def test_text_facts_are_each_records_answers_before_the_edit(tmp_path):
+    """A record's facts: its prompt and rephrase answered `pred`, its locality prompt, each neighbour; a record
+    with an empty `pred` gives no edit-prompt fact."""
+    neighbors = [{"prompt": "Which country is Marun in?", "answer": "Zandia"}]
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps([{**ZSRE, "neighbors": neighbors}, {**ZSRE, "pred": ""}]))
+    facts = [(f.prompt, f.target, f.image, f.where) for f in TextFactDataset(read_text_records(path))]
+    f = str(path)
+    assert facts == [
+        (ZSRE["src"], ZSRE["pred"], None, (f, 0, "src")),
+        (ZSRE["rephrase"], ZSRE["pred"], None, (f, 0, "rephrase")),
+        (ZSRE["loc"], ZSRE["loc_ans"], None, (f, 0, "loc")),
+        ("Which country is Marun in?", "Zandia", None, (f, 0, "neighbors[0]")),
+        (ZSRE["loc"], ZSRE["loc_ans"], None, (f, 1, "loc")),
+    ]
+
+
+def test_the_text_bootstrap_teaches_the_tiny_llama_the_facts_it_will_be_edited_on(world, tmp_path):
+    """configs/backbones/text-tiny-bootstrap.yaml through train.py: the exported base answers every fact of the
+    val records (the ones MEND's validation edits), where the random-weight model answers almost none."""
+    export = tmp_path / "base"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "synthetic").symlink_to(world)  # where the config's tokenizer and data paths point
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        patch.setattr(sys, "argv", ["train.py"])
+        train_main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "configs/backbones/text-tiny-bootstrap.yaml"),
+                f"--model.init_args.export_dir={export}",
+                "--trainer.max_epochs=60",
+                "--trainer.enable_progress_bar=false",
+            ]
+        )
+    data = TextFactsDataModule(str(world), batch_size=256)
+    spec = dataclasses.replace(load_backbone_spec(CONFIGS / "text-tiny.yaml"), processor=str(world / "tokenizer"))
+    torch.manual_seed(0)
+    random_weights = build_backbone(spec).eval()
+    data.processor = random_weights.processor
+    data.setup("validate")
+    (batch,) = list(data.val_dataloader())
+    labels = batch["text_only"]["labels"]
+    answers = labels != -100
+
+    def accuracy(backbone) -> float:
+        with torch.no_grad():
+            return float((backbone(batch["text_only"]).argmax(-1) == labels)[answers].float().mean())
+
+    trained = build_backbone(dataclasses.replace(spec, pretrained=str(export), config=None, processor=None)).eval()
+    assert set(batch) == {"text_only"} and int(answers.sum()) > 20
+    assert accuracy(trained) == 1.0
+    assert accuracy(random_weights) < 0.2
