@@ -45,12 +45,16 @@ from kedit_lightning.editor import (
 from kedit_lightning.editors.edited_model import StepInputs
 
 
-def answer_argmax(session: EditSession, backbone: Any, sub_batch: dict[str, Any]) -> torch.Tensor:
-    """The argmax at each answer position of a one-row `sub_batch`, with the session's edits in force."""
-    inputs = StepInputs(backbone, {"query": sub_batch})
-    groups = None if session.head < 0 else torch.tensor([session.head])
+def answer_argmaxes(session: EditSession, backbone: Any, sub_batches: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """Per one-row sub-batch, the argmax at each of its answer positions with the session's edits in force: one
+    batched read of them all."""
+    names = [f"fact{i}" for i in range(len(sub_batches))]
+    inputs = StepInputs(backbone, dict(zip(names, sub_batches)))
+    rows = inputs.rows(*names)
+    groups = None if session.head < 0 else torch.full((len(rows),), session.head)
     with torch.no_grad():
-        return session.model.answer_logits(inputs, inputs.rows("query"), groups).argmax(-1)
+        argmax = session.model.answer_logits(inputs, rows, groups).argmax(-1)
+    return list(argmax.split(inputs.answer_counts(rows).tolist()))
 
 
 def retention_estimate(p: float, n: int) -> float:
@@ -87,16 +91,16 @@ def main() -> dict[str, Any]:
     firsts = [records[keys.index(key)] for key in dict.fromkeys(keys)]
     start = time.perf_counter()
     session = EditSession(editor_module(editor, backbone), backbone)
-    unedited = [answer_argmax(session, backbone, record["edit_inner"]) for record in firsts]
+    prompts = [record["edit_inner"] for record in firsts]
+    unedited = answer_argmaxes(session, backbone, prompts)
     flips = to_target = pairs = 0
     for i, record in enumerate(firsts):
         session.add(record["edit_inner"], f"edit {i + 1}", "stopped")
         labels = record["edit_inner"]["labels"]
         target = int(labels[labels != IGNORE_INDEX][0])
-        for j, other in enumerate(firsts):
+        for j, post in enumerate(answer_argmaxes(session, backbone, prompts)):
             if j == i:
                 continue
-            post = answer_argmax(session, backbone, other["edit_inner"])
             flipped = not torch.equal(post, unedited[j])
             flips += flipped
             to_target += flipped and int(post[0]) == target

@@ -384,6 +384,12 @@ class CaptionDataModule(EditDataModule):
         super().__init__(data_dir, train_file, val_file, kind="caption", **kwargs)
 
 
+def fact_records(data: EditDataModule, split: str) -> list[Any]:
+    """The records whose facts a base model learns in `split`: for train, the train and val records together (the
+    editor is later evaluated on the val edits, so the base model must know what they change)."""
+    return data.split_records("train") + data.split_records("val") if split == "train" else data.split_records(split)
+
+
 class FactsDataModule(EditDataModule):
     """Pre-edit facts (`FactCollator` batches) for fine-tuning a base model to know the world.
 
@@ -405,9 +411,7 @@ class FactsDataModule(EditDataModule):
         super().__init__(data_dir, train_file, val_file, **kwargs)
 
     def build_dataset(self, split: str) -> Dataset:
-        records = (
-            self.split_records("train") + self.split_records("val") if split == "train" else self.split_records(split)
-        )
+        records = fact_records(self, split)
         return FactDataset(records, self.image_root, self.kind, self.vqa_template, self.max_image_pixels)
 
     def build_collator(self) -> Callable[[list[Any]], Any]:
@@ -486,10 +490,7 @@ class TextFactsDataModule(TextEditDataModule):
     the val facts."""
 
     def build_dataset(self, split: str) -> Dataset:
-        records = (
-            self.split_records("train") + self.split_records("val") if split == "train" else self.split_records(split)
-        )
-        return TextFactDataset(records)
+        return TextFactDataset(fact_records(self, split))
 
     def build_collator(self) -> Callable[[list[Any]], Any]:
         return FactCollator(self.require_processor())

@@ -13,6 +13,7 @@ from conftest import CONFIGS, TINY_BERT, quiet_trainer
 
 from data_modules.datamodules import TextEditDataModule, TextFactsDataModule
 from data_modules.datasets import TextFactDataset
+from data_modules.encoding import IGNORE_INDEX
 from data_modules.records import DataError
 from data_modules.text_records import read_text_records
 from kedit_lightning.backbones import build_backbone, load_backbone_spec
@@ -293,7 +294,7 @@ def test_the_text_bootstrap_teaches_the_tiny_llama_the_facts_it_will_be_edited_o
     data.setup("validate")
     (batch,) = list(data.val_dataloader())
     labels = batch["text_only"]["labels"]
-    answers = labels != -100
+    answers = labels != IGNORE_INDEX
 
     def accuracy(backbone) -> float:
         with torch.no_grad():
