@@ -116,6 +116,19 @@ def launch_environment() -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1"}
 
 
+def exit_launched_rank() -> None:
+    """End a rank of a launched test script once its work is written. All ranks meet first, so none
+    closes its gloo connections while another still uses them; then the process leaves without running
+    exit-time destructors, where gloo's threads can abort a finished run ("terminate called without an
+    active exception", seen on CI after every file was written)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def test_ddp_training_equals_single_process_training_on_the_global_batch(world, tmp_path):
     subset = tmp_path / "train.json"
     subset.write_text(json.dumps(json.loads((world / "vqa" / "vqa_train.json").read_text())[:RECORDS]))
@@ -170,3 +183,4 @@ if __name__ == "__main__":
         parser.add_argument(name, type=Path)
     args = parser.parse_args()
     ddp_main(args.world, args.shards, args.subset, args.out)
+    exit_launched_rank()

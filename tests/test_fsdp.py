@@ -27,7 +27,7 @@ import yaml
 from lightning import Callback, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from oracle import run_with
-from test_ddp import Poison, Recorder, launch_environment, trainer
+from test_ddp import Poison, Recorder, exit_launched_rank, launch_environment, trainer
 from test_mend_module import make_module
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
@@ -328,7 +328,4 @@ if __name__ == "__main__":
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
     sharded_main(args.world, args.out)
-    # Tear down gloo before interpreter exit: a process group left to exit-time destructors can abort the
-    # process ("terminate called without an active exception") after all its work is done.
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    exit_launched_rank()
