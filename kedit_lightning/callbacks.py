@@ -82,7 +82,7 @@ class RunFolderConfig(SaveConfigCallback):
         folder.mkdir(parents=True, exist_ok=True)
         config_path = folder / self.config_filename
         self.parser.save(
-            self.config, str(config_path), skip_none=False, overwrite=self.overwrite, multifile=self.multifile
+            self.config, str(config_path), skip_unset=False, overwrite=self.overwrite, multifile=self.multifile
         )
 
 
