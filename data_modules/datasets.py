@@ -289,8 +289,8 @@ def text_edit_example(record: TextRecord, position: int = 0) -> TextEditExample:
     """The example of one text record (prompts used as they are); `meta` as `EditCollator` gives it."""
     file, index = record.where(position)
     meta = {"prompt": record.src, "rephrase": record.rephrase, "pred": record.pred, "alt": record.alt}
-    meta.update(origin=f"{file}:{index}", file=file, index=index)
     neighbors = tuple((n.prompt, n.answer) for n in record.neighbors)
+    meta.update(origin=f"{file}:{index}", file=file, index=index, neighbors=[prompt for prompt, _ in neighbors])
     return TextEditExample(record.src, record.rephrase, record.alt, record.loc, record.loc_ans, meta, neighbors)
 
 

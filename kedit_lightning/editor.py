@@ -23,7 +23,7 @@ The editor is rebuilt from the artifact alone (`artifact.py`); nothing here impo
 from __future__ import annotations
 
 import itertools
-from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,16 @@ from data_modules.text_records import TextRecord
 from kedit_lightning.artifact import check_fingerprint, read_card, read_processor, rebuild_editor, verify_weights
 from kedit_lightning.backbones import FAMILIES, Backbone
 from kedit_lightning.editors.edited_model import StepInputs, WeightEditedModel, WeightEditor
-from kedit_lightning.evaluation import HOPS, EditMetrics, Protocol, evaluate_batch, headline, record_batches
+from kedit_lightning.evaluation import (
+    HOPS,
+    NEIGHBOR,
+    EditMetrics,
+    Protocol,
+    evaluate_batch,
+    headline,
+    record_batches,
+    sub_batch_rows,
+)
 from kedit_lightning.generation import GenerationMetrics
 
 
@@ -420,10 +429,14 @@ def _batches(loader: Iterable[EditBatch], device: torch.device, limit: int | Non
         yield to_device(batch, device)
 
 
-def score(session: EditSession, batches: Iterable[EditBatch], metrics: EditMetrics) -> dict[str, Any]:
-    """The report of `metrics` on `batches`' records, the edits in force (one-hop edits go on top, then are dropped)."""
+def score(
+    session: EditSession, batches: Iterable[EditBatch], metrics: EditMetrics, edited: Set[str] = frozenset()
+) -> dict[str, Any]:
+    """The report of `metrics` on `batches`' records, the edits in force (one-hop edits go on top, then are dropped);
+    near neighbours that ask one of the `edited` questions are left out (`without_edited_neighbors`)."""
     metrics = metrics.to(device_of(session.backbone))
     for batch in batches:
+        batch = without_edited_neighbors(batch, edited)
         mark = session.model.mark()
         evaluate_batch(session, session.backbone, batch, metrics)
         session.model.drop_after(mark)
@@ -518,6 +531,40 @@ def facts(metas: Sequence[Mapping[str, Any] | None]) -> list[Hashable]:
     return [fact(position, meta) for position, meta in enumerate(metas)]
 
 
+def edited_questions(metas: Sequence[Mapping[str, Any] | None]) -> frozenset[str]:
+    """The questions a sequence of edits (their records' `meta`) changed: each edit's prompt and rephrase."""
+    return frozenset(question for meta in filter(None, metas) for question in (meta["prompt"], meta["rephrase"]))
+
+
+def neighbor_prompts(batch: EditBatch) -> list[str]:
+    """The prompt of each of `batch`'s near-neighbour rows (its records' `meta["neighbors"]`, in row order)."""
+    prompts = [prompt for meta in batch["meta"] for prompt in meta.get("neighbors", ())]
+    if len(prompts) != batch[NEIGHBOR]["input_ids"].shape[0]:
+        raise ValueError(
+            f"the batch has {batch[NEIGHBOR]['input_ids'].shape[0]} near-neighbour rows but its records' meta names "
+            f"{len(prompts)} (meta['neighbors']: each record's neighbour prompts, as TextEditCollator writes them)"
+        )
+    return prompts
+
+
+def without_edited_neighbors(batch: EditBatch, edited: Set[str]) -> EditBatch:
+    """`batch` without the near-neighbour rows that ask one of the `edited` questions. A neighbour is a prompt
+    about another subject whose answer must stay; when the sequence itself edited that question, its answer is
+    meant to change, and N-Locality would count the edit's success as a failure (in the SmolLM2 facts, 13 of
+    the 49 held-out records' neighbours are other records' edit prompts)."""
+    if not edited or NEIGHBOR not in batch:
+        return batch
+    keep = torch.tensor([prompt not in edited for prompt in neighbor_prompts(batch)])
+    if bool(keep.all()):
+        return batch
+    rest = {key: value for key, value in batch.items() if key not in (NEIGHBOR, "neighbor_record")}
+    if bool(keep.any()):
+        rows = keep.nonzero().flatten()
+        rest[NEIGHBOR] = sub_batch_rows(batch[NEIGHBOR], rows.to(batch["neighbor_record"].device))
+        rest["neighbor_record"] = batch["neighbor_record"][rows.to(batch["neighbor_record"].device)]
+    return rest
+
+
 def in_force(metas: Sequence[Mapping[str, Any] | None]) -> list[bool]:
     """Whether each edit of a sequence (its record's `meta`) is still in force at the end: False when a later
     edit is of the same fact (`facts`)."""
@@ -565,7 +612,7 @@ def evaluate_sequential(
                     earliest.append(record)
                 tracked = [record for record, kept in zip(earliest, in_force(metas)) if kept] if done in marks else []
                 if tracked:
-                    report = score(session, tracked, EditMetrics(hops, protocols[:1]))
+                    report = score(session, tracked, EditMetrics(hops, protocols[:1]), edited_questions(metas))
                     curve["n_edits"].append(done)
                     for key in headline(report):
                         curve.setdefault(key, []).append(report[key])
@@ -578,7 +625,8 @@ def evaluate_sequential(
         def final_metrics() -> EditMetrics:
             return EditMetrics(hops, protocols, unedited=True, groups=groups)
 
-        all_edits = score(session, _batches(loader, device, n_edits), final_metrics())
+        edited = edited_questions(metas)
+        all_edits = score(session, _batches(loader, device, n_edits), final_metrics(), edited)
         force = in_force(metas)
         final = (
             all_edits
@@ -587,9 +635,21 @@ def evaluate_sequential(
                 session,
                 (record for record, kept in zip(loader_records(loader, device, n_edits), force) if kept),
                 final_metrics(),
+                edited,
             )
         )
     finally:
         session.restore()
-    sequential = {"probe_edits": len(earliest), "curve": curve, "edits_in_force": sum(force), "all_edits": all_edits}
+    sequential = {
+        "probe_edits": len(earliest),
+        "curve": curve,
+        "edits_in_force": sum(force),
+        "neighbors_edited": sum(
+            prompt in edited
+            for meta, kept in zip(metas, force)
+            if meta and kept
+            for prompt in meta.get("neighbors", ())
+        ),
+        "all_edits": all_edits,
+    }
     return {**final, "sequential": sequential}

@@ -74,31 +74,34 @@ def headline(report: Mapping[str, Any]) -> list[str]:
     return [key for key in HEADLINE if key in report]
 
 
-def _rows(sub_batch: SubBatch, index: torch.Tensor | slice) -> SubBatch:
+def sub_batch_rows(sub_batch: SubBatch, index: torch.Tensor | slice) -> SubBatch:
+    """The rows `index` of every tensor of `sub_batch`."""
     return {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in sub_batch.items()}
 
 
 def record_batches(batch: EditBatch) -> Iterator[dict[str, Any]]:
     """Split a collated EditBatch into one-record EditBatches; port (and port_edit) rows follow their record."""
     for i in range(batch["edit_inner"]["input_ids"].shape[0]):
-        one: dict[str, Any] = {key: _rows(batch[key], slice(i, i + 1)) for key in SUB_BATCH_KEYS if key in batch}
+        one: dict[str, Any] = {
+            key: sub_batch_rows(batch[key], slice(i, i + 1)) for key in SUB_BATCH_KEYS if key in batch
+        }
         if "meta" in batch:
             one["meta"] = batch["meta"][i : i + 1]
         if NEIGHBOR in batch:
             rows = (batch["neighbor_record"] == i).nonzero().flatten()
             if rows.numel():
-                one[NEIGHBOR], one["neighbor_record"] = _rows(batch[NEIGHBOR], rows), torch.zeros_like(rows)
+                one[NEIGHBOR], one["neighbor_record"] = sub_batch_rows(batch[NEIGHBOR], rows), torch.zeros_like(rows)
         if "port" in batch:
             rows = (batch["port_record"] == i).nonzero().flatten()
             if rows.numel():
-                one["port"] = _rows(batch["port"], rows)
+                one["port"] = sub_batch_rows(batch["port"], rows)
                 one["port_hops"] = [batch["port_hops"][r] for r in rows.tolist()]
             if "port_edit" in batch:
                 # port_edit_row indexes the batch's port rows; here it indexes this record's.
                 position = {int(row): k for k, row in enumerate(rows)}
                 edits = [e for e, row in enumerate(batch["port_edit_row"].tolist()) if row in position]
                 if edits:
-                    one["port_edit"] = _rows(batch["port_edit"], torch.tensor(edits))
+                    one["port_edit"] = sub_batch_rows(batch["port_edit"], torch.tensor(edits))
                     one["port_edit_row"] = torch.tensor([position[batch["port_edit_row"][e].item()] for e in edits])
         yield one
 

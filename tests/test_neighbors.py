@@ -11,6 +11,7 @@ from oracle import dense_edit, run_with
 from test_backbones import make_tokenizer, tiny_backbone
 from test_edited_model import trained_like
 
+import kedit_lightning.editor as editor_api
 from data_modules.datamodules import TextEditDataModule
 from data_modules.datasets import TextEditCollator, text_edit_example
 from data_modules.encoding import IGNORE_INDEX
@@ -19,7 +20,9 @@ from data_modules.text_records import Neighbor, TextRecord, read_text_records
 from kedit_lightning.backbones import load_backbone_spec
 from kedit_lightning.cli import main
 from kedit_lightning.commands.facts_cmd import FACT_TABLE, build_records, read_fact_table
+from kedit_lightning.editor import evaluate_sequential
 from kedit_lightning.editors.ft import FineTune
+from kedit_lightning.editors.grace import GRACE
 from kedit_lightning.editors.mend import MEND
 from kedit_lightning.evaluation import EditMetrics, evaluate_batch
 from kedit_lightning.generation import GenerationMetrics
@@ -205,3 +208,33 @@ def test_kedit_facts_gives_each_fact_its_neighbour_with_the_models_answer():
         (neighbor,) = record["neighbors"]
         assert neighbor["prompt"] == prompt_of(table, fact, "neighbour")
         assert record["loc"] in table["unrelated"]  # locality prompts are about nothing edited
+
+
+def test_a_sequence_leaves_out_the_neighbours_it_edited_itself(monkeypatch):
+    """Record 0's first neighbour is record 1's edit prompt: after both edits its answer is meant to change, so
+    N-Locality is what it is on records that never listed it (and counting it would lower the score). GRACE:
+    its edits reach only inputs near the edited prompt, so the other neighbours keep their answers."""
+    tokenizer = make_tokenizer()
+    torch.manual_seed(5)
+    backbone = tiny_backbone("text", tokenizer).eval()
+    second = ("What colour is the object?", "green yellow")
+    kept = Neighbor("Where is Zandia?", "Velor")
+
+    def batches(first_neighbors):
+        records = [
+            read_record("Where is this object located?", "Velor", first_neighbors),
+            read_record(*second, (Neighbor("Where is Velor?", "Marun blue"),)),
+        ]
+        collate = TextEditCollator(backbone.processor)
+        return [collate([text_edit_example(record, position)]) for position, record in enumerate(records)]
+
+    def sequence(first_neighbors):
+        return evaluate_sequential(GRACE(n_iter=30), backbone, batches(first_neighbors), 2, progress=False)
+
+    edited_neighbor = Neighbor(second[0], "Marun")
+    report = sequence((edited_neighbor, kept))
+    assert report["sequential"]["neighbors_edited"] == 1
+    assert report["n_locality"] == sequence((kept,))["n_locality"] == 1.0
+    assert report["sequential"]["all_edits"]["n_locality"] == report["n_locality"]
+    monkeypatch.setattr(editor_api, "edited_questions", lambda metas: frozenset())
+    assert sequence((edited_neighbor, kept))["n_locality"] < report["n_locality"]

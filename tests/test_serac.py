@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from conftest import TINY_BERT, quiet_trainer
 from lightning import Trainer
 from test_backbones import CONFIGS, TINY, draw_images, make_tokenizer
@@ -487,6 +488,29 @@ def test_positives_are_the_rephrases_unless_asked(tokenizer_dir, edit_prompt_pos
     # By hand: the mean -log p of the positives plus the mean -log(1 - p) of the negatives.
     expected = -positives.mean() - torch.log(1 - negatives.exp()).mean()
     assert float(loss) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_hard_negatives_are_the_other_facts_of_the_batch_also_of_the_same_subject(module):
+    """Text records: another relation of the same country is a negative; another record of the same fact (its
+    own prompt or old answer) is not."""
+    metas = [
+        {"prompt": "The capital of Poland is", "pred": "Warsaw"},
+        {"prompt": "The official language of Poland is", "pred": "Polish"},
+        {"prompt": "Poland's capital is the city of", "pred": "Warsaw"},
+        {"prompt": "The capital of Poland is", "pred": "the capital of"},
+    ]
+    negative = module._other_subjects({"meta": metas}, len(metas)).tolist()
+    assert negative[1][0] and negative[0][1]
+    assert not negative[2][0] and not negative[3][0] and not negative[0][0]
+
+
+@pytest.mark.parametrize("config", sorted((CONFIGS.parent / "serac").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_serac_config_trains_the_classifier_on_the_batchs_other_facts(config):
+    """Without them the classifier never sees a negative about the edit's own subject: trained so on SmolLM2's
+    real facts, it scored every fact of a country in scope of every other (p ~0.99), and after 49 sequential
+    edits the newest entry about a country answered all its facts (Rel 0.724; with them 0.959)."""
+    init_args = yaml.safe_load(config.read_text())["model"]["init_args"]
+    assert init_args.get("hard_negatives") is True
 
 
 def test_a_later_edit_of_the_same_fact_wins_for_its_prompt_rephrase_and_other_picture(module):

@@ -381,6 +381,11 @@ def run(args: argparse.Namespace) -> int:
                     f"superseded by a later edit of the same fact); all {args.sequential} edits, each against its own "
                     "target:\n" + printed_table(all_edits, column_protocols(chosen, modules[name]))
                 )
+            if scored_report["sequential"]["neighbors_edited"]:
+                print(
+                    f"\n{name}: n_locality leaves out {scored_report['sequential']['neighbors_edited']} near-neighbour "
+                    "prompts that the sequence itself edits (their answers are meant to change)"
+                )
             if args.curve:
                 print(f"curve written to {write_curve(Path(args.curve), name, curve)}")
     if scored:

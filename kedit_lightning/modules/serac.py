@@ -133,8 +133,10 @@ class SERACModule(EditorModule):
         classifier_weight / counterfactual_weight: the two losses' weights (the reference's cloc 1 and
             cedit 0.1; before these options: 0.5 with the balanced BCE then halved, and 1).
         hard_negatives: also train the classifier on the batch's other edits' in-scope inputs as
-            negatives (pairs whose records share their edit image are skipped); assumes the
-            records of a batch edit different subjects.
+            negatives (pairs of records that may be of one fact, sharing their edit image, or text prompt,
+            or old answer, are skipped). They are what teaches it that another fact about the same subject
+            (another question about the image, another relation of the text subject) is out of scope; the
+            shipped configs all set it.
         neighbor_locality: also train the classifier on each record's near neighbours as negatives.
         lr / classifier_lr: Adam learning rates of the counterfactual model (and its image
             projection) and of the classifier.
