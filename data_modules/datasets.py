@@ -149,6 +149,9 @@ def edit_example(
             "image": record.image,
             "image_rephrase": record.image_rephrase,
             "subject": record.subject,
+            # The locality inputs, so that a sequence of edits can tell those it edited itself (editor.py).
+            "loc": record.loc,
+            **({"loc_image": [prompts.question(record.m_loc_q), record.m_loc]} if record.m_loc else {}),
             "origin": f"{file}:{index}",
             "file": file,
             "index": index,
@@ -290,7 +293,8 @@ def text_edit_example(record: TextRecord, position: int = 0) -> TextEditExample:
     file, index = record.where(position)
     meta = {"prompt": record.src, "rephrase": record.rephrase, "pred": record.pred, "alt": record.alt}
     neighbors = tuple((n.prompt, n.answer) for n in record.neighbors)
-    meta.update(origin=f"{file}:{index}", file=file, index=index, neighbors=[prompt for prompt, _ in neighbors])
+    meta.update(origin=f"{file}:{index}", file=file, index=index, loc=record.loc)
+    meta["neighbors"] = [prompt for prompt, _ in neighbors]
     return TextEditExample(record.src, record.rephrase, record.alt, record.loc, record.loc_ans, meta, neighbors)
 
 

@@ -23,7 +23,7 @@ The editor is rebuilt from the artifact alone (`artifact.py`); nothing here impo
 from __future__ import annotations
 
 import itertools
-from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence, Set
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,8 @@ from kedit_lightning.backbones import FAMILIES, Backbone
 from kedit_lightning.editors.edited_model import StepInputs, WeightEditedModel, WeightEditor
 from kedit_lightning.evaluation import (
     HOPS,
+    LOCALITY_KEYS,
+    LOCALITY_OF,
     NEIGHBOR,
     EditMetrics,
     Protocol,
@@ -430,13 +432,12 @@ def _batches(loader: Iterable[EditBatch], device: torch.device, limit: int | Non
 
 
 def score(
-    session: EditSession, batches: Iterable[EditBatch], metrics: EditMetrics, edited: Set[str] = frozenset()
+    session: EditSession, batches: Iterable[EditBatch], metrics: EditMetrics, edited: EditedFacts | None = None
 ) -> dict[str, Any]:
     """The report of `metrics` on `batches`' records, the edits in force (one-hop edits go on top, then are dropped);
-    near neighbours that ask one of the `edited` questions are left out (`without_edited_neighbors`)."""
+    locality inputs that `edited` asks are left out (`without_edited_locality`)."""
     metrics = metrics.to(device_of(session.backbone))
-    for batch in batches:
-        batch = without_edited_neighbors(batch, edited)
+    for batch in batches if edited is None else (part for b in batches for part in without_edited_locality(b, edited)):
         mark = session.model.mark()
         evaluate_batch(session, session.backbone, batch, metrics)
         session.model.drop_after(mark)
@@ -531,38 +532,82 @@ def facts(metas: Sequence[Mapping[str, Any] | None]) -> list[Hashable]:
     return [fact(position, meta) for position, meta in enumerate(metas)]
 
 
-def edited_questions(metas: Sequence[Mapping[str, Any] | None]) -> frozenset[str]:
-    """The questions a sequence of edits (their records' `meta`) changed: each edit's prompt and rephrase."""
-    return frozenset(question for meta in filter(None, metas) for question in (meta["prompt"], meta["rephrase"]))
+@dataclass(frozen=True)
+class EditedFacts:
+    """What a sequence of edits (their records' `meta`) changed on purpose: the questions of its text edits
+    (prompt and rephrase) and, for its image edits, each (question, picture) pair of an edited question with
+    a picture of its subject that the sequence's records show (`facts` links them)."""
+
+    questions: frozenset[str] = frozenset()
+    pictured: frozenset[tuple[str, str]] = frozenset()
+
+    @classmethod
+    def of(cls, metas: Sequence[Mapping[str, Any] | None]) -> EditedFacts:
+        metas = [meta for meta in metas if meta]
+        subjects = [subject for _, subject in facts(metas)]
+        pictures: dict[Hashable, set[str]] = {}
+        for subject, meta in zip(subjects, metas):
+            shown = (meta.get("image"), meta.get("image_rephrase"))
+            pictures.setdefault(subject, set()).update(str(picture) for picture in shown if picture is not None)
+        questions, pictured = set(), set()
+        for subject, meta in zip(subjects, metas):
+            asked = (meta["prompt"], meta["rephrase"])
+            if meta.get("image") is None:
+                questions.update(asked)
+            else:
+                pictured.update((question, picture) for question in asked for picture in pictures[subject])
+        return cls(frozenset(questions), frozenset(pictured))
+
+    def asks(self, prompt: str, picture: str | None = None) -> bool:
+        return prompt in self.questions if picture is None else (prompt, str(picture)) in self.pictured
 
 
-def neighbor_prompts(batch: EditBatch) -> list[str]:
-    """The prompt of each of `batch`'s near-neighbour rows (its records' `meta["neighbors"]`, in row order)."""
-    prompts = [prompt for meta in batch["meta"] for prompt in meta.get("neighbors", ())]
-    if len(prompts) != batch[NEIGHBOR]["input_ids"].shape[0]:
-        raise ValueError(
-            f"the batch has {batch[NEIGHBOR]['input_ids'].shape[0]} near-neighbour rows but its records' meta names "
-            f"{len(prompts)} (meta['neighbors']: each record's neighbour prompts, as TextEditCollator writes them)"
-        )
-    return prompts
+def edited_inputs(meta: Mapping[str, Any], edited: EditedFacts) -> dict[str, int]:
+    """How many of one record's locality inputs (its `meta`: `loc`, `loc_image`, `neighbors`) `edited` asks,
+    per metric."""
+    return {
+        "t_locality": int("loc" in meta and edited.asks(meta["loc"])),
+        "i_locality": int("loc_image" in meta and edited.asks(*meta["loc_image"])),
+        "n_locality": sum(edited.asks(prompt) for prompt in meta.get("neighbors", ())),
+    }
 
 
-def without_edited_neighbors(batch: EditBatch, edited: Set[str]) -> EditBatch:
-    """`batch` without the near-neighbour rows that ask one of the `edited` questions. A neighbour is a prompt
-    about another subject whose answer must stay; when the sequence itself edited that question, its answer is
-    meant to change, and N-Locality would count the edit's success as a failure (in the SmolLM2 facts, 13 of
-    the 49 held-out records' neighbours are other records' edit prompts)."""
-    if not edited or NEIGHBOR not in batch:
-        return batch
-    keep = torch.tensor([prompt not in edited for prompt in neighbor_prompts(batch)])
-    if bool(keep.all()):
-        return batch
-    rest = {key: value for key, value in batch.items() if key not in (NEIGHBOR, "neighbor_record")}
-    if bool(keep.any()):
-        rows = keep.nonzero().flatten()
-        rest[NEIGHBOR] = sub_batch_rows(batch[NEIGHBOR], rows.to(batch["neighbor_record"].device))
-        rest["neighbor_record"] = batch["neighbor_record"][rows.to(batch["neighbor_record"].device)]
-    return rest
+def without_edited_locality(batch: EditBatch, edited: EditedFacts) -> Iterator[EditBatch]:
+    """`batch` without the locality inputs that `edited` asks. A locality input's answer must stay; when the
+    sequence itself edited its fact, the answer is meant to change, and the locality metric would count the
+    edit's success as a failure (13 of the 49 held-out SmolLM2 facts' neighbours are other records' edit
+    prompts; 3 of the synthetic `vqa_eval.json` records' image-locality questions are another record's edit
+    question on its picture). Neighbour rows are dropped; a record whose `loc` or `loc_image` input is edited
+    is scored on its own without that sub-batch (those hold one row per record, in step with the edits)."""
+    metas = batch.get("meta") or []
+    if NEIGHBOR in batch:
+        prompts = [prompt for meta in metas for prompt in meta.get("neighbors", ())]
+        if len(prompts) != batch[NEIGHBOR]["input_ids"].shape[0]:
+            raise ValueError(
+                f"the batch has {batch[NEIGHBOR]['input_ids'].shape[0]} near-neighbour rows but its records' meta "
+                f"names {len(prompts)} (meta['neighbors']: each record's neighbour prompts, as TextEditCollator "
+                "writes them)"
+            )
+        keep = [not edited.asks(prompt) for prompt in prompts]
+        if not all(keep):
+            rows = torch.tensor(keep).nonzero().flatten().to(batch["neighbor_record"].device)
+            rest = {key: value for key, value in batch.items() if key not in (NEIGHBOR, "neighbor_record")}
+            if rows.numel():
+                rest[NEIGHBOR] = sub_batch_rows(batch[NEIGHBOR], rows)
+                rest["neighbor_record"] = batch["neighbor_record"][rows]
+            # The metas name the rows that are left, so the batch can still be split into records.
+            rest["meta"] = metas = [
+                {**meta, "neighbors": [prompt for prompt in meta.get("neighbors", ()) if not edited.asks(prompt)]}
+                for meta in metas
+            ]
+            batch = rest
+    if not any(edited_inputs(meta, edited)[key] for meta in metas for key in LOCALITY_KEYS):
+        yield batch
+        return
+    for record in record_batches(batch):
+        counts = edited_inputs(record["meta"][0], edited)
+        dropped = {LOCALITY_OF[key] for key in LOCALITY_KEYS if counts[key]}
+        yield {key: value for key, value in record.items() if key not in dropped}
 
 
 def in_force(metas: Sequence[Mapping[str, Any] | None]) -> list[bool]:
@@ -612,7 +657,7 @@ def evaluate_sequential(
                     earliest.append(record)
                 tracked = [record for record, kept in zip(earliest, in_force(metas)) if kept] if done in marks else []
                 if tracked:
-                    report = score(session, tracked, EditMetrics(hops, protocols[:1]), edited_questions(metas))
+                    report = score(session, tracked, EditMetrics(hops, protocols[:1]), EditedFacts.of(metas))
                     curve["n_edits"].append(done)
                     for key in headline(report):
                         curve.setdefault(key, []).append(report[key])
@@ -625,7 +670,7 @@ def evaluate_sequential(
         def final_metrics() -> EditMetrics:
             return EditMetrics(hops, protocols, unedited=True, groups=groups)
 
-        edited = edited_questions(metas)
+        edited = EditedFacts.of(metas)
         all_edits = score(session, _batches(loader, device, n_edits), final_metrics(), edited)
         force = in_force(metas)
         final = (
@@ -644,12 +689,10 @@ def evaluate_sequential(
         "probe_edits": len(earliest),
         "curve": curve,
         "edits_in_force": sum(force),
-        "neighbors_edited": sum(
-            prompt in edited
-            for meta, kept in zip(metas, force)
-            if meta and kept
-            for prompt in meta.get("neighbors", ())
-        ),
+        "locality_edited": {
+            key: sum(edited_inputs(meta, edited)[key] for meta, kept in zip(metas, force) if meta and kept)
+            for key in LOCALITY_OF
+        },
         "all_edits": all_edits,
     }
     return {**final, "sequential": sequential}

@@ -106,6 +106,8 @@ def test_edit_batch_supervises_only_the_answers_of_each_sub_batch(vqa_dir, encod
         "image": "img/1.png",
         "image_rephrase": "img/1_view.png",
         "subject": None,
+        "loc": records[1].loc,
+        "loc_image": ["Question: what shape is it ? Short answer:", records[1].m_loc],
         "origin": "<dict>:0",
         "file": "<dict>",
         "index": 0,

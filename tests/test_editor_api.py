@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import Blip2ForConditionalGeneration
 
+import kedit_lightning.editor as editor_api
 from data_modules.datamodules import VQADataModule
 from data_modules.datasets import VQA_TEMPLATE
 from data_modules.encoding import IGNORE_INDEX
@@ -22,15 +23,18 @@ from kedit_lightning.editor import (
     EditedBackbone,
     Editor,
     EditRequest,
+    EditSession,
     NonFiniteEdit,
     curve_points,
     evaluate,
     evaluate_sequential,
     in_force,
     loader_records,
+    score,
 )
 from kedit_lightning.editors.edited_model import StepInputs
-from kedit_lightning.evaluation import HEADLINE
+from kedit_lightning.editors.grace import GRACE
+from kedit_lightning.evaluation import HEADLINE, EditMetrics
 from kedit_lightning.metrics import answer_token_accuracy
 
 
@@ -566,3 +570,34 @@ def test_sequential_evaluation_scores_the_edits_in_force_and_keeps_all_edits(edi
     report = evaluate_sequential(editor, backbone, data.val_dataloader(), 3, progress=False)
     assert report["n_edits"] == 2 and report["sequential"]["edits_in_force"] == 2
     assert report["sequential"]["all_edits"]["n_edits"] == 3
+
+
+def test_a_sequence_leaves_out_image_locality_it_edited_itself(backbone, world, tmp_path, monkeypatch):
+    """The first record's image-locality input is the second record's edit question on its picture: after both
+    edits it is left out, and I-Locality is that of the second record's row alone. GRACE: its edits reach only
+    inputs near the edited ones, so the second record's own locality row keeps its answer."""
+    records = json.loads((world / "vqa" / "vqa_eval.json").read_text())
+    second = records[1]
+    first = next(r for r in records if r["subject"] != second["subject"])
+    first = {**first, "m_loc_q": second["src"], "m_loc": second["image"]}
+    (tmp_path / "vqa").mkdir()
+    (tmp_path / "vqa" / "seq.json").write_text(json.dumps([first, second]))
+    shutil.copytree(world / "images", tmp_path / "images")
+    data = VQADataModule(
+        str(tmp_path), train_file="vqa/seq.json", val_file="vqa/seq.json", batch_size=2, processor=backbone.processor
+    )
+    data.setup("validate")
+    report = evaluate_sequential(GRACE(n_iter=30), backbone, data.val_dataloader(), 2, progress=False)
+    assert report["sequential"]["locality_edited"] == {"t_locality": 0, "i_locality": 1, "n_locality": 0}
+    # By hand: both edits in force, the second record scored alone.
+    session = EditSession(GRACE(n_iter=30), backbone)
+    edits = list(loader_records(data.val_dataloader(), torch.device("cpu"), 2))
+    for edit in edits:
+        session.add(edit["edit_inner"], "edit", "stopped")
+    alone = score(session, edits[1:], EditMetrics())
+    session.restore()
+    assert report["i_locality"] == pytest.approx(alone["i_locality"]) == 1.0
+    assert report["sequential"]["all_edits"]["i_locality"] == report["i_locality"]
+    monkeypatch.setattr(editor_api.EditedFacts, "asks", lambda self, prompt, picture=None: False)
+    counted = evaluate_sequential(GRACE(n_iter=30), backbone, data.val_dataloader(), 2, progress=False)
+    assert counted["i_locality"] < report["i_locality"]  # the edited question now answers the second edit

@@ -233,8 +233,8 @@ def test_a_sequence_leaves_out_the_neighbours_it_edited_itself(monkeypatch):
 
     edited_neighbor = Neighbor(second[0], "Marun")
     report = sequence((edited_neighbor, kept))
-    assert report["sequential"]["neighbors_edited"] == 1
+    assert report["sequential"]["locality_edited"] == {"t_locality": 0, "i_locality": 0, "n_locality": 1}
     assert report["n_locality"] == sequence((kept,))["n_locality"] == 1.0
     assert report["sequential"]["all_edits"]["n_locality"] == report["n_locality"]
-    monkeypatch.setattr(editor_api, "edited_questions", lambda metas: frozenset())
+    monkeypatch.setattr(editor_api.EditedFacts, "asks", lambda self, prompt, picture=None: False)
     assert sequence((edited_neighbor, kept))["n_locality"] < report["n_locality"]

@@ -381,10 +381,11 @@ def run(args: argparse.Namespace) -> int:
                     f"superseded by a later edit of the same fact); all {args.sequential} edits, each against its own "
                     "target:\n" + printed_table(all_edits, column_protocols(chosen, modules[name]))
                 )
-            if scored_report["sequential"]["neighbors_edited"]:
+            left_out = {key: n for key, n in scored_report["sequential"]["locality_edited"].items() if n}
+            if left_out:
                 print(
-                    f"\n{name}: n_locality leaves out {scored_report['sequential']['neighbors_edited']} near-neighbour "
-                    "prompts that the sequence itself edits (their answers are meant to change)"
+                    f"\n{name}: locality leaves out the inputs that the sequence itself edits (their answers are meant "
+                    "to change): " + ", ".join(f"{key} {n}" for key, n in left_out.items())
                 )
             if args.curve:
                 print(f"curve written to {write_curve(Path(args.curve), name, curve)}")
