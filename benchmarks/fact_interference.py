@@ -57,6 +57,30 @@ def answer_argmaxes(session: EditSession, backbone: Any, sub_batches: list[dict[
     return list(argmax.split(inputs.answer_counts(rows).tolist()))
 
 
+def add_editor_and_data_arguments(parser: argparse.ArgumentParser, editor_help: str) -> None:
+    """--editor, --backbone, and the records file (--data, --images, --text), as `records_of_facts` reads them."""
+    parser.add_argument("--editor", required=True, help=editor_help)
+    parser.add_argument("--backbone", required=True, help="the base model it edits (directory or config)")
+    parser.add_argument("--data", required=True, help="records file (E-VQA layout, or text with --text)")
+    parser.add_argument("--images", help="image folder of image records")
+    parser.add_argument("--text", action="store_true", help="text records (zsRE / CounterFact layouts)")
+
+
+def records_of_facts(
+    editor: Editor, backbone: Any, data: str, images: str | None, text: bool
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The records of the file `data`, each a one-record EditBatch on the backbone's device encoded for `editor`,
+    and the fact each edits (as `kedit eval --sequential` links them: `editor.facts`)."""
+    data_file = Path(data)
+    kind = TextEditDataModule if text else VQADataModule
+    extra = {} if text else {"image_root": str(Path(images).resolve())}
+    processor = editor.processor(backbone)
+    loaded = kind(str(data_file.parent), data_file.name, data_file.name, batch_size=1, processor=processor, **extra)
+    loaded.setup("validate")
+    records = [to_device(batch, device_of(backbone)) for batch in loaded.val_dataloader()]
+    return records, facts([record["meta"][0] for record in records])
+
+
 def retention_estimate(p: float, n: int) -> float:
     """Mean over N edits of (1 - p)^k, k = 0 .. N - 1 edits made after each: 1 when p is 0."""
     return 1.0 if p == 0 else (1 - (1 - p) ** n) / (n * p)
@@ -64,11 +88,7 @@ def retention_estimate(p: float, n: int) -> float:
 
 def main() -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--editor", required=True, help="an exported editor directory")
-    parser.add_argument("--backbone", required=True, help="the base model it edits (directory or config)")
-    parser.add_argument("--data", required=True, help="records file (E-VQA layout, or text with --text)")
-    parser.add_argument("--images", help="image folder of image records")
-    parser.add_argument("--text", action="store_true", help="text records (zsRE / CounterFact layouts)")
+    add_editor_and_data_arguments(parser, "an exported editor directory")
     parser.add_argument("--max-edit-ratio", type=float, help="MEND: apply this edit limit")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write the figures here")
@@ -80,14 +100,7 @@ def main() -> dict[str, Any]:
         if not hasattr(editor.editor, "limit_edits"):
             parser.error(f"--max-edit-ratio: {args.editor} is a {editor.method} editor, not MEND")
         editor.editor.limit_edits(args.max_edit_ratio)
-    data_file = Path(args.data)
-    kind = TextEditDataModule if args.text else VQADataModule
-    extra = {} if args.text else {"image_root": str(Path(args.images).resolve())}
-    processor = editor.processor(backbone)
-    data = kind(str(data_file.parent), data_file.name, data_file.name, batch_size=1, processor=processor, **extra)
-    data.setup("validate")
-    records = [to_device(batch, device_of(backbone)) for batch in data.val_dataloader()]
-    keys = facts([record["meta"][0] for record in records])
+    records, keys = records_of_facts(editor, backbone, args.data, args.images, args.text)
     firsts = [records[keys.index(key)] for key in dict.fromkeys(keys)]
     start = time.perf_counter()
     session = EditSession(editor_module(editor, backbone), backbone)
