@@ -81,6 +81,11 @@ def records_of_facts(
     return records, facts([record["meta"][0] for record in records])
 
 
+def first_positions(keys: list[Any]) -> list[int]:
+    """The position of each fact's first record, facts in order of first appearance."""
+    return [keys.index(key) for key in dict.fromkeys(keys)]
+
+
 def retention_estimate(p: float, n: int) -> float:
     """Mean over N edits of (1 - p)^k, k = 0 .. N - 1 edits made after each: 1 when p is 0."""
     return 1.0 if p == 0 else (1 - (1 - p) ** n) / (n * p)
@@ -101,7 +106,7 @@ def main() -> dict[str, Any]:
             parser.error(f"--max-edit-ratio: {args.editor} is a {editor.method} editor, not MEND")
         editor.editor.limit_edits(args.max_edit_ratio)
     records, keys = records_of_facts(editor, backbone, args.data, args.images, args.text)
-    firsts = [records[keys.index(key)] for key in dict.fromkeys(keys)]
+    firsts = [records[position] for position in first_positions(keys)]
     start = time.perf_counter()
     session = EditSession(editor_module(editor, backbone), backbone)
     prompts = [record["edit_inner"] for record in firsts]

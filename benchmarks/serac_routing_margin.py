@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fact_interference import add_editor_and_data_arguments, records_of_facts
+from fact_interference import add_editor_and_data_arguments, first_positions, records_of_facts
 
 from kedit_lightning.editor import Editor, EditSession, editor_module
 from kedit_lightning.editors.edited_model import StepInputs
@@ -51,12 +51,12 @@ def main() -> dict[str, Any]:
     backbone = editor.load_backbone(args.backbone).eval()
     records, keys = records_of_facts(editor, backbone, args.data, args.images, args.text)
     fact_of = {key: fact for fact, key in enumerate(dict.fromkeys(keys))}
-    first_positions = [keys.index(key) for key in fact_of]
-    firsts = [records[position] for position in first_positions]
+    firsts_at = first_positions(keys)
+    firsts = [records[position] for position in firsts_at]
     start = time.perf_counter()
     session = EditSession(editor_module(editor, backbone), backbone)
     owner = []  # the fact of each memory entry, in the order added: the firsts' edits come first
-    later = [(fact_of[keys[i]], records[i]) for i in range(len(records)) if i not in first_positions]
+    later = [(fact_of[keys[i]], records[i]) for i in range(len(records)) if i not in firsts_at]
     entries = [(fact, record, "edit_inner") for fact, record in enumerate(firsts)]
     entries += [(fact, record, "edit_inner") for fact, record in later]
     entries += [

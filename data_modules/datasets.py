@@ -129,6 +129,7 @@ def edit_example(
     `position` names the record in messages when it has no origin."""
     file, index = record.where(position)
     prompt, rephrase = prompts.edit_prompt(record.src), prompts.edit_prompt(record.rephrase)
+    m_loc_prompt = prompts.question(record.m_loc_q)
     return EditExample(
         prompt=prompt,
         rephrase=rephrase,
@@ -137,7 +138,7 @@ def edit_example(
         image_rephrase=images["image_rephrase"],
         loc_prompt=record.loc,
         loc_target=record.loc_ans,
-        m_loc_prompt=prompts.question(record.m_loc_q),
+        m_loc_prompt=m_loc_prompt,
         m_loc_target=record.m_loc_a,
         m_loc_image=images["m_loc"],
         port=[(q.hop, prompts.question(q.question), q.answer) for q in record.port],
@@ -151,7 +152,7 @@ def edit_example(
             "subject": record.subject,
             # The locality inputs, so that a sequence of edits can tell those it edited itself (editor.py).
             "loc": record.loc,
-            **({"loc_image": [prompts.question(record.m_loc_q), record.m_loc]} if record.m_loc else {}),
+            **({"loc_image": [m_loc_prompt, record.m_loc]} if record.m_loc else {}),
             "origin": f"{file}:{index}",
             "file": file,
             "index": index,
@@ -291,10 +292,19 @@ class TextEditExample:
 def text_edit_example(record: TextRecord, position: int = 0) -> TextEditExample:
     """The example of one text record (prompts used as they are); `meta` as `EditCollator` gives it."""
     file, index = record.where(position)
-    meta = {"prompt": record.src, "rephrase": record.rephrase, "pred": record.pred, "alt": record.alt}
     neighbors = tuple((n.prompt, n.answer) for n in record.neighbors)
-    meta.update(origin=f"{file}:{index}", file=file, index=index, loc=record.loc)
-    meta["neighbors"] = [prompt for prompt, _ in neighbors]
+    meta = {
+        "prompt": record.src,
+        "rephrase": record.rephrase,
+        "pred": record.pred,
+        "alt": record.alt,
+        # The locality inputs, so that a sequence of edits can tell those it edited itself (editor.py).
+        "loc": record.loc,
+        "neighbors": [prompt for prompt, _ in neighbors],
+        "origin": f"{file}:{index}",
+        "file": file,
+        "index": index,
+    }
     return TextEditExample(record.src, record.rephrase, record.alt, record.loc, record.loc_ans, meta, neighbors)
 
 

@@ -575,10 +575,10 @@ def edited_inputs(meta: Mapping[str, Any], edited: EditedFacts) -> dict[str, int
 def without_edited_locality(batch: EditBatch, edited: EditedFacts) -> Iterator[EditBatch]:
     """`batch` without the locality inputs that `edited` asks. A locality input's answer must stay; when the
     sequence itself edited its fact, the answer is meant to change, and the locality metric would count the
-    edit's success as a failure (13 of the 49 held-out SmolLM2 facts' neighbours are other records' edit
-    prompts; 3 of the synthetic `vqa_eval.json` records' image-locality questions are another record's edit
-    question on its picture). Neighbour rows are dropped; a record whose `loc` or `loc_image` input is edited
-    is scored on its own without that sub-batch (those hold one row per record, in step with the edits)."""
+    edit's success as a failure (a neighbour that is another record's edit prompt; an image-locality question
+    that is another record's edit question on its picture). Neighbour rows are dropped; a record whose `loc`
+    or `loc_image` input is edited is scored on its own without that sub-batch (those hold one row per
+    record, in step with the edits)."""
     metas = batch.get("meta") or []
     if NEIGHBOR in batch:
         prompts = [prompt for meta in metas for prompt in meta.get("neighbors", ())]
